@@ -1,0 +1,88 @@
+"""Atomic checkpoints: everything is written to a temporary folder that is renamed into place at the end,
+so a run killed at any moment leaves either the previous checkpoints or a complete new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE_MARK = "trainer_state.pt"
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older ``target``)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{os.getpid()}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small file through a temporary name, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` checkpoints in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for d in run_dir.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / COMPLETE_MARK).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = step_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for _, path in step_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"

@@ -1,0 +1,357 @@
+"""Typed configuration: one YAML per recipe, loaded into dataclasses, every field documented.
+
+Unknown keys are rejected with their dotted path and the closest valid name; values are type-checked;
+single keys can be overridden on the command line as ``section.key=value``. Sizes that depend on each
+other (minibatches, gradient accumulation, per-rank batches) are derived once, in ``Config.sizes``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message says how to fix it."""
+
+
+def opt(default: Any, help: str):
+    """A dataclass field with its help text (shown in errors and in the generated reference)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("", "Hub name or local folder of any AutoModelForCausalLM (e.g. gpt2).")
+    tokenizer: str | None = opt(None, "Tokenizer name or folder; defaults to name_or_path.")
+    dtype: str = opt("float32", "Weights dtype of the trainable copy: float32, bfloat16 or float16.")
+    quantization: str | None = opt(None, "Load the frozen base in '8bit' or '4bit' (bitsandbytes); null for none.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(8, "LoRA rank.")
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input; 0 keeps rollout and update log-probs identical.")
+    target_modules: list[str] | None = opt(None, "Module names to adapt; null picks a default per architecture.")
+
+
+@dataclass
+class TaskConfig:
+    alphabet: str = opt("abcdef", "Letters the task strings are drawn from.")
+    min_len: int = opt(3, "Shortest task string.")
+    max_len: int = opt(5, "Longest task string.")
+    eval_fraction: float = opt(0.1, "Share of all strings held out for evaluation (chosen by hash, never trained on).")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("", "Prompts: 'task:NAME' (built-in, see llmrl.tasks), a .jsonl/.json/.csv/.parquet file, "
+                          "or a datasets name.")
+    prompt_column: str = opt("prompt", "Column holding the prompt text; other columns reach the reward as kwargs.")
+    eval_source: str | None = opt(None, "Held-out prompts (same forms as source); null: the task's held-out "
+                                        "split, or the last eval_size rows of source.")
+    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding.")
+    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error.")
+    task: TaskConfig = opt(TaskConfig(), "Settings of a built-in task (source: task:NAME).")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = opt(16, "Longest completion, in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature; log-probs are computed from logits / temperature.")
+    top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
+    top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
+    missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of completions that never emit EOS "
+                                                 "(TRL's meaning); null disables (Huang et al. 2024, the EOS trick).")
+
+
+@dataclass
+class RewardConfig:
+    function: str = opt("", "The reward: 'package.module:function' or 'path/to/file.py:function' with the "
+                            "signature (prompts, completions, **kwargs) -> list[float].")
+    clip: float | None = opt(10.0, "Clip scores to [-clip, clip]; null disables.")
+    on_error: str = opt("raise", "What a failing or invalid reward does: 'raise' stops the run with the sample "
+                                 "index.")
+
+
+@dataclass
+class PPOConfig:
+    total_steps: int = opt(100, "PPO iterations (one rollout + its updates each).")
+    rollout_batch_size: int = opt(64, "Prompts per rollout, over all ranks.")
+    mini_batch_size: int = opt(16, "Sequences per optimizer step, over all ranks.")
+    micro_batch_size: int = opt(16, "Sequences per forward/backward on one rank (gradient accumulation below).")
+    ppo_epochs: int = opt(4, "Passes over each rollout; minibatches are reshuffled every pass.")
+    gamma: float = opt(1.0, "Discount factor of GAE.")
+    lam: float = opt(0.95, "GAE lambda.")
+    clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
+    clip_range_value: float = opt(0.2, "Value prediction clip around the rollout values.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    ent_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty.")
+    adaptive_kl: bool = opt(True, "Adapt beta towards kl_target (Ziegler et al. 2019); false keeps it fixed.")
+    kl_target: float = opt(6.0, "Target summed KL per sequence for the adaptive controller.")
+    kl_horizon: float = opt(10000.0, "Horizon of the adaptive controller, in sequences.")
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    whiten_rewards: bool = opt(False, "Whiten per-token rewards (keeping their mean) before GAE.")
+    lr: float = opt(1e-4, "AdamW learning rate for the adapter and the value head.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables.")
+    lr_schedule: str = opt("constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = opt(1000, "Supervised steps.")
+    batch_size: int = opt(64, "Sequences per supervised step.")
+    lr: float = opt(3e-3, "AdamW learning rate (full fine-tuning of the tiny model).")
+    teacher_accuracy: float = opt(0.4, "Share of demonstrations the teacher gets right; the rest repeat the "
+                                       "task's typical mistake, which PPO must learn to avoid.")
+    n_layer: int = opt(2, "Layers of the tiny GPT-2 built from scratch.")
+    n_embd: int = opt(128, "Width of the tiny GPT-2.")
+    n_head: int = opt(4, "Attention heads of the tiny GPT-2.")
+    n_positions: int = opt(32, "Context length of the tiny GPT-2.")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/default", "Run directory: log.jsonl, TensorBoard events, checkpoints, summary.json.")
+    seed: int = opt(0, "Base seed; rank r uses seed + r.")
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Step checkpoints kept on disk (the final one is always kept).")
+    eval_every: int = opt(0, "Greedy evaluation every N steps (0: only before and after training).")
+    device: str = opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
+    threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class Sizes:
+    """Batch sizes derived from PPOConfig and the world size, computed in one place."""
+
+    world_size: int
+    local_rollout_batch_size: int  # prompts per rollout on one rank
+    num_mini_batches: int  # optimizer steps per PPO epoch
+    grad_accum_steps: int  # microbatches per optimizer step on one rank
+    optimizer_steps: int  # over the whole run, for the LR schedule
+
+
+@dataclass
+class Config:
+    model: ModelConfig = opt(ModelConfig(), "The policy.")
+    lora: LoraConfig = opt(LoraConfig(), "The trained LoRA adapter.")
+    data: DataConfig = opt(DataConfig(), "Prompts.")
+    generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
+    reward: RewardConfig = opt(RewardConfig(), "The reward.")
+    ppo: PPOConfig = opt(PPOConfig(), "PPO hyper-parameters.")
+    run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
+    warm_start: WarmStartConfig | None = opt(None, "Optional: when model.name_or_path does not exist yet, build "
+                                                   "it there by supervised training of a tiny GPT-2 on the task.")
+
+    def sizes(self, world_size: int = 1) -> Sizes:
+        p = self.ppo
+        local_rollout = exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the world size")
+        num_mini = exact_div(p.rollout_batch_size, p.mini_batch_size, "ppo.rollout_batch_size", "ppo.mini_batch_size")
+        local_mini = exact_div(p.mini_batch_size, world_size, "ppo.mini_batch_size", "the world size")
+        accum = exact_div(local_mini, p.micro_batch_size, "ppo.mini_batch_size / world size", "ppo.micro_batch_size")
+        return Sizes(world_size, local_rollout, num_mini, accum, p.total_steps * p.ppo_epochs * num_mini)
+
+    def validate(self) -> None:
+        """Checks that need more than a type; raises ConfigError naming the key and the fix."""
+        checks = [
+            (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
+            (self.data.source != "", "data.source", "is empty: name a task (task:reverse) or a prompt file"),
+            (self.reward.function != "", "reward.function", "is empty: name a reward as module:function"),
+            (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+             f"is {self.model.dtype!r}: use float32, bfloat16 or float16"),
+            (self.model.quantization in (None, "8bit", "4bit"), "model.quantization",
+             f"is {self.model.quantization!r}: use 8bit, 4bit or null"),
+            (self.ppo.kl_estimator in ("k1", "k2", "k3"), "ppo.kl_estimator",
+             f"is {self.ppo.kl_estimator!r}: use k1, k2 or k3"),
+            (self.ppo.lr_schedule in ("constant", "linear", "cosine"), "ppo.lr_schedule",
+             f"is {self.ppo.lr_schedule!r}: use constant, linear or cosine"),
+            (self.reward.on_error == "raise", "reward.on_error", f"is {self.reward.on_error!r}: only 'raise' exists"),
+            (self.generation.temperature > 0, "generation.temperature",
+             f"is {self.generation.temperature}: must be > 0 (use a small value for near-greedy sampling)"),
+            (self.generation.max_new_tokens > 0, "generation.max_new_tokens",
+             f"is {self.generation.max_new_tokens}: must be at least 1"),
+            (self.ppo.total_steps > 0, "ppo.total_steps", f"is {self.ppo.total_steps}: must be at least 1"),
+            (self.ppo.ppo_epochs > 0, "ppo.ppo_epochs", f"is {self.ppo.ppo_epochs}: must be at least 1"),
+            (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
+            (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} {why}")
+        for name in ("rollout_batch_size", "mini_batch_size", "micro_batch_size"):
+            if getattr(self.ppo, name) <= 0:
+                raise ConfigError(f"ppo.{name} is {getattr(self.ppo, name)}: must be a positive integer")
+        self.sizes(1)
+
+
+def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
+    if b <= 0 or a % b != 0:
+        raise ConfigError(f"{a_name} = {a} is not divisible by {b_name} = {b}: choose sizes where it divides")
+    return a // b
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass, with key and type checking
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path} is null but must be a {_type_name(tp)}: give it a value or remove the key")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, path)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r} ({type(value).__name__})")
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"{path} must be a {_type_name(tp)}, got {value!r} ({type(value).__name__}): "
+                          f"fix the value in the config or the override")
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the closest valid name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else \
+                f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so 3, 1e-4, null, [q, v] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value (e.g. ppo.total_steps=10)")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 1e-4 as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value.lower() not in ("inf", "nan") else value
+        except ValueError:
+            pass
+    node[keys[-1]] = value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML, e.g. configs/tiny.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return _floatify(data)
+
+
+def _floatify(node: Any) -> Any:
+    """PyYAML reads '1e-4' (no dot) as a string; turn such strings into floats."""
+    if isinstance(node, dict):
+        return {k: _floatify(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_floatify(v) for v in node]
+    if isinstance(node, str):
+        try:
+            if any(c in node for c in "eE") and node[0] in "0123456789.-+":
+                return float(node)
+        except ValueError:
+            return node
+    return node
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe, apply ``section.key=value`` overrides, type-check and validate."""
+    data = _read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_text(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field: the source of the config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp, _ = _unwrap_optional(hints[f.name])
+        if _is_dataclass_type(tp):
+            rows.append((key, "", f.metadata.get("help", "")))
+            rows.extend(help_text(tp, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,72 @@
+"""Prompt datasets: a built-in task, a local file (.jsonl/.json/.csv/.parquet) or a `datasets` name.
+
+Rows are plain dicts; the prompt column is required and every other column reaches the reward as a
+keyword argument (e.g. a reference answer).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmrl.config import ConfigError, DataConfig
+from llmrl.tasks import task_rows
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]:
+    if source.startswith("task:"):
+        t = cfg.task
+        try:
+            return task_rows(source[len("task:"):], t.alphabet, t.min_len, t.max_len, t.eval_fraction, split)
+        except ValueError as e:
+            raise ConfigError(f"{key} = {source!r}: {e}") from e
+    import datasets
+
+    path = Path(source)
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise ConfigError(f"{key} = {source!r} does not exist: give a prompt file path or task:NAME")
+        ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        try:
+            ds = datasets.load_dataset(source, split="train")
+        except Exception as e:  # datasets raises many types for a missing name
+            raise ConfigError(f"{key} = {source!r} is neither a task:NAME, a prompt file "
+                              f"({', '.join(FILE_FORMATS)}) nor a loadable dataset: {e}") from e
+    return [dict(row) for row in ds]
+
+
+def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), each a list of dicts holding at least ``cfg.prompt_column``."""
+    train = _load_rows(cfg.source, cfg, "train", "data.source")
+    if cfg.eval_source is not None:
+        evals = _load_rows(cfg.eval_source, cfg, "eval", "data.eval_source")
+    elif cfg.source.startswith("task:"):
+        evals = _load_rows(cfg.source, cfg, "eval", "data.source")
+    else:  # hold out the last rows of the file
+        if len(train) <= cfg.eval_size:
+            raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than "
+                              f"data.eval_size = {cfg.eval_size}: lower eval_size or set data.eval_source")
+        train, evals = train[: -cfg.eval_size], train[-cfg.eval_size:]
+    for name, rows in (("data.source", train), ("data.eval_source", evals)):
+        if not rows:
+            raise ConfigError(f"{name} gave an empty dataset: it needs at least one prompt")
+        if cfg.prompt_column not in rows[0]:
+            raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
+                              f"set data.prompt_column")
+    return train, evals[: cfg.eval_size]
+
+
+def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_length: int,
+                         max_new_tokens: int, context: int | None) -> None:
+    """Fail before training when a prompt is too long for data.max_prompt_length or the model's context."""
+    limit = max_prompt_length
+    if context is not None:
+        limit = min(limit, context - max_new_tokens)
+    for i, row in enumerate(rows):
+        n = len(tokenizer(row[column], add_special_tokens=False)["input_ids"])
+        if n > limit:
+            why = (f"data.max_prompt_length = {max_prompt_length}" if limit == max_prompt_length else
+                   f"the model's context {context} minus generation.max_new_tokens = {max_new_tokens}")
+            raise ConfigError(f"prompt {i} has {n} tokens, more than {limit} ({why}): shorten it, raise the "
+                              f"limit or lower max_new_tokens. Prompt: {row[column][:80]!r}")

@@ -1,0 +1,153 @@
+"""The policy: a causal LM with a LoRA adapter and a value head; the reference is the adapter switched off."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmrl.config import ConfigError, LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAD_TOKEN = "<|pad|>"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: rollout, reference and update passes must see the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions count real tokens only, so a padded prompt sees the positions it would alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_model_path(name_or_path: str, key: str) -> None:
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name_or_path
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"{key} = {name_or_path!r} does not exist: point it at a model folder or a hub name")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The policy's tokenizer, left-padding, with a pad token distinct from EOS (one is added if needed)."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name_or_path
+    _check_model_path(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load a tokenizer from {name!r}: {e}. Check the name or folder "
+                          f"(offline runs need a local folder)") from e
+    tokenizer.padding_side = "left"
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {name!r} has no EOS token: set one (tokenizer.eos_token) before training")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A pad equal to EOS would mask real stop tokens out of the loss (Huang et al. 2024, detail 1).
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
+    """The frozen base model, optionally quantized, with dropout disabled and room for an added pad token."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(cfg.name_or_path, "model.name_or_path")
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if cfg.quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load model.name_or_path = {cfg.name_or_path!r}: {e}") from e
+    if cfg.quantization is None:
+        model.to(device)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    disable_dropout(model)
+    if cfg.quantization == "4bit":
+        _disable_avx512bf16_repacking(model)
+    return model
+
+
+def _disable_avx512bf16_repacking(model: nn.Module) -> None:
+    # bitsandbytes repacks 4-bit weights for avx512_bf16 CPUs after a no-grad forward, after which a
+    # grad-enabled forward fails; opting out keeps train/eval alternation working on such CPUs.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules or "all-linear", task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise ConfigError(f"LoRA could not be attached (lora.target_modules = {cfg.target_modules!r}): {e}") from e
+
+
+class Policy(nn.Module):
+    """A peft causal LM plus a scalar value head on its last hidden state.
+
+    The value head starts at zero (weights and bias) so that the critic's first estimates do not inject
+    noise into the advantages; it is saved separately from the adapter and never exported with the model.
+    """
+
+    def __init__(self, model, hidden_size: int):
+        super().__init__()
+        self.model = model
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True):
+        """(B, L) ids and mask -> logits (B, L, V) and values (B, L) (None without ``with_values``)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask),
+                         output_hidden_states=with_values, use_cache=False)
+        values = None
+        if with_values:
+            hidden = out.hidden_states[-1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return out.logits, values
+
+    @contextmanager
+    def reference(self):
+        """The reference policy: the same base with the adapter disabled (no second copy of the weights)."""
+        with self.model.disable_adapter():
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device):
+    """(policy, tokenizer) ready to train: base (maybe quantized) + LoRA + zero value head."""
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_base_model(model_cfg, tokenizer, device)
+    model = add_lora(base, lora_cfg)
+    policy = Policy(model, base.config.get_text_config().hidden_size)
+    policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
+    return policy, tokenizer

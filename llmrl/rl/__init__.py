@@ -1,0 +1,48 @@
+"""The RL maths of llmrl: pure tensor functions that import only torch.
+
+Notation used throughout (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE";
+Ouyang et al. 2022; Huang et al. 2024, "The N Implementation Details of RLHF with PPO"):
+
+- B: number of sequences, T: number of response tokens (padded to the longest response).
+- ``mask``        (B, T) 1.0 on real response tokens (up to and including the stop token), else 0.0.
+- ``logprobs``    (B, T) log pi_old(a_t | s_t) of the sampled tokens under the rollout policy.
+- ``ref_logprobs`` (B, T) log pi_ref(a_t | s_t) under the reference policy (adapter disabled).
+- ``values``      (B, T) V(s_t) from the critic at rollout time.
+- ``scores``      (B,)   scalar reward of each whole completion.
+- ``rewards``     (B, T) per-token reward: -beta * KL_t, plus the score at the last response token.
+"""
+from llmrl.rl.ops import (
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from llmrl.rl.ppo import (
+    compute_gae,
+    compute_token_rewards,
+    last_token_index,
+    policy_loss,
+    value_loss,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "compute_gae",
+    "compute_token_rewards",
+    "entropy_from_logits",
+    "kl_penalty",
+    "last_token_index",
+    "logprobs_from_logits",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "value_loss",
+]

@@ -1,0 +1,140 @@
+"""``python launch/ppo.py --config configs/tiny.yaml [section.key=value ...] [--resume]``: a whole PPO run."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
+from llmrl.config import Config, ConfigError, load_config
+from llmrl.data import check_prompt_lengths, load_prompts
+from llmrl.rewards import RewardError, load_reward_function
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run.output_dir first")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value (ppo.total_steps=10)")
+    return parser.parse_args(argv)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    found = step_checkpoints(run_dir)
+    if resume:
+        if not found:
+            raise ConfigError(f"--resume: run.output_dir = {str(run_dir)!r} holds no complete checkpoint; "
+                              f"run without --resume to start")
+        return latest_checkpoint(run_dir)
+    if found or (run_dir / "final").exists():
+        raise ConfigError(f"run.output_dir = {str(run_dir)!r} already holds a run: pass --resume to continue it, "
+                          f"--overwrite to replace it, or choose another run.output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train with PPO as ``cfg`` says; returns the summary written to run_dir/summary.json."""
+    from llmrl.policy import build_policy
+    from llmrl.sft import run_warm_start
+    from llmrl.strategy import SingleProcess
+    from llmrl.trainer import PPOTrainer
+    from llmrl.tracking import MetricsLogger
+
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.output_dir)
+    reward_fn = load_reward_function(cfg.reward.function)  # a bad path fails before anything heavy
+    train_rows, eval_rows = load_prompts(cfg.data)
+    resume_from = prepare_run_dir(run_dir, resume, overwrite)
+    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
+
+    if cfg.warm_start is not None and not Path(cfg.model.name_or_path).exists():
+        run_warm_start(cfg, progress=cfg.run.progress)
+
+    strategy.seed_everything(cfg.run.seed)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    context = getattr(policy.model.config, "n_positions", None) or getattr(
+        policy.model.config, "max_position_embeddings", None)
+    for rows in (train_rows, eval_rows):
+        check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
+                             cfg.generation.max_new_tokens, context)
+
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, train_rows, eval_rows, strategy, run_dir)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+    logger = MetricsLogger(run_dir, enabled=strategy.is_main,
+                           resume_step=trainer.step if resume_from is not None else None)
+    if trainer.eval_reward_before is None:
+        before = trainer.evaluate()
+        trainer.eval_reward_before = before["eval/reward"]
+        logger.log(0, {"eval/reward": trainer.eval_reward_before})
+        print(f"eval reward before PPO (greedy, {len(eval_rows)} held-out prompts): "
+              f"{trainer.eval_reward_before:.4f}", flush=True)
+
+    total = cfg.ppo.total_steps
+    bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
+               dynamic_ncols=True)
+    stats = {}
+    while trainer.step < total:
+        stats = trainer.train_step()
+        step = trainer.step
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
+            stats["eval/reward"] = trainer.evaluate()["eval/reward"]
+        logger.log(step, stats)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total and strategy.is_main:
+            trainer.save_checkpoint(trainer.checkpoint_path(step))
+    bar.close()
+
+    after = trainer.evaluate()
+    logger.log(trainer.step, {"eval/reward": after["eval/reward"]})
+    if strategy.is_main:
+        trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
+        final = trainer.save_checkpoint(run_dir / "final")
+    summary = {
+        "eval_reward_before": trainer.eval_reward_before,
+        "eval_reward_after": after["eval/reward"],
+        "steps": trainer.step,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "train_reward_last": stats.get("reward/mean"),
+        "kl_last": stats.get("objective/kl"),
+        "run_dir": str(run_dir),
+        "final_checkpoint": str(run_dir / "final"),
+        "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
+    }
+    logger.close()
+    if strategy.is_main:
+        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval_samples"}, indent=2), flush=True)
+        print(f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
+              f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, "Fine-tune a causal LM with PPO on a LoRA adapter.")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_printoptions(precision=4)
+    sys.exit(main())

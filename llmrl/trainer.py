@@ -1,0 +1,281 @@
+"""The PPO trainer: rollout -> score -> advantages -> PPO epochs over shuffled minibatches.
+
+The maths lives in ``llmrl.rl`` (pure torch); devices and processes go through ``self.strategy``; this
+module owns the loop, the optimizer, checkpoints and metrics.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmrl import rl
+from llmrl.checkpoint import COMPLETE_MARK, prune_checkpoints, step_dir_name, write_atomically
+from llmrl.config import Config, save_config
+from llmrl.rewards import RewardError, call_reward
+from llmrl.rollout import Experience, decode_completions, generate, has_eos
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Config, policy, tokenizer, reward_fn, train_rows: list[dict], eval_rows: list[dict],
+                 strategy, run_dir: Path):
+        self.cfg = cfg
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.reward_name = cfg.reward.function
+        self.train_rows = train_rows
+        self.eval_rows = eval_rows
+        self.strategy = strategy
+        self.device = strategy.device
+        self.run_dir = Path(run_dir)
+        self.sizes = cfg.sizes(strategy.world_size)
+        if len(train_rows) < cfg.ppo.rollout_batch_size:
+            raise ValueError(f"data.source has {len(train_rows)} prompts, fewer than ppo.rollout_batch_size = "
+                             f"{cfg.ppo.rollout_batch_size}: add prompts or lower the batch size")
+        self.params = policy.trainable_parameters()
+        p = cfg.ppo
+        self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
+        self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
+        self.step = 0
+        self.eval_reward_before: float | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def rows_for_step(self, step: int) -> list[dict]:
+        """This rank's prompts for ``step``: a fresh permutation per data epoch, fixed by the seed.
+
+        Derived from the step number alone, so a resumed run draws exactly the prompts it would have.
+        """
+        B = self.cfg.ppo.rollout_batch_size
+        per_epoch = len(self.train_rows) // B
+        epoch, offset = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_rows), generator=g)[offset * B:(offset + 1) * B]
+        local = self.sizes.local_rollout_batch_size
+        mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
+        return [self.train_rows[i] for i in mine.tolist()]
+
+    def score(self, rows: list[dict], exp: Experience) -> tuple[list[str], list[float]]:
+        """Completion texts and the reward function's raw scores; extra dataset columns go in as kwargs."""
+        column = self.cfg.data.prompt_column
+        prompts = [r[column] for r in rows]
+        completions = decode_completions(self.tokenizer, exp)
+        extra = {k: [r[k] for r in rows] for k in rows[0] if k != column}
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(exp.response, exp.response_mask)]
+        scores = call_reward(self.reward_fn, self.reward_name, prompts, completions,
+                             completion_ids=completion_ids, **extra)
+        return completions, scores
+
+    # ------------------------------------------------------------------------------------------
+    # rollout
+
+    def forward_logprobs(self, exp: Experience, with_values: bool):
+        """(logprobs, values, entropy), each (B', T), for the response tokens of ``exp``."""
+        P = exp.query.shape[1]
+        logits, values = self.policy(exp.input_ids, exp.attention_mask, with_values=with_values)
+        # The logits at position i predict token i + 1: response token t is predicted at P - 1 + t.
+        logits = logits[:, P - 1:-1].float()
+        temperature = self.cfg.generation.temperature
+        logprobs = rl.logprobs_from_logits(logits, exp.response, temperature)
+        entropy = rl.entropy_from_logits(logits, temperature)
+        values = values[:, P - 1:-1] if with_values else None
+        return logprobs, values, entropy
+
+    @torch.no_grad()
+    def make_experience(self, rows: list[dict]) -> tuple[Experience, dict]:
+        cfg = self.cfg
+        self.policy.eval()
+        t0 = time.perf_counter()
+        prompts = [r[cfg.data.prompt_column] for r in rows]
+        exp = generate(self.policy.model, self.tokenizer, prompts, cfg.generation, self.device)
+        t1 = time.perf_counter()
+        _, raw_scores = self.score(rows, exp)
+        t2 = time.perf_counter()
+
+        scores = torch.tensor(raw_scores, dtype=torch.float32, device=self.device)
+        eos = has_eos(exp, self.tokenizer.eos_token_id)
+        if cfg.generation.missing_eos_penalty is not None:
+            scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
+        if cfg.reward.clip is not None:
+            scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        micro = cfg.ppo.micro_batch_size
+        for start in range(0, len(rows), micro):
+            chunk = exp.select(torch.arange(start, min(start + micro, len(rows)), device=self.device))
+            lp, v, ent = self.forward_logprobs(chunk, with_values=True)
+            with self.policy.reference():
+                ref_lp, _, _ = self.forward_logprobs(chunk, with_values=False)
+            logprobs.append(lp), values.append(v.float()), entropy.append(ent), ref_logprobs.append(ref_lp)
+        exp.logprobs, exp.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+        exp.values, exp.scores = torch.cat(values), scores
+        mask = exp.response_mask
+
+        rewards, kl = rl.compute_token_rewards(scores, exp.logprobs, exp.ref_logprobs, mask,
+                                               self.kl_ctl.value, cfg.ppo.kl_estimator)
+        if cfg.ppo.whiten_rewards:
+            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, exp.returns = rl.compute_gae(rewards, exp.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        exp.advantages = rl.masked_whiten(advantages, mask)
+        t3 = time.perf_counter()
+
+        seq_kl = kl.sum(1)
+        stats = {
+            "reward/mean": scores.mean().item(),
+            "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward/raw_mean": sum(raw_scores) / len(raw_scores),
+            "objective/kl": seq_kl.mean().item(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": rl.masked_mean(torch.cat(entropy), mask).item(),
+            "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item(),
+            "response/length": mask.sum(1).mean().item(),
+            "response/eos_rate": eos.float().mean().item(),
+            "value/mean": rl.masked_mean(exp.values, mask).item(),
+            "time/generate": t1 - t0,
+            "time/reward": t2 - t1,
+            "time/forward": t3 - t2,
+        }
+        return exp, stats
+
+    # ------------------------------------------------------------------------------------------
+    # update
+
+    def update(self, exp: Experience) -> dict:
+        """``ppo_epochs`` passes over ``exp``; each pass reshuffles it into minibatches of microbatches."""
+        cfg, sizes = self.cfg.ppo, self.sizes
+        self.policy.train()
+        B = exp.query.shape[0]
+        local_mini = cfg.mini_batch_size // sizes.world_size
+        sums: dict[str, float] = defaultdict(float)
+        total_tokens = 0.0
+        grad_norms = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, device=self.device)
+            for mb_start in range(0, B, local_mini):
+                mb_idx = perm[mb_start:mb_start + local_mini]
+                # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
+                # the token mean over the whole minibatch whatever the microbatch size.
+                num_tokens = exp.response_mask[mb_idx].sum()
+                for micro_start in range(0, local_mini, cfg.micro_batch_size):
+                    mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size])
+                    logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=True)
+                    pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                       cfg.clip_range, num_tokens)
+                    vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.response_mask,
+                                                      cfg.clip_range_value, num_tokens)
+                    ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+                    self.strategy.backward(loss)
+
+                    n = mb.response_mask.sum().item()
+                    total_tokens += n
+                    # pg_loss etc. are already scaled by n / num_tokens; the *_stats are microbatch means.
+                    sums["loss/policy"] += pg_loss.item() * num_tokens.item()
+                    sums["loss/value"] += vf_loss.item() * num_tokens.item()
+                    sums["policy/entropy"] += ent.item() * num_tokens.item()
+                    sums["policy/clipfrac"] += pg_stats["clipfrac"].item() * n
+                    sums["policy/approx_kl"] += pg_stats["approx_kl"].item() * n
+                    sums["policy/ratio"] += pg_stats["ratio"].item() * n
+                    sums["value/clipfrac"] += vf_stats["clipfrac"].item() * n
+                grad_norms.append(self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params,
+                                                               cfg.max_grad_norm))
+        stats = {k: v / total_tokens for k, v in sums.items()}
+        stats["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats["optim/lr"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        exp, stats = self.make_experience(self.rows_for_step(self.step))
+        t1 = time.perf_counter()
+        stats.update(self.update(exp))
+        stats["time/update"] = time.perf_counter() - t1
+        self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
+        self.step += 1
+        stats["time/step"] = time.perf_counter() - t0
+        return self.strategy.all_reduce_mean(stats)
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> dict:
+        """Greedy completions of the held-out prompts; mean raw reward and a few samples."""
+        self.policy.eval()
+        scores, samples = [], []
+        for start in range(0, len(self.eval_rows), batch_size):
+            rows = self.eval_rows[start:start + batch_size]
+            prompts = [r[self.cfg.data.prompt_column] for r in rows]
+            exp = generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device, greedy=True)
+            completions, s = self.score(rows, exp)
+            scores.extend(s)
+            samples.extend(zip(prompts, completions, s))
+        return {"eval/reward": sum(scores) / len(scores), "samples": samples[:5]}
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save_checkpoint(self, target: Path) -> Path:
+        def write(tmp: Path) -> None:
+            self.policy.model.save_pretrained(tmp / "adapter")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      tmp / "value_head.safetensors")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            save_config(self.cfg, tmp / "config.yaml")
+            torch.save({
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "rng": self.strategy.rng_state(),
+                "eval_reward_before": self.eval_reward_before,
+            }, tmp / COMPLETE_MARK)
+
+        path = write_atomically(target, write)
+        prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        path = Path(path)
+        adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.policy.model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"checkpoint {path} does not match this model (unexpected adapter weights "
+                             f"{result.unexpected_keys[:3]}): resume with the config it was trained with")
+        self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors", device=str(self.device)))
+        state = torch.load(path / COMPLETE_MARK, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.strategy.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.eval_reward_before = state["eval_reward_before"]
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.run_dir / step_dir_name(step)
+
+
+__all__ = ["PPOTrainer", "RewardError"]

@@ -1,0 +1,1 @@
+"""Ready-made rewards with TRL's signature ``(prompts, completions, **kwargs) -> list[float]``."""
