@@ -51,6 +51,7 @@ class TaskConfig:
     alphabet: str = opt("abcdef", "Letters the task strings are drawn from.")
     min_len: int = opt(3, "Shortest task string.")
     max_len: int = opt(5, "Longest task string.")
+    max_per_length: int = opt(1000, "At most this many strings of each length (keeps lengths balanced).")
     eval_fraction: float = opt(0.1, "Share of all strings held out for evaluation (chosen by hash, never trained on).")
 
 

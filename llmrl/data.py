@@ -5,6 +5,7 @@ keyword argument (e.g. a reference answer).
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from llmrl.config import ConfigError, DataConfig
@@ -17,7 +18,8 @@ def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]
     if source.startswith("task:"):
         t = cfg.task
         try:
-            return task_rows(source[len("task:"):], t.alphabet, t.min_len, t.max_len, t.eval_fraction, split)
+            return task_rows(source[len("task:"):], t.alphabet, t.min_len, t.max_len, t.eval_fraction, split,
+                             t.max_per_length)
         except ValueError as e:
             raise ConfigError(f"{key} = {source!r}: {e}") from e
     import datasets
@@ -54,7 +56,10 @@ def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         if cfg.prompt_column not in rows[0]:
             raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
                               f"set data.prompt_column")
-    return train, evals[: cfg.eval_size]
+    if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
+        pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
+        evals = [evals[i] for i in sorted(pick)]
+    return train, evals
 
 
 def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_length: int,

@@ -44,7 +44,8 @@ def run_warm_start(cfg: Config, progress: bool = True) -> Path:
         raise ConfigError(f"warm_start trains on a built-in task, but data.source = {cfg.data.source!r}: "
                           f"use task:NAME or remove warm_start")
     task_name, t = cfg.data.source[len("task:"):], cfg.data.task
-    rows = task_rows(task_name, t.alphabet, t.min_len, t.max_len, t.eval_fraction, "train")
+    rows = task_rows(task_name, t.alphabet, t.min_len, t.max_len, t.eval_fraction, "train",
+                      t.max_per_length)
     tokenizer = char_tokenizer(t.alphabet + SEPARATOR)
     model = tiny_gpt2(tokenizer, ws.n_layer, ws.n_embd, ws.n_head, ws.n_positions, seed=cfg.run.seed)
     if t.max_len + 1 + cfg.generation.max_new_tokens > ws.n_positions:

@@ -46,11 +46,28 @@ def all_strings(alphabet: str, min_len: int, max_len: int) -> list[str]:
     return ["".join(p) for n in range(min_len, max_len + 1) for p in itertools.product(alphabet, repeat=n)]
 
 
-def task_rows(name: str, alphabet: str, min_len: int, max_len: int, eval_fraction: float, split: str) -> list[dict]:
-    """All prompts of one split as rows {prompt, answer}, in a fixed order."""
+def task_strings(alphabet: str, min_len: int, max_len: int, max_per_length: int) -> list[str]:
+    """At most ``max_per_length`` strings of each length, the same ones on every machine and seed.
+
+    Capping keeps lengths balanced: otherwise the longest strings outnumber the rest (6^5 vs 6^3).
+    """
+    strings = all_strings(alphabet, min_len, max_len)
+    by_length: dict[int, list[str]] = {}
+    for s in strings:
+        by_length.setdefault(len(s), []).append(s)
+    out = []
+    for length in sorted(by_length):
+        group = sorted(by_length[length], key=lambda s: zlib.crc32(("pick" + s).encode()))
+        out.extend(sorted(group[:max_per_length]))
+    return out
+
+
+def task_rows(name: str, alphabet: str, min_len: int, max_len: int, eval_fraction: float, split: str,
+              max_per_length: int = 1000) -> list[dict]:
+    """The prompts of one split ("train" or "eval") as rows {prompt, answer}, in a fixed order."""
     task = get_task(name)
     rows = []
-    for s in all_strings(alphabet, min_len, max_len):
+    for s in task_strings(alphabet, min_len, max_len, max_per_length):
         if is_held_out(s, eval_fraction) == (split == "eval"):
             rows.append({"prompt": s + SEPARATOR, "answer": task.solve(s)})
     return rows

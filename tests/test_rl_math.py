@@ -1,0 +1,202 @@
+"""The PPO maths against hand-worked cases (arithmetic in the comments) and plain-loop references."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmrl import rl
+
+
+def test_rl_maths_imports_with_only_torch():
+    # Block the heavy stack: importing llmrl.rl must not need any of it.
+    code = (
+        "import sys\n"
+        "for m in ('transformers', 'peft', 'deepspeed', 'trl', 'datasets', 'bitsandbytes', 'yaml'):\n"
+        "    sys.modules[m] = None\n"
+        "import llmrl.rl\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('transformers', 'peft', 'deepspeed')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_masked_mean_var_whiten_hand_worked():
+    x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # mean of 1, 2, 3 = 2; unbiased var = (1 + 0 + 1) / 2 = 1
+    assert rl.masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert rl.masked_var(x, mask).item() == pytest.approx(1.0)
+    w = rl.masked_whiten(x, mask)
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-6)
+    # keeping the mean: (x - 2) / 1 + 2 on real tokens, 0 on padding
+    w = rl.masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0], [3.0, 0.0]]), atol=1e-6)
+    # a microbatch dividing by its minibatch's token count: (1 + 2 + 3) / 6
+    assert rl.masked_mean(x, mask, num_tokens=6).item() == pytest.approx(1.0)
+
+
+def test_masked_var_needs_two_values():
+    with pytest.raises(ValueError, match="at least 2"):
+        rl.masked_var(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+
+
+def test_logprobs_and_entropy_match_full_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    for temperature in (1.0, 0.7):
+        full = torch.log_softmax(logits / temperature, dim=-1)
+        expected = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(rl.logprobs_from_logits(logits, tokens, temperature), expected, atol=1e-6)
+        p = full.exp()
+        assert torch.allclose(rl.entropy_from_logits(logits, temperature), -(p * full).sum(-1), atol=1e-5)
+    # uniform over 4 tokens: entropy log 4
+    assert rl.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_kl_estimators_hand_worked():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])  # log r = 0.5
+    assert rl.kl_penalty(logp, ref, "k1").item() == pytest.approx(0.5)
+    assert rl.kl_penalty(logp, ref, "k2").item() == pytest.approx(0.125)  # 0.5 * 0.5^2
+    assert rl.kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-0.5) - 1 + 0.5, abs=1e-7)
+    with pytest.raises(ValueError, match="k4"):
+        rl.kl_penalty(logp, ref, "k4")
+
+
+def test_token_rewards_hand_worked():
+    scores = torch.tensor([2.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards, kl = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    # kl = [0.5, -1.0, masked]; rewards = -0.1 * kl, plus the score 2.0 on the last real token (index 1)
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 2.1, 0.0]]))
+
+
+def test_gae_hand_worked():
+    rewards = torch.tensor([[0.5, 1.0, 7.0]])
+    values = torch.tensor([[0.2, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: its reward and value must not count
+    adv, ret = rl.compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # t=1: delta = 1.0 + 1 * 0 - 0.4 = 0.6            A1 = 0.6
+    # t=0: delta = 0.5 + 1 * 0.4 - 0.2 = 0.7          A0 = 0.7 + 1 * 0.95 * 0.6 = 1.27
+    assert torch.allclose(adv, torch.tensor([[1.27, 0.6, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[1.47, 1.0, 0.0]]), atol=1e-6)
+    adv, _ = rl.compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # t=0: delta = 0.5 + 0.9 * 0.4 - 0.2 = 0.66       A0 = 0.66 + 0.45 * 0.6 = 0.93
+    assert torch.allclose(adv, torch.tensor([[0.93, 0.6, 0.0]]), atol=1e-6)
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """Plain-Python GAE, one sequence at a time, over its real tokens only."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T)
+    for b in range(B):
+        n = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+    return adv, (adv + values) * mask
+
+
+def test_gae_matches_plain_loop_on_ragged_batch():
+    torch.manual_seed(1)
+    B, T = 6, 9
+    lengths = torch.tensor([1, 9, 4, 6, 2, 9])
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (0.5, 0.0)):
+        adv, ret = rl.compute_gae(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = gae_loop(rewards, values, mask, gamma, lam)
+        assert torch.allclose(adv, ref_adv, atol=1e-5)
+        assert torch.allclose(ret, ref_ret, atol=1e-5)
+
+
+def test_policy_loss_hand_worked():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.5]]))  # ratios 1.5, 0.5, 0.5
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = rl.policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5 (unclipped);
+    # token 3: max(0.5, 0.8) = 0.8 (clipped)  ->  loss = (-1.2 - 0.5 + 0.8) / 3 = -0.3, clipfrac = 2/3
+    assert loss.item() == pytest.approx(-0.3, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
+    # approx_kl (k3 of the ratio): mean(r - 1 - log r)
+    expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 0.5)) / 3
+    assert stats["approx_kl"].item() == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_policy_loss_ignores_masked_tokens():
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.0, 5.0]])
+    adv = torch.tensor([[2.0, 100.0]])
+    loss, _ = rl.policy_loss(new, old, adv, torch.tensor([[1.0, 0.0]]), clip_range=0.2)
+    assert loss.item() == pytest.approx(-2.0)  # ratio 1 on the only real token
+
+
+def test_value_loss_hand_worked():
+    values = torch.tensor([[0.5, -0.1]])
+    old_values = torch.zeros(1, 2)
+    returns = torch.tensor([[1.0, 0.0]])
+    loss, stats = rl.value_loss(values, old_values, returns, torch.ones(1, 2), clip_range_value=0.2)
+    # token 1: max((0.5 - 1)^2, (0.2 - 1)^2) = 0.64; token 2: max(0.01, 0.01) = 0.01
+    # loss = 0.5 * (0.64 + 0.01) / 2 = 0.1625, the clipped term won on 1 of 2 tokens
+    assert loss.item() == pytest.approx(0.1625, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_microbatch_accumulation_equals_full_minibatch():
+    """1 x 8 and 8 x 1 give the same loss and gradient when microbatches divide by the minibatch's tokens."""
+    torch.manual_seed(2)
+    B, T = 8, 5
+    mask = (torch.arange(T).unsqueeze(0) < torch.randint(1, T + 1, (B, 1))).float()
+    old, adv = torch.randn(B, T) * 0.1, torch.randn(B, T)
+    old_v, ret = torch.randn(B, T), torch.randn(B, T)
+    theta = torch.randn(B, T) * 0.3
+
+    def grads(micro):
+        p = theta.clone().requires_grad_(True)
+        n = mask.sum()
+        total = 0.0
+        for s in range(0, B, micro):
+            sl = slice(s, s + micro)
+            pg, _ = rl.policy_loss(old[sl] + p[sl], old[sl], adv[sl], mask[sl], 0.2, num_tokens=n)
+            vf, _ = rl.value_loss(old_v[sl] + p[sl], old_v[sl], ret[sl], mask[sl], 0.2, num_tokens=n)
+            loss = pg + 0.1 * vf
+            loss.backward()
+            total += loss.item()
+        return total, p.grad
+
+    loss_full, grad_full = grads(8)
+    loss_micro, grad_micro = grads(1)
+    assert loss_micro == pytest.approx(loss_full, abs=1e-6)
+    assert torch.allclose(grad_micro, grad_full, atol=1e-7)
+
+
+def test_adaptive_kl_controller_hand_worked():
+    ctl = rl.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(current_kl=9.0, n_steps=64)
+    # error = clip(9 / 6 - 1, -0.2, 0.2) = 0.2;  beta = 0.2 * (1 + 0.2 * 64 / 10000) = 0.200256
+    assert ctl.value == pytest.approx(0.200256)
+    ctl.update(current_kl=3.0, n_steps=64)
+    # error = clip(3 / 6 - 1) = -0.2;  beta = 0.200256 * (1 - 0.00128)
+    assert ctl.value == pytest.approx(0.200256 * 0.99872)
+    ctl2 = rl.AdaptiveKLController(1.0, 6.0, 10000)
+    ctl2.load_state_dict(ctl.state_dict())
+    assert ctl2.value == ctl.value
+    fixed = rl.FixedKLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+
+
+def test_last_token_index_rejects_empty_responses():
+    assert rl.last_token_index(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        rl.last_token_index(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
