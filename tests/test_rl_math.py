@@ -16,7 +16,8 @@ def test_rl_maths_imports_with_only_torch():
         "for m in ('transformers', 'peft', 'deepspeed', 'trl', 'datasets', 'bitsandbytes', 'yaml'):\n"
         "    sys.modules[m] = None\n"
         "import llmrl.rl\n"
-        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('transformers', 'peft', 'deepspeed')))\n"
+        "heavy = ('transformers', 'peft', 'deepspeed', 'trl', 'datasets', 'bitsandbytes', 'yaml')\n"
+        "print(sorted(k for k, v in sys.modules.items() if v is not None and k.split('.')[0] in heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

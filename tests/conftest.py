@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built in-process and saved to a temporary folder; nothing is downloaded."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 (2 layers, 64 wide) with a character tokenizer for the string tasks."""
+    from llmrl.tasks import SEPARATOR
+    from llmrl.tiny import char_tokenizer, tiny_gpt2
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = char_tokenizer("abcdef" + SEPARATOR)
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=32, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def english_model_dir(tmp_path_factory) -> Path:
+    """A local stand-in for gpt2: tiny GPT-2 + byte-level BPE trained on the shipped prompts; no pad token."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from llmrl.tiny import bpe_tokenizer, tiny_gpt2
+
+    rows = [json.loads(line) for line in (REPO / "configs" / "data" / "review_prompts.jsonl").read_text().splitlines()]
+    texts = [r["prompt"] for r in rows] * 3 + ["a great film, I loved it. a boring mess, awful."] * 3
+    tokenizer = bpe_tokenizer(texts, vocab_size=400)
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=128, seed=0)
+    path = tmp_path_factory.mktemp("gpt2-standin")
+    model.save_pretrained(path)
+    # Like gpt2 itself: EOS but no pad token, so llmrl must add one.
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>",
+                                   bos_token="<eos>", unk_token="<unk>")
+    bare.save_pretrained(path)
+    return path

@@ -1,0 +1,111 @@
+"""Config loading: every shipped YAML loads; bad keys, types and sizes fail with a message that says how to fix."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmrl.config import Config, ConfigError, help_text, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.name for p in SHIPPED}
+    assert {"tiny.yaml", "gpt2.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    sizes = cfg.sizes(1)
+    assert sizes.num_mini_batches * cfg.ppo.mini_batch_size == cfg.ppo.rollout_batch_size
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base(**sections):
+    data = {"model": {"name_or_path": "x"}, "data": {"source": "task:reverse"},
+            "reward": {"function": "reward_models.string_tasks:exact_match"}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return data
+
+
+def test_unknown_key_names_its_path_and_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'ppo.learning_rat'"):
+        load_config(write(tmp_path, base(ppo={"learning_rat": 1e-3})))
+    with pytest.raises(ConfigError, match=r"'ppo.clip_rnage'.*did you mean 'ppo.clip_range'"):
+        load_config(write(tmp_path, base(ppo={"clip_rnage": 0.1})))
+    with pytest.raises(ConfigError, match=r"'genration'.*did you mean 'generation'"):
+        load_config(write(tmp_path, {**base(), "genration": {}}))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"ppo.total_steps must be a int, got 'ten' \(str\)"):
+        load_config(write(tmp_path, base(ppo={"total_steps": "ten"})))
+    with pytest.raises(ConfigError, match=r"ppo.adaptive_kl must be a bool, got 1"):
+        load_config(write(tmp_path, base(ppo={"adaptive_kl": 1})))
+
+
+def test_ints_are_accepted_for_floats_and_scientific_notation_parses(tmp_path):
+    cfg = load_config(write(tmp_path, base(ppo={"lr": 1})), ["ppo.init_kl_coef=2e-3"])
+    assert cfg.ppo.lr == 1.0 and isinstance(cfg.ppo.lr, float)
+    assert cfg.ppo.init_kl_coef == pytest.approx(0.002)
+    path = tmp_path / "sci.yaml"
+    path.write_text(yaml.safe_dump(base()) + "ppo:\n  lr: 3e-5\n")
+    assert load_config(path).ppo.lr == pytest.approx(3e-5)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_batch_sizes_that_do_not_divide_name_both_numbers(tmp_path):
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size = 64 is not divisible by ppo.mini_batch_size = 24"):
+        load_config(write(tmp_path, base(ppo={"rollout_batch_size": 64, "mini_batch_size": 24})))
+    with pytest.raises(ConfigError, match=r"= 16 is not divisible by ppo.micro_batch_size = 6"):
+        load_config(write(tmp_path, base(ppo={"mini_batch_size": 16, "micro_batch_size": 6})))
+    cfg = load_config(write(tmp_path, base(ppo={"rollout_batch_size": 64, "mini_batch_size": 16,
+                                                "micro_batch_size": 4})))
+    s = cfg.sizes(2)
+    assert (s.local_rollout_batch_size, s.num_mini_batches, s.grad_accum_steps) == (32, 4, 2)
+    with pytest.raises(ConfigError, match=r"rollout_batch_size = 64 is not divisible by the world size = 3"):
+        cfg.sizes(3)
+
+
+def test_overrides_set_single_keys_and_are_checked(tmp_path):
+    path = write(tmp_path, base())
+    cfg = load_config(path, ["ppo.total_steps=7", "lora.target_modules=[c_attn, c_fc]", "model.quantization=null"])
+    assert cfg.ppo.total_steps == 7
+    assert cfg.lora.target_modules == ["c_attn", "c_fc"]
+    assert cfg.model.quantization is None
+    with pytest.raises(ConfigError, match="unknown config key 'ppo.totl_steps'"):
+        load_config(path, ["ppo.totl_steps=3"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(path, ["ppo.total_steps"])
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("model", "dtype", "fp8", "model.dtype is 'fp8'"),
+    ("model", "quantization", "3bit", "model.quantization is '3bit'"),
+    ("ppo", "kl_estimator", "k9", "ppo.kl_estimator is 'k9'"),
+    ("generation", "temperature", 0.0, "generation.temperature is 0.0"),
+    ("ppo", "micro_batch_size", 0, "ppo.micro_batch_size is 0"),
+])
+def test_invalid_values(tmp_path, section, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, base(**{section: {key: value}})))
+
+
+def test_every_field_has_help():
+    rows = help_text()
+    assert len(rows) > 50
+    missing = [key for key, _, text in rows if not text.strip()]
+    assert missing == []
