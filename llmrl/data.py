@@ -28,7 +28,12 @@ def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise ConfigError(f"{key} = {source!r} does not exist: give a prompt file path or task:NAME")
-        ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        if not path.read_bytes().strip():
+            raise ConfigError(f"{key} = {source!r} is an empty file: it needs at least one prompt")
+        try:
+            ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # a malformed file: say which one
+            raise ConfigError(f"{key} = {source!r} could not be read as {path.suffix}: {e}") from e
     else:
         try:
             ds = datasets.load_dataset(source, split="train")

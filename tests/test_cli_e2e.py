@@ -1,0 +1,143 @@
+"""The real command line in a subprocess: a whole run, kill -9 and resume, the gpt2 recipe on a local
+stand-in, and bad input that must stop the run with one clear line and leave checkpoints intact."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmrl.checkpoint import step_checkpoints
+from llmrl.tracking import read_log
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+SMALL = ["run.progress=false", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
+         "ppo.ppo_epochs=2", "data.eval_size=16", "run.eval_every=0", "run.device=cpu", "run.threads=1"]
+
+
+def ppo_cmd(config, *args):
+    return [sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(config), *args]
+
+
+def run_ppo(config, *args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(ppo_cmd(config, *args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def test_tiny_recipe_warm_start_then_ppo(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_ppo(REPO / "configs" / "tiny.yaml", *SMALL, f"run.output_dir={run_dir}",
+                  f"model.name_or_path={tmp_path / 'warm'}", "warm_start.steps=20", "ppo.total_steps=3",
+                  "run.save_every=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "warm start: 20 supervised steps" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("eval_reward_before", "eval_reward_after", "steps", "wall_seconds"):
+        assert key in summary
+    assert summary["steps"] == 3 and 0.0 <= summary["eval_reward_after"] <= 1.0
+    assert "eval_reward_before" in out.stdout  # printed too
+
+    log = read_log(run_dir)
+    steps = [r["step"] for r in log if "reward/mean" in r]
+    assert steps == [1, 2, 3]
+    for key in ("reward/mean", "reward/std", "objective/kl", "objective/entropy", "loss/policy", "loss/value",
+                "policy/clipfrac", "policy/approx_kl", "response/length", "response/eos_rate", "time/generate",
+                "time/update", "objective/kl_coef"):
+        assert key in log[-2], key
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    final = run_dir / "final"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "value_head.safetensors",
+                 "trainer_state.pt", "config.yaml", "tokenizer/tokenizer.json"):
+        assert (final / name).is_file(), name
+    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and {"optimizer", "scheduler", "kl_ctl", "rng"} <= set(state)
+    assert [s for s, _ in step_checkpoints(run_dir)] == [2, 3]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+    again = run_ppo(REPO / "configs" / "tiny.yaml", *SMALL, f"run.output_dir={run_dir}",
+                    f"model.name_or_path={tmp_path / 'warm'}")
+    assert again.returncode == 2 and "already holds a run: pass --resume" in again.stderr
+
+
+def final_metrics(run_dir):
+    rows = [r for r in read_log(run_dir) if "reward/mean" in r]
+    return {k: v for k, v in rows[-1].items() if not k.startswith("time/")}, rows
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", "ppo.total_steps=12", "run.save_every=3",
+              "run.keep_last=10", "run.seed=3"]
+    config = REPO / "configs" / "tiny.yaml"
+    whole = run_ppo(config, *common, f"run.output_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(ppo_cmd(config, *common, f"run.output_dir={killed_dir}"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 3 for s, _ in step_checkpoints(killed_dir)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
+    resumed = run_ppo(config, *common, f"run.output_dir={killed_dir}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    whole_final, whole_rows = final_metrics(tmp_path / "whole")
+    resumed_final, resumed_rows = final_metrics(killed_dir)
+    assert [r["step"] for r in resumed_rows] == list(range(1, 13))
+    assert resumed_final == whole_final
+    a = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    b = json.loads((killed_dir / "summary.json").read_text())
+    assert (a["eval_reward_before"], a["eval_reward_after"]) == (b["eval_reward_before"], b["eval_reward_after"])
+
+
+def test_gpt2_recipe_runs_two_steps_with_a_local_stand_in(tmp_path, english_model_dir):
+    run_dir = tmp_path / "gpt2"
+    out = run_ppo(REPO / "configs" / "gpt2.yaml", f"model.name_or_path={english_model_dir}",
+                  f"run.output_dir={run_dir}", "ppo.total_steps=2", "generation.max_new_tokens=8",
+                  "run.progress=false", "run.device=cpu", "data.eval_size=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_config_is_one_clear_line(tmp_path):
+    out = run_ppo(tmp_path / "nope.yaml")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: config file '{tmp_path / 'nope.yaml'}' does not exist: "
+                                               "pass an existing YAML, e.g. configs/tiny.yaml"]
+
+
+def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path, tiny_model_dir):
+    reward = tmp_path / "flaky.py"
+    # Fails on its 4th call (step 4), after the checkpoints of steps 2 (and the eval before training).
+    reward.write_text("calls = 0\n"
+                      "def flaky(prompts, completions, **kwargs):\n"
+                      "    global calls\n"
+                      "    calls += 1\n"
+                      "    if calls == 4:\n"
+                      "        raise RuntimeError('scorer offline')\n"
+                      "    return [float(len(c)) for c in completions]\n")
+    run_dir = tmp_path / "run"
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=5",
+              "run.save_every=2"]
+    out = run_ppo(REPO / "configs" / "tiny.yaml", *common, f"reward.function={reward}:flaky")
+    assert out.returncode == 2
+    assert f"error: reward '{reward}:flaky' raised RuntimeError('scorer offline')" in out.stderr
+    assert [s for s, _ in step_checkpoints(run_dir)] == [2]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
+    resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, "reward.function=reward_models.string_tasks:exact_match",
+                      "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
