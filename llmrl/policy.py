@@ -26,7 +26,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _check_model_path(name_or_path: str, key: str) -> None:
+def check_model_path(name_or_path: str, key: str) -> None:
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name_or_path
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{key} = {name_or_path!r} does not exist: point it at a model folder or a hub name")
@@ -37,7 +37,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
-    _check_model_path(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    check_model_path(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -56,7 +56,7 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
     """The frozen base model, optionally quantized, with dropout disabled and room for an added pad token."""
     from transformers import AutoModelForCausalLM
 
-    _check_model_path(cfg.name_or_path, "model.name_or_path")
+    check_model_path(cfg.name_or_path, "model.name_or_path")
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantization is not None:
         from transformers import BitsAndBytesConfig

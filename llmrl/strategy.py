@@ -10,6 +10,8 @@ import random
 import numpy as np
 import torch
 
+from llmrl.config import ConfigError
+
 
 class SingleProcess:
     rank = 0
@@ -22,7 +24,7 @@ class SingleProcess:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("run.device = 'cuda' but no CUDA device is visible: use 'cpu' or 'auto'")
+            raise ConfigError("run.device = 'cuda' but no CUDA device is visible: use 'cpu' or 'auto'")
         self.device = torch.device(device)
 
     def seed_everything(self, seed: int) -> None:

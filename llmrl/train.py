@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -46,16 +47,21 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train with PPO as ``cfg`` says; returns the summary written to run_dir/summary.json."""
-    from llmrl.policy import build_policy
+    from llmrl.policy import build_policy, check_model_path
     from llmrl.sft import run_warm_start
     from llmrl.strategy import SingleProcess
     from llmrl.trainer import PPOTrainer
     from llmrl.tracking import MetricsLogger
 
     started = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"this is one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but only the "
+                          f"single-process strategy exists so far: run with python launch/ppo.py")
     run_dir = Path(cfg.run.output_dir)
     reward_fn = load_reward_function(cfg.reward.function)  # a bad path fails before anything heavy
     train_rows, eval_rows = load_prompts(cfg.data)
+    if cfg.warm_start is None:
+        check_model_path(cfg.model.name_or_path, "model.name_or_path")
     resume_from = prepare_run_dir(run_dir, resume, overwrite)
     strategy = SingleProcess(cfg.run.device, cfg.run.threads)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llmrl import rl
 from llmrl.checkpoint import COMPLETE_MARK, prune_checkpoints, step_dir_name, write_atomically
-from llmrl.config import Config, save_config
+from llmrl.config import Config, ConfigError, save_config
 from llmrl.rewards import RewardError, call_reward
 from llmrl.rollout import Experience, decode_completions, generate, has_eos
 
@@ -48,7 +48,7 @@ class PPOTrainer:
         self.run_dir = Path(run_dir)
         self.sizes = cfg.sizes(strategy.world_size)
         if len(train_rows) < cfg.ppo.rollout_batch_size:
-            raise ValueError(f"data.source has {len(train_rows)} prompts, fewer than ppo.rollout_batch_size = "
+            raise ConfigError(f"data.source has {len(train_rows)} prompts, fewer than ppo.rollout_batch_size = "
                              f"{cfg.ppo.rollout_batch_size}: add prompts or lower the batch size")
         self.params = policy.trainable_parameters()
         p = cfg.ppo

@@ -141,3 +141,19 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
                       "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["ppo.clip_rnage=0.1"], "error: unknown config key 'ppo.clip_rnage'; did you mean 'ppo.clip_range'?"),
+    (["model.name_or_path=/no/such/model", "warm_start=null"], "error: model.name_or_path = '/no/such/model' does not exist: "
+                                          "point it at a model folder or a hub name"),
+    (["ppo.mini_batch_size=48"], "error: ppo.rollout_batch_size = 64 is not divisible by ppo.mini_batch_size = 48: "
+                               "choose sizes where it divides"),
+    (["data.source=/no/prompts.jsonl"], "error: data.source = '/no/prompts.jsonl' does not exist: give a prompt "
+                                      "file path or task:NAME"),
+])
+def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message):
+    out = run_ppo(REPO / "configs" / "tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *overrides)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "run").exists()  # nothing was created, let alone trained
