@@ -73,6 +73,7 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
         raise ConfigError(f"could not load model.name_or_path = {cfg.name_or_path!r}: {e}") from e
     if cfg.quantization is None:
         model.to(device)
+    model.llmrl_base_fingerprint = base_fingerprint(model)  # before the pad token resizes the embeddings
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -82,6 +83,29 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
     if cfg.quantization == "4bit":
         _disable_avx512bf16_repacking(model)
     return model
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies a base model: its shape and a sample of its embedding weights (never quantized).
+
+    Saved with every checkpoint, so that an adapter is never merged into a base it was not trained on.
+    """
+    config = model.config.get_text_config()
+    sample = model.get_input_embeddings().weight[:4, :16].detach().float().flatten().tolist()
+    return {"model_type": model.config.model_type, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "embedding_sample": sample}
+
+
+def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
+    """A description of how two fingerprints differ, or None when they match (bf16 vs fp32 allowed)."""
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if saved.get(key) != current.get(key):
+            return f"{key} {saved.get(key)!r} != {current.get(key)!r}"
+    a, b = torch.tensor(saved["embedding_sample"]), torch.tensor(current["embedding_sample"])
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
+        return "the embedding weights differ"
+    return None
 
 
 def _disable_avx512bf16_repacking(model: nn.Module) -> None:
@@ -115,9 +139,10 @@ class Policy(nn.Module):
     noise into the advantages; it is saved separately from the adapter and never exported with the model.
     """
 
-    def __init__(self, model, hidden_size: int):
+    def __init__(self, model, hidden_size: int, base_fingerprint: dict | None = None):
         super().__init__()
         self.model = model
+        self.base_fingerprint = base_fingerprint
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -148,6 +173,6 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.dev
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, tokenizer, device)
     model = add_lora(base, lora_cfg)
-    policy = Policy(model, base.config.get_text_config().hidden_size)
+    policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint)
     policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
     return policy, tokenizer

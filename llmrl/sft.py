@@ -79,18 +79,17 @@ def run_warm_start(cfg: Config, progress: bool = True) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from llmrl.config import load_config
+    from llmrl.console import run_cli
 
     parser = argparse.ArgumentParser(description="Supervised warm start of a recipe's tiny model.")
     parser.add_argument("--config", required=True, help="YAML recipe with a warm_start section")
     parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         cfg = load_config(args.config, args.overrides)
         run_warm_start(cfg, progress=cfg.run.progress)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
 from llmrl.config import Config, ConfigError, load_config
 from llmrl.data import check_prompt_lengths, load_prompts
-from llmrl.rewards import RewardError, load_reward_function
+from llmrl.console import run_cli
+from llmrl.rewards import load_reward_function
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -132,15 +132,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "Fine-tune a causal LM with PPO on a LoRA adapter.")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, RewardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(load_config(args.config, args.overrides), resume=args.resume,
+                               overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
-    torch.set_printoptions(precision=4)
     sys.exit(main())

@@ -5,6 +5,7 @@ module owns the loop, the optimizer, checkpoints and metrics.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
@@ -243,6 +244,7 @@ class PPOTrainer:
                       tmp / "value_head.safetensors")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             save_config(self.cfg, tmp / "config.yaml")
+            (tmp / "base_fingerprint.json").write_text(json.dumps(self.policy.base_fingerprint))
             torch.save({
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),

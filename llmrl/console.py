@@ -1,0 +1,31 @@
+"""What every command-line entry point shares: quiet third-party noise, one clear line for user errors."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+# Warnings that say nothing actionable to an llmrl user (bitsandbytes' optional CPU kernel package).
+NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def run_cli(body: Callable[[], object]) -> int:
+    """Run ``body``; a ConfigError or another user-facing error becomes 'error: ...' on stderr and exit code 2."""
+    from llmrl.config import ConfigError
+    from llmrl.rewards import RewardError
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    user_errors = (ConfigError, RewardError, *_extra_user_errors())
+    try:
+        body()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _extra_user_errors() -> tuple[type[Exception], ...]:
+    from llmrl.export import ExportVerificationError
+
+    return (ExportVerificationError,)

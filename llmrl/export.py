@@ -1,0 +1,208 @@
+"""``python launch/export.py --checkpoint RUN/final --out DIR``: a plain model that loads with transformers alone.
+
+The LoRA adapter is merged into a full-precision copy of the base (reloaded unquantized even when training
+used an 8-bit or 4-bit base). The value head is never exported. Everything is written to a temporary folder,
+verified there (the merged model, reloaded with plain ``AutoModelForCausalLM``, must give the logits of
+base + adapter within a stated tolerance), and only then renamed to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmrl.checkpoint import COMPLETE_MARK, write_atomically
+from llmrl.config import Config, ConfigError, from_dict
+from llmrl.console import run_cli
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Max |logit difference| allowed between the reloaded export and base + adapter (computed in fp32).
+# fp32: merging only reorders float sums. bf16/fp16: the rounding of the stored weights themselves.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
+
+
+def load_checkpoint_config(checkpoint: Path) -> Config:
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "adapter" / "adapter_config.json").is_file() or not (checkpoint / "config.yaml").is_file():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint (no adapter/ and "
+                          f"config.yaml inside): pass a run's final/ or step-N/ folder")
+    return from_dict(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()))
+
+
+def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.dtype = torch.float32):
+    """(peft model of base + adapter in ``dtype``, unquantized; tokenizer; config) from a checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmrl.policy import base_fingerprint, fingerprint_mismatch
+
+    checkpoint = Path(checkpoint)
+    cfg = load_checkpoint_config(checkpoint)
+    base = base or cfg.model.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the base model {base!r} named by {checkpoint}/config.yaml: {e}. "
+                          f"Pass --base with its current location") from e
+    fingerprint = checkpoint / "base_fingerprint.json"
+    if fingerprint.is_file():
+        why = fingerprint_mismatch(json.loads(fingerprint.read_text()), base_fingerprint(model))
+        if why:
+            raise ConfigError(f"the adapter in {checkpoint} was trained on another base than {base!r} ({why}): "
+                              f"pass --base with the model it was trained on")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # the pad token added in training
+    model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = PeftModel.from_pretrained(model, checkpoint / "adapter")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"the adapter in {checkpoint} does not fit the base {base!r} (was it trained on another "
+                          f"base?): {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
+    """Prompts to compare logits on: the run's held-out prompts when they load here, else fixed text."""
+    try:
+        from llmrl.data import load_prompts
+
+        _, evals = load_prompts(cfg.data)
+        prompts = [r[cfg.data.prompt_column] for r in evals[:n]]
+        if prompts:
+            return prompts
+    except (ConfigError, OSError):
+        pass
+    return ["The", "Hello, world. This is a test of the exported model."]
+
+
+@torch.no_grad()
+def logits_of(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = enc["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids).logits.float()
+    return logits, mask.bool()
+
+
+def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float) -> str:
+    state = torch.load(checkpoint / COMPLETE_MARK, map_location="cpu", weights_only=False)
+    metrics = {}
+    log = checkpoint.parent / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("step", 0) <= state["step"]:
+                metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
+    p = cfg.ppo
+    lines = [
+        "---", "library_name: transformers", "tags: [llmrl, rlhf, ppo, lora-merged]", "---", "",
+        f"# PPO fine-tune of `{cfg.model.name_or_path}`", "",
+        "Trained with llmrl (PPO on a LoRA adapter, merged into the base here). "
+        "Loads with `transformers` alone: `AutoModelForCausalLM.from_pretrained(this_folder)`.", "",
+        "| | |", "|---|---|",
+        f"| base model | `{cfg.model.name_or_path}` (trained with quantization: {cfg.model.quantization}) |",
+        f"| reward | `{cfg.reward.function}` |",
+        f"| prompts | `{cfg.data.source}` |",
+        f"| PPO steps | {state['step']} |",
+        f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
+        f"| PPO | lr={p.lr}, rollout={p.rollout_batch_size}, minibatch={p.mini_batch_size}, epochs={p.ppo_epochs}, "
+        f"clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
+        f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
+        f"final beta={state['kl_ctl']['value']:.4g} |",
+        f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
+        f"| exported dtype | {dtype}; max logit difference to base + adapter {max_diff:.3g} (tolerance {tolerance:g}) |",
+        "", "## Final metrics", "",
+    ]
+    lines += [f"- `{k}`: {v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    return "\n".join(lines) + "\n"
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False,
+           overwrite: bool = False, base: str | None = None, tolerance: float | None = None) -> float:
+    """Write the merged (or adapter-only) model to ``out``; returns the verified max logit difference."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not checkpoint.is_dir() or not (checkpoint / COMPLETE_MARK).is_file():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
+                          f"run's final/ or step-N/ folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+
+    reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32)
+    prompts = sample_inputs(cfg, tokenizer)
+    ref_logits, mask = logits_of(reference, tokenizer, prompts)
+    result = {}
+
+    def write(tmp: Path) -> None:
+        if adapter_only:
+            reference.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            result["max_diff"] = 0.0
+            return
+        merged = reference.merge_and_unload().to(DTYPES[dtype])
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.pad_token_id = tokenizer.pad_token_id
+            merged.generation_config.eos_token_id = tokenizer.eos_token_id
+            merged.generation_config.save_pretrained(tmp)
+        del merged
+        result["max_diff"] = verify(tmp, tokenizer, prompts, ref_logits, mask)
+        if result["max_diff"] > tolerance:
+            raise ExportVerificationError(
+                f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
+                f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
+        (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance))
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {str(out)!r}: cannot create its parent folder ({e.strerror})") from e
+    try:
+        write_atomically(out, write)
+    except OSError as e:
+        raise ConfigError(f"--out {str(out)!r} could not be written ({e}): choose a writable folder") from e
+    return result["max_diff"]
+
+
+class ExportVerificationError(RuntimeError):
+    pass
+
+
+def verify(folder: Path, tokenizer, prompts: list[str], ref_logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Reload ``folder`` with plain AutoModelForCausalLM and compare logits on real tokens."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    plain.eval()
+    logits, _ = logits_of(plain, tokenizer, prompts)
+    return (logits - ref_logits)[mask].abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export an llmrl checkpoint as a plain transformers model.")
+    parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--adapter-only", action="store_true", help="save the peft adapter instead of merging")
+    parser.add_argument("--base", default=None, help="base model location, if it moved since training")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help=f"max logit difference allowed (default per dtype: {TOLERANCE})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+
+    def body():
+        diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
+                      args.tolerance)
+        what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
+        print(f"exported {what} to {args.out}; max logit difference to base + adapter: {diff:.3g}")
+
+    return run_cli(body)
+

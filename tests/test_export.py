@@ -1,0 +1,155 @@
+"""Export: the merged model loads with transformers alone (no llmrl, no peft) and gives the logits and greedy
+generations of base + adapter; bad input leaves no half-written folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import make_trainer, tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["abc>", "fedab>", "ba>", "ccdde>"]
+
+# Runs in a subprocess from an empty folder: llmrl, reward_models and peft cannot be imported there.
+PLAIN_LOAD = r"""
+import importlib.abc, importlib.machinery, json, sys
+BLOCKED = ("llmrl", "reward_models", "peft")
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError(f"{spec.name} is hidden from this test")
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(folder)
+tok = AutoTokenizer.from_pretrained(folder)
+tok.padding_side = "left"
+enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+with torch.no_grad():
+    logits = model(**enc, position_ids=pos).logits
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED and sys.modules[m] is not None)
+print(json.dumps({"logits": logits.tolist(), "mask": enc["attention_mask"].tolist(), "loaded": loaded,
+                  "generations": tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)}))
+"""
+
+
+def export_cmd(*args):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A checkpoint after two PPO steps on the tiny model (so the adapter is not zero)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer = make_trainer(tiny_config(tiny_model_dir, run_dir, "ppo.lr=1e-2"))
+    trainer.train_step()
+    trainer.train_step()
+    path = trainer.save_checkpoint(run_dir / "final")
+    return trainer, path
+
+
+def reference_outputs(trainer):
+    tok = trainer.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    trainer.policy.eval()
+    with torch.no_grad():
+        logits, _ = trainer.policy(enc["input_ids"], enc["attention_mask"], with_values=False)
+        out = trainer.policy.model.generate(**enc, max_new_tokens=6, do_sample=False,
+                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return logits, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_merged_export_loads_without_llmrl_or_peft_and_matches(trained, tmp_path):
+    trainer, checkpoint = trained
+    out = tmp_path / "merged"
+    result = export_cmd("--checkpoint", checkpoint, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max logit difference to base + adapter" in result.stdout
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "value_head" in k or "lora" in k]
+    assert "PPO steps | 2" in (out / "README.md").read_text()
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == trainer.tokenizer.pad_token_id
+
+    plain = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), json.dumps(PROMPTS)], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path, env={"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1"})
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    got = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == []
+    ref_logits, ref_generations = reference_outputs(trainer)
+    mask = torch.tensor(got["mask"]).bool()
+    diff = (torch.tensor(got["logits"]) - ref_logits)[mask].abs().max().item()
+    assert diff < 1e-4
+    assert got["generations"] == ref_generations
+    # The adapter really moved the model: the export is not just the base.
+    with trainer.policy.reference(), torch.no_grad():
+        enc = trainer.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+        base_logits, _ = trainer.policy(enc["input_ids"], enc["attention_mask"], with_values=False)
+    assert (base_logits - ref_logits)[mask].abs().max().item() > 1e-3
+
+
+def test_bf16_and_adapter_only_exports(trained, tmp_path):
+    _, checkpoint = trained
+    result = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "bf16", "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    result = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "adapter", "--adapter-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_export_of_an_8bit_run_merges_into_an_unquantized_base(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "model.quantization=8bit", "ppo.lr=1e-2"))
+    trainer.train_step()
+    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "final")
+    result = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_bad_input_leaves_no_folder_behind(trained, tmp_path, english_model_dir):
+    _, checkpoint = trained
+    out = tmp_path / "out"
+    cases = [
+        (["--checkpoint", tmp_path / "missing", "--out", out], "is not a complete llmrl checkpoint folder"),
+        (["--checkpoint", checkpoint, "--out", out, "--base", english_model_dir],
+         "was trained on another base than"),
+    ]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases.append((["--checkpoint", checkpoint, "--out", blocker / "merged"], "--out"))
+    for args, message in cases:
+        result = export_cmd(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]  # after transformers' loading bars, if any
+        assert last.startswith("error: ") and message in last
+        assert "Traceback" not in result.stderr
+        assert not out.exists() and not (blocker / "merged").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = export_cmd("--checkpoint", checkpoint, "--out", out)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
