@@ -157,3 +157,14 @@ def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, mess
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "run").exists()  # nothing was created, let alone trained
+
+
+def test_llmrl_command_lists_and_dispatches_its_subcommands():
+    help_ = subprocess.run([sys.executable, "-m", "llmrl", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_.returncode == 0
+    for name in ("train", "sft", "export"):
+        assert f"  {name} " in help_.stdout
+    sub = subprocess.run([sys.executable, "-m", "llmrl", "export", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert sub.returncode == 0 and "--adapter-only" in sub.stdout and "llmrl export" in sub.stdout
+    bad = subprocess.run([sys.executable, "-m", "llmrl", "trian"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr

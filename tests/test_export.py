@@ -109,8 +109,12 @@ def test_bf16_and_adapter_only_exports(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    result = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "adapter", "--adapter-only")
+    # the same command through the llmrl console entry point
+    result = subprocess.run([sys.executable, "-m", "llmrl", "export", "--checkpoint", str(checkpoint), "--out",
+                             str(tmp_path / "adapter"), "--adapter-only"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported adapter to" in result.stdout
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -92,8 +92,11 @@ def test_rollout_logprobs_match_the_sampling_distribution(tiny_model_dir, tmp_pa
     assert torch.allclose(logprobs[live], gen_logprobs[live], atol=1e-4)
 
 
-def test_an_update_changes_only_adapter_and_value_head(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_update_changes_only_adapter_and_value_head(tiny_model_dir, tmp_path, dtype):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"model.dtype={dtype}"))
+    base_dtypes = {p.dtype for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    assert base_dtypes == {getattr(torch, dtype)}
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     stats = trainer.train_step()
     after = dict(trainer.policy.named_parameters())
