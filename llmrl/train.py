@@ -92,12 +92,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     total = cfg.ppo.total_steps
     bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
                dynamic_ncols=True)
-    stats = {}
+    stats, after = {}, None
     while trainer.step < total:
         stats = trainer.train_step()
         step = trainer.step
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total:
-            stats["eval/reward"] = trainer.evaluate()["eval/reward"]
+        if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+            after = trainer.evaluate()
+            stats["eval/reward"] = after["eval/reward"]
         logger.log(step, stats)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
@@ -105,8 +106,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             trainer.save_checkpoint(trainer.checkpoint_path(step))
     bar.close()
 
-    after = trainer.evaluate()
-    logger.log(trainer.step, {"eval/reward": after["eval/reward"]})
+    if after is None:  # resumed from the last step: nothing left to train, evaluate what is there
+        after = trainer.evaluate()
     if strategy.is_main:
         trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
         final = trainer.save_checkpoint(run_dir / "final")
