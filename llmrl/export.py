@@ -83,9 +83,11 @@ def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
 @torch.no_grad()
 def logits_of(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    from llmrl.policy import position_ids_from_mask
+
     mask = enc["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids).logits.float()
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask)).logits.float()
     return logits, mask.bool()
 
 
