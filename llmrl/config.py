@@ -78,12 +78,37 @@ class GenerationConfig:
 
 
 @dataclass
+class RewardComponentConfig:
+    function: str | None = opt(None, "A Python reward: built-in name (exact_match, numeric_match, regex_format, "
+                                     "length_target, keywords, repetition_penalty, positive_sentiment), "
+                                     "'package.module:function' or 'path/to/file.py:function'.")
+    model: str | None = opt(None, "A learned reward model: folder or hub name of an "
+                                  "AutoModelForSequenceClassification (num_labels=1), or pkg:PACKAGE/sub/folder.")
+    url: str | None = opt(None, "A remote reward: http(s) URL that takes JSON {prompts, completions, kwargs} "
+                                "and answers {scores}.")
+    name: str | None = opt(None, "Name in metrics (reward/NAME/mean); defaults to the function, folder or 'remote'.")
+    weight: float = opt(1.0, "Weight of this component in the summed score.")
+    kwargs: dict = opt({}, "Extra keyword arguments passed to a function reward (e.g. {pattern: '^[a-f]+$'}).")
+    timeout: float | None = opt(60.0, "Seconds one call may take (per attempt for a URL); null waits forever.")
+    batch_size: int = opt(32, "Learned model: texts scored per forward pass.")
+    max_length: int = opt(512, "Learned model: longer texts lose their beginning (counted in reward/NAME/truncated).")
+    quantization: str | None = opt(None, "Learned model: '8bit' loads it with bitsandbytes.")
+    retries: int = opt(3, "URL: attempts after the first, with exponential backoff.")
+    token_env: str | None = opt(None, "URL: environment variable holding a bearer token to send.")
+
+
+@dataclass
 class RewardConfig:
-    function: str = opt("", "The reward: 'package.module:function' or 'path/to/file.py:function' with the "
-                            "signature (prompts, completions, **kwargs) -> list[float].")
-    clip: float | None = opt(10.0, "Clip scores to [-clip, clip]; null disables.")
-    on_error: str = opt("raise", "What a failing or invalid reward does: 'raise' stops the run with the sample "
-                                 "index.")
+    function: str = opt("", "Shorthand for one function reward (same forms as components[].function).")
+    components: list[RewardComponentConfig] = opt([], "Several rewards, summed with their weights; None from "
+                                                       "a component means it does not apply to that sample.")
+    timeout: float | None = opt(60.0, "Seconds the shorthand function may take per batch.")
+    clip: float | None = opt(10.0, "Clip scores to [-clip, clip] after normalisation; null disables.")
+    normalize: str = opt("none", "none; running (running mean/std of scores); reference (mean/std fitted once on "
+                                 "completions of the reference policy before training).")
+    on_error: str = opt("raise", "A reward that raises, hangs or returns NaN/inf/non-numbers: 'raise' stops the "
+                                 "run naming the reward and sample; 'skip' drops those samples and counts them "
+                                 "(reward/skipped).")
 
 
 @dataclass
@@ -173,7 +198,8 @@ class Config:
         checks = [
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
             (self.data.source != "", "data.source", "is empty: name a task (task:reverse) or a prompt file"),
-            (self.reward.function != "", "reward.function", "is empty: name a reward as module:function"),
+            (self.reward.function != "" or self.reward.components, "reward.function",
+             "is empty and there are no reward.components: name a reward (e.g. module:function)"),
             (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              f"is {self.model.dtype!r}: use float32, bfloat16 or float16"),
             (self.model.quantization in (None, "8bit", "4bit"), "model.quantization",
@@ -182,7 +208,10 @@ class Config:
              f"is {self.ppo.kl_estimator!r}: use k1, k2 or k3"),
             (self.ppo.lr_schedule in ("constant", "linear", "cosine"), "ppo.lr_schedule",
              f"is {self.ppo.lr_schedule!r}: use constant, linear or cosine"),
-            (self.reward.on_error == "raise", "reward.on_error", f"is {self.reward.on_error!r}: only 'raise' exists"),
+            (self.reward.on_error in ("raise", "skip"), "reward.on_error",
+             f"is {self.reward.on_error!r}: use raise or skip"),
+            (self.reward.normalize in ("none", "running", "reference"), "reward.normalize",
+             f"is {self.reward.normalize!r}: use none, running or reference"),
             (self.generation.temperature > 0, "generation.temperature",
              f"is {self.generation.temperature}: must be > 0 (use a small value for near-greedy sampling)"),
             (self.generation.max_new_tokens > 0, "generation.max_new_tokens",

@@ -1,76 +1,255 @@
-"""Rewards: plain callables ``(prompts, completions, **kwargs) -> list[float]`` (TRL's reward signature).
+"""Rewards: any callable ``(prompts, completions, **kwargs) -> list[float | None]`` (TRL's reward signature).
 
-A reward is named in the config as ``package.module:function`` or ``path/to/file.py:function`` and is
-imported once at start-up, so a wrong path fails before any training.
+A run's reward is a weighted sum of components, each one of:
+- a Python function, named as ``package.module:function``, ``path/to/file.py:function`` or a built-in name
+  (``exact_match``, see ``BUILTIN``); plain or ``async``;
+- a learned reward model (``llmrl.reward_model.LearnedReward``), with its own tokenizer;
+- a remote scorer over HTTP (``llmrl.remote.RemoteReward``).
+
+``None`` from a component means "not applicable to this sample": the sample's score is the weighted sum of
+the components that apply. Every value is checked; a bad one stops the run with the reward's name and the
+sample index, or, with ``reward.on_error: skip``, drops the sample from training and counts it in a metric.
+Nothing is silently turned into 0.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
 import math
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from llmrl.config import ConfigError
+from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
 
 RewardFn = Callable[..., list]
 
+BUILTIN = {
+    name: f"reward_models.rules:{name}"
+    for name in ("exact_match", "numeric_match", "regex_format", "length_target", "keywords",
+                 "repetition_penalty", "positive_sentiment")
+}
+
 
 class RewardError(RuntimeError):
-    """A reward raised or returned something unusable; the message names the reward and the sample."""
+    """A reward raised, hung or returned something unusable; the message names the reward and the sample."""
 
 
-def load_reward_function(spec: str) -> RewardFn:
+def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
+    """Import ``spec`` once at start-up, so that a wrong path fails before any training."""
+    spec = BUILTIN.get(spec, spec)
     if ":" not in spec:
-        raise ConfigError(f"reward.function = {spec!r} must look like 'package.module:function' or "
-                          f"'path/to/file.py:function'")
+        raise ConfigError(f"{key} = {spec!r} must be a built-in name ({', '.join(BUILTIN)}), "
+                          f"'package.module:function' or 'path/to/file.py:function'")
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise ConfigError(f"reward.function = {spec!r}: file {target!r} does not exist")
+            raise ConfigError(f"{key} = {spec!r}: file {target!r} does not exist")
         module_spec = importlib.util.spec_from_file_location(f"llmrl_user_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
-            raise ConfigError(f"reward.function = {spec!r}: importing {target!r} failed: {e!r}") from e
+            raise ConfigError(f"{key} = {spec!r}: importing {target!r} failed: {e!r}") from e
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ConfigError(f"reward.function = {spec!r}: cannot import {target!r}: {e}") from e
+            raise ConfigError(f"{key} = {spec!r}: cannot import {target!r}: {e}") from e
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
-        raise ConfigError(f"reward.function = {spec!r}: {target!r} has no callable named {name!r}")
-    if inspect.iscoroutinefunction(fn):
-        raise ConfigError(f"reward.function = {spec!r} is async; wrap it in a plain function for now")
+        raise ConfigError(f"{key} = {spec!r}: {target!r} has no callable named {name!r}")
     return fn
 
 
-def call_reward(fn: RewardFn, name: str, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-    """Call ``fn`` and check that it returned one finite number per completion."""
-    try:
-        scores = fn(prompts=prompts, completions=completions, **kwargs)
-    except Exception as e:
-        raise RewardError(f"reward {name!r} raised {e!r} on a batch of {len(prompts)} samples; fix the "
-                          f"function (the run stopped before using this batch)") from e
-    try:
-        scores = list(scores)
-    except TypeError:
-        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of floats") from None
+def call_with_timeout(fn: RewardFn, name: str, timeout: float | None, **kwargs) -> Any:
+    """Call ``fn(**kwargs)`` (awaiting it if async); a call that outlives ``timeout`` seconds is an error.
+
+    The call runs in a daemon thread: a hung scorer cannot be killed, but it no longer holds the run.
+    """
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out = fn(**kwargs)
+            if inspect.isawaitable(out):
+                out = asyncio.run(_await(out))
+            result["value"] = out
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardError(f"reward {name!r} did not return within {timeout:g} s on a batch of "
+                          f"{len(kwargs.get('completions', []))} samples: make it faster or raise its timeout")
+    if "error" in result:
+        e = result["error"]
+        raise RewardError(f"reward {name!r} raised {e!r} on a batch of {len(kwargs.get('completions', []))} "
+                          f"samples; fix the function (the run stopped before using this batch)") from e
+    return result["value"]
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def check_scores(scores: Any, name: str, completions: list[str], invalid: list[int] | None = None
+                 ) -> list[float | None]:
+    """One finite float or None per completion, or a RewardError naming the reward and the sample.
+
+    With an ``invalid`` list, a bad value (NaN, inf, a string) becomes None and its index is appended there
+    instead of raising; a wrong count always raises.
+    """
+    if isinstance(scores, (str, bytes)) or not hasattr(scores, "__len__"):
+        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of floats")
+    scores = list(scores)
     if len(scores) != len(completions):
         raise RewardError(f"reward {name!r} returned {len(scores)} values for {len(completions)} completions: "
-                          f"return exactly one score per completion")
-    out = []
+                          f"return exactly one score (or None) per completion")
+    out: list[float | None] = []
     for i, s in enumerate(scores):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) and not hasattr(s, "__float__"):
-            raise RewardError(f"reward {name!r} returned {s!r} ({type(s).__name__}) for sample {i}: "
-                              f"scores must be numbers. Completion: {completions[i][:80]!r}")
-        value = float(s)
-        if not math.isfinite(value):
-            raise RewardError(f"reward {name!r} returned {value} for sample {i}: scores must be finite. "
-                              f"Completion: {completions[i][:80]!r}")
-        out.append(value)
+        if s is None:
+            out.append(None)
+            continue
+        if isinstance(s, (bool, str, bytes)) or not hasattr(s, "__float__"):
+            problem = f"returned {s!r} ({type(s).__name__}) for sample {i}: scores must be numbers or None"
+        elif not math.isfinite(float(s)):
+            problem = f"returned {float(s)} for sample {i}: scores must be finite"
+        else:
+            out.append(float(s))
+            continue
+        if invalid is None:
+            raise RewardError(f"reward {name!r} {problem}. Completion: {completions[i][:80]!r}")
+        invalid.append(i)
+        out.append(None)
     return out
+
+
+def call_reward(fn: RewardFn, name: str, prompts: list[str], completions: list[str], timeout: float | None = None,
+                invalid: list[int] | None = None, **kwargs) -> list[float | None]:
+    """Call one reward and check what it returned (see ``check_scores`` for ``invalid``)."""
+    raw = call_with_timeout(fn, name, timeout, prompts=prompts, completions=completions, **kwargs)
+    return check_scores(raw, name, completions, invalid)
+
+
+@dataclass
+class Component:
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+    timeout: float | None = None
+    kwargs: dict = field(default_factory=dict)  # static extra keyword arguments from the config
+
+
+@dataclass
+class RewardResult:
+    scores: list[float]  # weighted sum per sample (0.0 where skipped: never used, see ``valid``)
+    valid: list[bool]  # False: no component applied or a component failed under on_error: skip
+    metrics: dict[str, float]
+
+
+class CombinedReward:
+    """The reward of a run: the weighted sum of its components over the samples each applies to."""
+
+    def __init__(self, components: list[Component], on_error: str = "raise"):
+        self.components = components
+        self.on_error = on_error
+
+    @property
+    def name(self) -> str:
+        return "+".join(c.name for c in self.components)
+
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> RewardResult:
+        n = len(completions)
+        total = [0.0] * n
+        applied = [False] * n
+        failed = [False] * n
+        metrics: dict[str, float] = {}
+        skip = self.on_error == "skip"
+        for c in self.components:
+            invalid: list[int] | None = [] if skip else None
+            try:
+                values = call_reward(c.fn, c.name, prompts, completions, c.timeout, invalid, **c.kwargs, **kwargs)
+                errors = 0
+            except RewardError:
+                if not skip:
+                    raise
+                # The whole call failed: no sample has its full reward, so none of them is trained on.
+                values, errors = [None] * n, 1
+                failed = [True] * n
+            for i in invalid or []:
+                failed[i] = True
+            for i, v in enumerate(values):
+                if v is not None:
+                    total[i] += c.weight * v
+                    applied[i] = True
+            present = [v for v in values if v is not None]
+            metrics[f"reward/{c.name}/mean"] = sum(present) / len(present) if present else math.nan
+            metrics[f"reward/{c.name}/none_rate"] = 1.0 - len(present) / n
+            if skip:
+                metrics[f"reward/{c.name}/errors"] = float(errors)
+                metrics[f"reward/{c.name}/invalid"] = float(len(invalid or []))
+            for key, value in getattr(c.fn, "last_metrics", {}).items():
+                metrics[f"reward/{c.name}/{key}"] = value
+        valid = [a and not f for a, f in zip(applied, failed)]
+        if not all(applied) and not skip:
+            i = applied.index(False)
+            raise RewardError(f"no reward applies to sample {i} (every component returned None): return a score "
+                              f"for it, or set reward.on_error: skip. Completion: {completions[i][:80]!r}")
+        metrics["reward/skipped"] = float(n - sum(valid))
+        return RewardResult([t if ok else 0.0 for t, ok in zip(total, valid)], valid, metrics)
+
+
+def component_name(cfg: RewardComponentConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    if cfg.function:
+        return cfg.function.rsplit(":", 1)[-1]
+    if cfg.model:
+        return Path(cfg.model.rstrip("/")).name or "model"
+    return "remote"
+
+
+def build_component(cfg: RewardComponentConfig, key: str, device) -> Component:
+    kinds = [k for k in ("function", "model", "url") if getattr(cfg, k)]
+    if len(kinds) != 1:
+        raise ConfigError(f"{key} must set exactly one of function, model or url, got "
+                          f"{', '.join(kinds) if kinds else 'none'}")
+    name = component_name(cfg)
+    if cfg.function:
+        fn = load_reward_function(cfg.function, f"{key}.function")
+    elif cfg.model:
+        from llmrl.reward_model import LearnedReward
+
+        fn = LearnedReward(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                           quantization=cfg.quantization, device=device, key=f"{key}.model")
+    else:
+        from llmrl.remote import RemoteReward
+
+        fn = RemoteReward(cfg.url, timeout=cfg.timeout, retries=cfg.retries, token_env=cfg.token_env,
+                          key=f"{key}.url")
+    # A remote reward enforces its own timeout per attempt; the call as a whole may take all retries.
+    timeout = None if cfg.url else cfg.timeout
+    return Component(name, fn, cfg.weight, timeout, dict(cfg.kwargs))
+
+
+def build_reward(cfg: RewardConfig, device=None) -> CombinedReward:
+    """The CombinedReward a config describes; every import, model and URL is checked here, at start-up."""
+    if cfg.function and cfg.components:
+        raise ConfigError("reward.function and reward.components are both set: use function for one reward, "
+                          "components for several")
+    specs = cfg.components or [RewardComponentConfig(function=cfg.function, timeout=cfg.timeout)]
+    components = [build_component(spec, f"reward.components[{i}]" if cfg.components else "reward", device)
+                  for i, spec in enumerate(specs)]
+    seen: dict[str, int] = {}
+    for c in components:  # metric names must be unique
+        seen[c.name] = seen.get(c.name, 0) + 1
+        if seen[c.name] > 1:
+            c.name = f"{c.name}_{seen[c.name]}"
+    return CombinedReward(components, cfg.on_error)

@@ -15,7 +15,7 @@ from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_ato
 from llmrl.config import Config, ConfigError, load_config
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import run_cli
-from llmrl.rewards import load_reward_function
+from llmrl.rewards import build_reward
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -58,12 +58,12 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"this is one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but only the "
                           f"single-process strategy exists so far: run with python launch/ppo.py")
     run_dir = Path(cfg.run.output_dir)
-    reward_fn = load_reward_function(cfg.reward.function)  # a bad path fails before anything heavy
+    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
+    reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
     train_rows, eval_rows = load_prompts(cfg.data)
     if cfg.warm_start is None:
         check_model_path(cfg.model.name_or_path, "model.name_or_path")
     resume_from = prepare_run_dir(run_dir, resume, overwrite)
-    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
 
     if cfg.warm_start is not None and not Path(cfg.model.name_or_path).exists():
         run_warm_start(cfg, progress=cfg.run.progress)
@@ -76,10 +76,14 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
                              cfg.generation.max_new_tokens, context)
 
-    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, train_rows, eval_rows, strategy, run_dir)
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+    elif cfg.reward.normalize == "reference":
+        trainer.fit_reward_normalizer()
+        print(f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
+              f"std {trainer.reward_norm.std:.4f}", flush=True)
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
                            resume_step=trainer.step if resume_from is not None else None)
     if trainer.eval_reward_before is None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from llmrl import rl
 from llmrl.checkpoint import COMPLETE_MARK, prune_checkpoints, step_dir_name, write_atomically
 from llmrl.config import Config, ConfigError, save_config
-from llmrl.rewards import RewardError, call_reward
+from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate, has_eos
 
 
@@ -35,13 +35,13 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 class PPOTrainer:
-    def __init__(self, cfg: Config, policy, tokenizer, reward_fn, train_rows: list[dict], eval_rows: list[dict],
-                 strategy, run_dir: Path):
+    def __init__(self, cfg: Config, policy, tokenizer, reward: CombinedReward, train_rows: list[dict],
+                 eval_rows: list[dict], strategy, run_dir: Path):
         self.cfg = cfg
         self.policy = policy
         self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
-        self.reward_name = cfg.reward.function
+        self.reward = reward
+        self.reward_norm = rl.RunningMeanStd()  # used when reward.normalize is running or reference
         self.train_rows = train_rows
         self.eval_rows = eval_rows
         self.strategy = strategy
@@ -77,16 +77,29 @@ class PPOTrainer:
         mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
         return [self.train_rows[i] for i in mine.tolist()]
 
-    def score(self, rows: list[dict], exp: Experience) -> tuple[list[str], list[float]]:
-        """Completion texts and the reward function's raw scores; extra dataset columns go in as kwargs."""
+    def score(self, rows: list[dict], exp: Experience) -> tuple[list[str], RewardResult]:
+        """Completion texts and the reward's scores; extra dataset columns go in as kwargs."""
         column = self.cfg.data.prompt_column
         prompts = [r[column] for r in rows]
         completions = decode_completions(self.tokenizer, exp)
         extra = {k: [r[k] for r in rows] for k in rows[0] if k != column}
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(exp.response, exp.response_mask)]
-        scores = call_reward(self.reward_fn, self.reward_name, prompts, completions,
-                             completion_ids=completion_ids, **extra)
-        return completions, scores
+        return completions, self.reward(prompts, completions, completion_ids=completion_ids, **extra)
+
+    @torch.no_grad()
+    def fit_reward_normalizer(self) -> None:
+        """reward.normalize: reference: the mean/std of scores of the reference policy's completions."""
+        rows = self.rows_for_step(0)
+        with self.policy.reference():
+            self.policy.eval()
+            exp = generate(self.policy.model, self.tokenizer, [r[self.cfg.data.prompt_column] for r in rows],
+                           self.cfg.generation, self.device)
+        _, result = self.score(rows, exp)
+        valid = torch.tensor(result.scores)[torch.tensor(result.valid)]
+        if valid.numel() < 2:
+            raise RewardError(f"reward.normalize = reference needs at least 2 scored reference samples, got "
+                              f"{valid.numel()}: check the reward or use normalize: running")
+        self.reward_norm.update(valid)
 
     # ------------------------------------------------------------------------------------------
     # rollout
@@ -111,15 +124,22 @@ class PPOTrainer:
         prompts = [r[cfg.data.prompt_column] for r in rows]
         exp = generate(self.policy.model, self.tokenizer, prompts, cfg.generation, self.device)
         t1 = time.perf_counter()
-        _, raw_scores = self.score(rows, exp)
+        _, result = self.score(rows, exp)
         t2 = time.perf_counter()
 
-        scores = torch.tensor(raw_scores, dtype=torch.float32, device=self.device)
+        raw = torch.tensor(result.scores, dtype=torch.float32, device=self.device)
+        valid = torch.tensor(result.valid, device=self.device)
+        scores = raw
+        if cfg.reward.normalize == "running":
+            self.reward_norm.update(raw[valid])
+        if cfg.reward.normalize != "none":
+            scores = self.reward_norm.normalize(scores).float()
         eos = has_eos(exp, self.tokenizer.eos_token_id)
         if cfg.generation.missing_eos_penalty is not None:
             scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
         if cfg.reward.clip is not None:
             scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
 
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         micro = cfg.ppo.micro_batch_size
@@ -138,19 +158,26 @@ class PPOTrainer:
         if cfg.ppo.whiten_rewards:
             rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
         advantages, exp.returns = rl.compute_gae(rewards, exp.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        exp.advantages = rl.masked_whiten(advantages, mask)
+        # Skipped samples (reward.on_error: skip) keep their tokens out of every loss and statistic.
+        exp.response_mask = mask = mask * valid.unsqueeze(1).float()
+        if mask.sum() >= 2:
+            exp.advantages = rl.masked_whiten(advantages, mask)
+        else:
+            exp.advantages = advantages * mask
         t3 = time.perf_counter()
 
-        seq_kl = kl.sum(1)
+        seq_kl = kl.sum(1)[valid]
+        kept = scores[valid]
         stats = {
-            "reward/mean": scores.mean().item(),
-            "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-            "reward/raw_mean": sum(raw_scores) / len(raw_scores),
-            "objective/kl": seq_kl.mean().item(),
+            "reward/mean": kept.mean().item() if len(kept) else math.nan,
+            "reward/std": kept.std().item() if len(kept) > 1 else 0.0,
+            "reward/raw_mean": raw[valid].mean().item() if len(kept) else math.nan,
+            **result.metrics,
+            "objective/kl": seq_kl.mean().item() if len(kept) else 0.0,
             "objective/kl_coef": self.kl_ctl.value,
             "objective/entropy": rl.masked_mean(torch.cat(entropy), mask).item(),
-            "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item(),
-            "response/length": mask.sum(1).mean().item(),
+            "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item() if len(kept) else 0.0,
+            "response/length": exp.response_mask.sum(1)[valid].mean().item() if len(kept) else 0.0,
             "response/eos_rate": eos.float().mean().item(),
             "value/mean": rl.masked_mean(exp.values, mask).item(),
             "time/generate": t1 - t0,
@@ -177,7 +204,7 @@ class PPOTrainer:
                 mb_idx = perm[mb_start:mb_start + local_mini]
                 # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
                 # the token mean over the whole minibatch whatever the microbatch size.
-                num_tokens = exp.response_mask[mb_idx].sum()
+                num_tokens = exp.response_mask[mb_idx].sum().clamp(min=1.0)
                 for micro_start in range(0, local_mini, cfg.micro_batch_size):
                     mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size])
                     logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=True)
@@ -201,7 +228,7 @@ class PPOTrainer:
                     sums["value/clipfrac"] += vf_stats["clipfrac"].item() * n
                 grad_norms.append(self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params,
                                                                cfg.max_grad_norm))
-        stats = {k: v / total_tokens for k, v in sums.items()}
+        stats = {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
         stats["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
@@ -224,15 +251,19 @@ class PPOTrainer:
     def evaluate(self, batch_size: int = 64) -> dict:
         """Greedy completions of the held-out prompts; mean raw reward and a few samples."""
         self.policy.eval()
-        scores, samples = [], []
+        scores, samples, skipped = [], [], 0
         for start in range(0, len(self.eval_rows), batch_size):
             rows = self.eval_rows[start:start + batch_size]
             prompts = [r[self.cfg.data.prompt_column] for r in rows]
             exp = generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device, greedy=True)
-            completions, s = self.score(rows, exp)
-            scores.extend(s)
-            samples.extend(zip(prompts, completions, s))
-        return {"eval/reward": sum(scores) / len(scores), "samples": samples[:5]}
+            completions, result = self.score(rows, exp)
+            kept = [s for s, ok in zip(result.scores, result.valid) if ok]
+            scores.extend(kept)
+            skipped += len(rows) - len(kept)
+            samples.extend((p, c, s if ok else None)
+                           for p, c, s, ok in zip(prompts, completions, result.scores, result.valid))
+        mean = sum(scores) / len(scores) if scores else math.nan
+        return {"eval/reward": mean, "eval/skipped": skipped, "samples": samples[:5]}
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -252,6 +283,7 @@ class PPOTrainer:
                 "kl_ctl": self.kl_ctl.state_dict(),
                 "rng": self.strategy.rng_state(),
                 "eval_reward_before": self.eval_reward_before,
+                "reward_norm": self.reward_norm.state_dict(),
             }, tmp / COMPLETE_MARK)
 
         path = write_atomically(target, write)
@@ -275,6 +307,7 @@ class PPOTrainer:
         self.strategy.set_rng_state(state["rng"])
         self.step = state["step"]
         self.eval_reward_before = state["eval_reward_before"]
+        self.reward_norm.load_state_dict(state["reward_norm"])
 
     def checkpoint_path(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)

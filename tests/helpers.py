@@ -17,7 +17,7 @@ def tiny_config(model_dir, run_dir, *overrides):
 def make_trainer(cfg):
     from llmrl.data import load_prompts
     from llmrl.policy import build_policy
-    from llmrl.rewards import load_reward_function
+    from llmrl.rewards import build_reward
     from llmrl.strategy import SingleProcess
     from llmrl.trainer import PPOTrainer
 
@@ -25,5 +25,5 @@ def make_trainer(cfg):
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
     train_rows, eval_rows = load_prompts(cfg.data)
-    return PPOTrainer(cfg, policy, tokenizer, load_reward_function(cfg.reward.function), train_rows, eval_rows,
+    return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
                       strategy, Path(cfg.run.output_dir))

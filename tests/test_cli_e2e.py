@@ -137,7 +137,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
     assert f"error: reward '{reward}:flaky' raised RuntimeError('scorer offline')" in out.stderr
     assert [s for s, _ in step_checkpoints(run_dir)] == [2]
     assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
-    resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, "reward.function=reward_models.string_tasks:exact_match",
+    resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, "reward.function=reward_models.rules:exact_match",
                       "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout

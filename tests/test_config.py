@@ -31,7 +31,7 @@ def write(tmp_path, data) -> Path:
 
 def base(**sections):
     data = {"model": {"name_or_path": "x"}, "data": {"source": "task:reverse"},
-            "reward": {"function": "reward_models.string_tasks:exact_match"}}
+            "reward": {"function": "reward_models.rules:exact_match"}}
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)
     return data

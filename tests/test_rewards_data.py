@@ -2,17 +2,18 @@
 with messages naming the reward, the sample or the value."""
 import json
 import math
+import time
 
 import pytest
 
-from llmrl.config import ConfigError, DataConfig
+from llmrl.config import ConfigError, DataConfig, RewardComponentConfig, RewardConfig
 from llmrl.data import check_prompt_lengths, load_prompts
-from llmrl.rewards import RewardError, call_reward, load_reward_function
+from llmrl.rewards import RewardError, build_reward, call_reward, load_reward_function
 from llmrl.tasks import task_rows
 
 
 def test_reward_from_module_path():
-    fn = load_reward_function("reward_models.string_tasks:exact_match")
+    fn = load_reward_function("reward_models.rules:exact_match")
     assert call_reward(fn, "em", ["ab>"], ["ba"], answer=["ba"]) == [1.0]
 
 
@@ -25,9 +26,9 @@ def test_trl_style_reward_file_outside_the_repository(tmp_path):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("no_colon", "must look like"),
+    ("no_colon", "must be a built-in name"),
     ("not_a_module_xyz:f", "cannot import 'not_a_module_xyz'"),
-    ("reward_models.string_tasks:nope", "has no callable named 'nope'"),
+    ("reward_models.rules:nope", "has no callable named 'nope'"),
     ("/no/such/file.py:f", "file '/no/such/file.py' does not exist"),
 ])
 def test_bad_reward_paths_fail_at_start_up(spec, match):
@@ -45,7 +46,6 @@ def raising(prompts, completions, **kw):
     (lambda prompts, completions, **kw: [1.0, math.nan], r"returned nan for sample 1"),
     (lambda prompts, completions, **kw: [math.inf, 0.0], r"returned inf for sample 0"),
     (lambda prompts, completions, **kw: [0.0, "good"], r"returned 'good' \(str\) for sample 1"),
-    (lambda prompts, completions, **kw: [None, 0.0], r"returned None \(NoneType\) for sample 0"),
     (lambda prompts, completions, **kw: 3.0, r"returned float, not a list"),
 ])
 def test_bad_reward_outputs_name_the_reward_and_sample(fn, match):
@@ -89,3 +89,102 @@ def test_prompts_longer_than_the_limit_are_rejected(tiny_model_dir):
         check_prompt_lengths(rows, "prompt", tok, max_prompt_length=8, max_new_tokens=4, context=32)
     with pytest.raises(ConfigError, match=r"more than 10 \(the model's context 16 minus"):
         check_prompt_lengths(rows, "prompt", tok, max_prompt_length=64, max_new_tokens=6, context=16)
+
+
+def write_module(tmp_path, name, body):
+    path = tmp_path / f"{name}.py"
+    path.write_text(body)
+    return path
+
+
+def test_components_are_weighted_and_none_means_not_applicable(tmp_path):
+    path = write_module(tmp_path, "parts", (
+        "def length(prompts, completions, **kw):\n"
+        "    return [float(len(c)) for c in completions]\n"
+        "def only_even(prompts, completions, **kw):\n"
+        "    return [10.0 if i % 2 == 0 else None for i in range(len(completions))]\n"))
+    reward = build_reward(RewardConfig(components=[
+        RewardComponentConfig(function=f"{path}:length", weight=0.5),
+        RewardComponentConfig(function=f"{path}:only_even", weight=2.0, name="even"),
+    ]))
+    result = reward(["p"] * 3, ["ab", "abcd", ""])
+    # sample 0: 0.5 * 2 + 2 * 10 = 21; sample 1: 0.5 * 4 (even does not apply) = 2; sample 2: 0 + 20 = 20
+    assert result.scores == [21.0, 2.0, 20.0] and result.valid == [True, True, True]
+    assert result.metrics["reward/length/mean"] == pytest.approx(2.0)
+    assert result.metrics["reward/even/mean"] == 10.0
+    assert result.metrics["reward/even/none_rate"] == pytest.approx(1 / 3)
+
+
+def test_builtin_names_static_kwargs_and_dataset_columns():
+    reward = build_reward(RewardConfig(components=[
+        RewardComponentConfig(function="exact_match"),
+        RewardComponentConfig(function="regex_format", kwargs={"pattern": "[a-f]+"}, weight=0.1),
+    ]))
+    result = reward(["abc>", "ab>"], ["cba", "b!"], answer=["cba", "ba"])
+    assert result.scores == pytest.approx([1.1, 0.0])
+
+
+def test_a_sample_no_component_applies_to_is_an_error_or_skipped():
+    cfg = RewardConfig(function="numeric_match")
+    with pytest.raises(RewardError, match=r"no reward applies to sample 1"):
+        build_reward(cfg)(["q", "q"], ["4", "4"], answer=[4, None])
+    cfg.on_error = "skip"
+    result = build_reward(cfg)(["q", "q"], ["4", "4"], answer=[4, None])
+    assert result.valid == [True, False] and result.metrics["reward/skipped"] == 1.0
+
+
+def test_async_reward_functions_work(tmp_path):
+    path = write_module(tmp_path, "aio", (
+        "import asyncio\n"
+        "async def slow_len(prompts, completions, **kw):\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    return [len(c) for c in completions]\n"))
+    assert build_reward(RewardConfig(function=f"{path}:slow_len"))(["p"], ["abc"]).scores == [3.0]
+
+
+def test_a_hanging_reward_fails_after_its_timeout(tmp_path):
+    path = write_module(tmp_path, "hang", (
+        "import time\n"
+        "def hang(prompts, completions, **kw):\n"
+        "    time.sleep(60)\n"))
+    reward = build_reward(RewardConfig(function=f"{path}:hang", timeout=0.3))
+    start = time.time()
+    with pytest.raises(RewardError, match=r"reward 'hang' did not return within 0.3 s"):
+        reward(["p"], ["x"])
+    assert time.time() - start < 5
+
+
+def test_skip_mode_drops_bad_samples_and_counts_them(tmp_path):
+    path = write_module(tmp_path, "bad", (
+        "def some_nan(prompts, completions, **kw):\n"
+        "    return [1.0, float('nan'), 'high']\n"
+        "def broken(prompts, completions, **kw):\n"
+        "    raise ValueError('down')\n"))
+    result = build_reward(RewardConfig(function=f"{path}:some_nan", on_error="skip"))(["p"] * 3, ["a", "b", "c"])
+    assert result.valid == [True, False, False]
+    assert result.metrics["reward/some_nan/invalid"] == 2.0 and result.metrics["reward/skipped"] == 2.0
+    result = build_reward(RewardConfig(function=f"{path}:broken", on_error="skip"))(["p"] * 2, ["a", "b"])
+    assert result.valid == [False, False] and result.metrics["reward/broken/errors"] == 1.0
+    with pytest.raises(RewardError, match=r"reward 'some_nan' returned nan for sample 1"):
+        build_reward(RewardConfig(function=f"{path}:some_nan"))(["p"] * 3, ["a", "b", "c"])
+
+
+def test_component_needs_exactly_one_kind():
+    with pytest.raises(ConfigError, match=r"reward.components\[0\] must set exactly one of function, model or url"):
+        build_reward(RewardConfig(components=[RewardComponentConfig(function="exact_match", url="http://x")]))
+    with pytest.raises(ConfigError, match="are both set"):
+        build_reward(RewardConfig(function="exact_match", components=[RewardComponentConfig(function="keywords")]))
+
+
+def test_running_mean_std_matches_numpy_style_reference():
+    import torch
+
+    from llmrl.rl import RunningMeanStd
+
+    torch.manual_seed(0)
+    data = torch.randn(100) * 3 + 2
+    stats = RunningMeanStd()
+    for chunk in data.split(7):
+        stats.update(chunk)
+    assert stats.mean == pytest.approx(data.mean().item(), abs=1e-6)
+    assert stats.std == pytest.approx(data.std(unbiased=False).item(), abs=1e-6)

@@ -12,6 +12,7 @@ Ouyang et al. 2022; Huang et al. 2024, "The N Implementation Details of RLHF wit
 - ``rewards``     (B, T) per-token reward: -beta * KL_t, plus the score at the last response token.
 """
 from llmrl.rl.ops import (
+    RunningMeanStd,
     entropy_from_logits,
     kl_penalty,
     logprobs_from_logits,
@@ -30,6 +31,7 @@ from llmrl.rl.ppo import (
 )
 
 __all__ = [
+    "RunningMeanStd",
     "AdaptiveKLController",
     "FixedKLController",
     "compute_gae",
