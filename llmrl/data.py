@@ -22,6 +22,11 @@ def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]
                              t.max_per_length)
         except ValueError as e:
             raise ConfigError(f"{key} = {source!r}: {e}") from e
+    return read_table(source, key)
+
+
+def read_table(source: str, key: str) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv/.parquet file or of a `datasets` name (its train split)."""
     import datasets
 
     path = Path(source)

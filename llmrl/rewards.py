@@ -228,7 +228,7 @@ def build_component(cfg: RewardComponentConfig, key: str, device) -> Component:
         from llmrl.reward_model import LearnedReward
 
         fn = LearnedReward(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                           quantization=cfg.quantization, device=device, key=f"{key}.model")
+                           quantization=cfg.quantization, device=device, key=f"{key}.model", text_fn=cfg.text_fn)
     else:
         from llmrl.remote import RemoteReward
 

@@ -82,3 +82,46 @@ def teacher_demonstrations(name: str, rows: list[dict], teacher_accuracy: float,
         s = row["prompt"][: -len(SEPARATOR)]
         out.append((row["prompt"], task.solve(s) if rng.random() < teacher_accuracy else task.mistake(s)))
     return out
+
+
+def preference_pairs(name: str, rows: list[dict], seed: int = 0) -> list[dict]:
+    """One {prompt, chosen, rejected} pair per row: the right answer against a wrong one.
+
+    Wrong answers mix the task's typical mistake (half), a shuffle of the right letters, and a wrong length,
+    so that a reward model must look at the letters' order, not only at length or identity.
+    """
+    task = get_task(name)
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        s = row["prompt"][: -len(SEPARATOR)]
+        right = task.solve(s)
+        kind = rng.random()
+        if kind < 0.5 and task.mistake(s) != right:
+            wrong = task.mistake(s)
+        elif kind < 0.75 and len(set(right)) > 1:
+            wrong = right
+            while wrong == right:
+                wrong = "".join(rng.sample(right, len(right)))
+        else:
+            wrong = right[:-1] if rng.random() < 0.5 else right + rng.choice(right)
+        pairs.append({"prompt": row["prompt"], "chosen": right, "rejected": wrong})
+    return pairs
+
+
+def write_preference_file(path: str, name: str = "reverse", alphabet: str = "abcdef", min_len: int = 3,
+                          max_len: int = 5, max_per_length: int = 1000, eval_fraction: float = 0.1) -> None:
+    """The shipped configs/data/reverse_prefs.jsonl: pairs over the task's train split only, so that the
+    PPO recipe's held-out prompts stay unseen by the reward model too."""
+    import json
+
+    rows = task_rows(name, alphabet, min_len, max_len, eval_fraction, "train", max_per_length)
+    with open(path, "w") as f:
+        for pair in preference_pairs(name, rows):
+            f.write(json.dumps(pair) + "\n")
+
+
+if __name__ == "__main__":  # python -m llmrl.tasks configs/data/reverse_prefs.jsonl
+    import sys
+
+    write_preference_file(sys.argv[1])

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
-from llmrl.config import Config, ConfigError, load_config
+from llmrl.config import Config, ConfigError, RewardConfig, load_config
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import run_cli
 from llmrl.rewards import build_reward
@@ -60,6 +60,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     run_dir = Path(cfg.run.output_dir)
     strategy = SingleProcess(cfg.run.device, cfg.run.threads)
     reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
+    eval_reward = None
+    if cfg.reward.eval_function:
+        eval_reward = build_reward(RewardConfig(function=cfg.reward.eval_function, on_error=cfg.reward.on_error))
     train_rows, eval_rows = load_prompts(cfg.data)
     if cfg.warm_start is None:
         check_model_path(cfg.model.name_or_path, "model.name_or_path")
@@ -76,7 +79,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
                              cfg.generation.max_new_tokens, context)
 
-    trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir)
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         print(f"resumed from {resume_from} at step {trainer.step}", flush=True)

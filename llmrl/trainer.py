@@ -36,11 +36,12 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 class PPOTrainer:
     def __init__(self, cfg: Config, policy, tokenizer, reward: CombinedReward, train_rows: list[dict],
-                 eval_rows: list[dict], strategy, run_dir: Path):
+                 eval_rows: list[dict], strategy, run_dir: Path, eval_reward: CombinedReward | None = None):
         self.cfg = cfg
         self.policy = policy
         self.tokenizer = tokenizer
         self.reward = reward
+        self.eval_reward = eval_reward or reward  # reward.eval_function, when set, scores evaluations
         self.reward_norm = rl.RunningMeanStd()  # used when reward.normalize is running or reference
         self.train_rows = train_rows
         self.eval_rows = eval_rows
@@ -77,14 +78,16 @@ class PPOTrainer:
         mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
         return [self.train_rows[i] for i in mine.tolist()]
 
-    def score(self, rows: list[dict], exp: Experience) -> tuple[list[str], RewardResult]:
-        """Completion texts and the reward's scores; extra dataset columns go in as kwargs."""
+    def score(self, rows: list[dict], exp: Experience, reward: CombinedReward | None = None
+              ) -> tuple[list[str], RewardResult]:
+        """Completion texts and the (training) reward's scores; extra dataset columns go in as kwargs."""
         column = self.cfg.data.prompt_column
         prompts = [r[column] for r in rows]
         completions = decode_completions(self.tokenizer, exp)
         extra = {k: [r[k] for r in rows] for k in rows[0] if k != column}
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(exp.response, exp.response_mask)]
-        return completions, self.reward(prompts, completions, completion_ids=completion_ids, **extra)
+        reward = reward or self.reward
+        return completions, reward(prompts, completions, completion_ids=completion_ids, **extra)
 
     @torch.no_grad()
     def fit_reward_normalizer(self) -> None:
@@ -256,7 +259,7 @@ class PPOTrainer:
             rows = self.eval_rows[start:start + batch_size]
             prompts = [r[self.cfg.data.prompt_column] for r in rows]
             exp = generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device, greedy=True)
-            completions, result = self.score(rows, exp)
+            completions, result = self.score(rows, exp, self.eval_reward)
             kept = [s for s, ok in zip(result.scores, result.valid) if ok]
             scores.extend(kept)
             skipped += len(rows) - len(kept)

@@ -1,0 +1,121 @@
+"""Learned reward models: any ``AutoModelForSequenceClassification`` with one output, with its own tokenizer.
+
+The policy's completions are scored as text: prompt and completion are joined (with the reward model's
+chat template when it has one, else by ``text_fn`` or plain concatenation) and re-tokenised with the reward
+model's tokenizer, so the two models need not share a vocabulary. Texts longer than ``max_length`` lose
+their beginning (the end of a completion matters most) and are counted in ``last_metrics["truncated"]``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmrl.config import ConfigError
+
+META_FILE = "llmrl_reward.json"  # written by launch/train_reward.py: how the model expects its text
+
+
+def resolve_model_path(spec: str, key: str) -> str:
+    """``pkg:PACKAGE/sub/folder`` -> that folder inside an installed package; other values are unchanged."""
+    if not spec.startswith("pkg:"):
+        from llmrl.policy import check_model_path
+
+        check_model_path(spec, key)
+        return spec
+    package, _, sub = spec[len("pkg:"):].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise ConfigError(f"{key} = {spec!r}: package {package!r} is not installed (pip install "
+                          f"{package.replace('_', '-')})")
+    path = Path(found.origin).parent / sub
+    if not path.exists():
+        raise ConfigError(f"{key} = {spec!r}: {path} does not exist inside the installed package")
+    return str(path)
+
+
+def load_text_fn(spec: str | None) -> Callable[[str, str], str] | None:
+    if spec is None:
+        return None
+    from llmrl.rewards import load_reward_function  # same import rules: module:function or file.py:function
+
+    return load_reward_function(spec, "text_fn")
+
+
+def format_texts(tokenizer, prompts: list[str], completions: list[str], text_fn=None) -> list[str]:
+    """What the reward model reads for each (prompt, completion) pair; training and scoring share this."""
+    if text_fn is not None:
+        return [text_fn(p, c) for p, c in zip(prompts, completions)]
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                              tokenize=False) for p, c in zip(prompts, completions)]
+    return [p + c for p, c in zip(prompts, completions)]
+
+
+def load_reward_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"reward model tokenizer at {path!r} has neither a pad nor an EOS token: add one")
+        tokenizer.pad_token = tokenizer.eos_token  # attention masks keep padding out of the score
+    return tokenizer
+
+
+class LearnedReward:
+    """A reward callable backed by a sequence-classification model (Bradley-Terry reward model)."""
+
+    def __init__(self, model: str, batch_size: int = 32, max_length: int = 512, quantization: str | None = None,
+                 device: torch.device | None = None, key: str = "reward.model", text_fn: str | None = None):
+        from transformers import AutoModelForSequenceClassification
+
+        from llmrl.policy import disable_dropout
+
+        path = resolve_model_path(model, key)
+        meta = Path(path) / META_FILE
+        saved = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.text_fn = load_text_fn(text_fn or saved.get("text_fn"))
+        self.tokenizer = load_reward_tokenizer(path)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = device or torch.device("cpu")
+        kwargs = {}
+        if quantization == "8bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": self.device}}
+        elif quantization is not None:
+            raise ConfigError(f"{key}: quantization {quantization!r} is not supported for reward models: use 8bit "
+                              f"or null")
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key} = {model!r} could not be loaded as a sequence-classification model: {e}") from e
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"{key} = {model!r} has num_labels = {self.model.config.num_labels}: a reward model "
+                              f"outputs one score (train it with launch/train_reward.py)")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if quantization is None:
+            self.model.to(self.device)
+        disable_dropout(self.model)
+        self.model.eval()
+        self.last_metrics: dict[str, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        texts = format_texts(self.tokenizer, prompts, completions, self.text_fn)
+        scores, truncated = [], 0
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            lengths = [len(ids) for ids in self.tokenizer(batch)["input_ids"]]
+            truncated += sum(n > self.max_length for n in lengths)
+            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        self.last_metrics = {"truncated": float(truncated)}
+        return scores
