@@ -7,12 +7,14 @@ COMMANDS = {
     "train": ("llmrl.train", "PPO fine-tuning (same as launch/ppo.py)"),
     "sft": ("llmrl.sft", "the supervised warm start of a recipe (same as launch/sft.py)"),
     "export": ("llmrl.export", "a checkpoint as a plain transformers model (same as launch/export.py)"),
+    "train-reward": ("llmrl.train_reward", "a Bradley-Terry reward model (same as launch/train_reward.py)"),
+    "serve-reward": ("llmrl.remote", "a config's reward over HTTP (same as launch/serve_reward.py)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: llmrl COMMAND [options]   (llmrl COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<8} {help}" for name, (_, help) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help}" for name, (_, help) in COMMANDS.items()]
     return "\n".join(lines)
 
 

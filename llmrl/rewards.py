@@ -253,3 +253,10 @@ def build_reward(cfg: RewardConfig, device=None) -> CombinedReward:
         if seen[c.name] > 1:
             c.name = f"{c.name}_{seen[c.name]}"
     return CombinedReward(components, cfg.on_error)
+
+
+def build_eval_reward(cfg: RewardConfig) -> CombinedReward | None:
+    """The reward that scores evaluations when ``reward.eval_function`` is set (else the training reward)."""
+    if not cfg.eval_function:
+        return None
+    return build_reward(RewardConfig(function=cfg.eval_function, timeout=cfg.timeout, on_error=cfg.on_error))

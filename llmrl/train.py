@@ -12,10 +12,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
-from llmrl.config import Config, ConfigError, RewardConfig, load_config
+from llmrl.config import Config, ConfigError, load_config
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import run_cli
-from llmrl.rewards import build_reward
+from llmrl.rewards import build_eval_reward, build_reward
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -60,9 +60,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     run_dir = Path(cfg.run.output_dir)
     strategy = SingleProcess(cfg.run.device, cfg.run.threads)
     reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
-    eval_reward = None
-    if cfg.reward.eval_function:
-        eval_reward = build_reward(RewardConfig(function=cfg.reward.eval_function, on_error=cfg.reward.on_error))
+    eval_reward = build_eval_reward(cfg.reward)
     train_rows, eval_rows = load_prompts(cfg.data)
     if cfg.warm_start is None:
         check_model_path(cfg.model.name_or_path, "model.name_or_path")

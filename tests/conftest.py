@@ -43,3 +43,35 @@ def english_model_dir(tmp_path_factory) -> Path:
                                    bos_token="<eos>", unk_token="<unk>")
     bare.save_pretrained(path)
     return path
+
+
+def build_tiny_reward_model(path: Path, chat_template: str | None = None, num_labels: int = 1) -> Path:
+    """A tiny BERT sequence classifier with its own WordPiece tokenizer (unlike the policy's char tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["a b c d e f > abc cba fed def", "the user assistant says"] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                 sep_token="[SEP]", mask_token="[MASK]")
+    if chat_template:
+        hf.chat_template = chat_template
+    config = BertConfig(vocab_size=len(hf), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                        pad_token_id=hf.pad_token_id)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))

