@@ -76,7 +76,7 @@ def jsonable(kwargs: dict) -> dict:
 
 
 def make_handler(reward, token: str | None):
-    from llmrl.rewards import RewardError
+    from llmrl.rewards import RewardCallFailed, RewardError
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, payload: dict) -> None:
@@ -122,10 +122,13 @@ def make_handler(reward, token: str | None):
                 return
             try:
                 result = reward(prompts, completions, **kwargs)
-            except RewardError as e:  # a bad score or a raising reward: retrying would not help
+            except RewardCallFailed as e:  # raised or hung: may be passing, so the client retries 5xx
+                self._send(503, {"error": str(e)})
+                return
+            except RewardError as e:  # a bad returned value: retrying would not help
                 self._send(422, {"error": str(e)})
                 return
-            except Exception as e:  # anything else may be passing: the client retries 5xx
+            except Exception as e:
                 self._send(500, {"error": repr(e)})
                 return
             self._send(200, {"scores": [s if ok else None for s, ok in zip(result.scores, result.valid)]})

@@ -38,6 +38,10 @@ class RewardError(RuntimeError):
     """A reward raised, hung or returned something unusable; the message names the reward and the sample."""
 
 
+class RewardCallFailed(RewardError):
+    """The reward raised or hung: possibly passing (a busy service), unlike a bad returned value."""
+
+
 def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
     """Import ``spec`` once at start-up, so that a wrong path fails before any training."""
     spec = BUILTIN.get(spec, spec)
@@ -86,11 +90,11 @@ def call_with_timeout(fn: RewardFn, name: str, timeout: float | None, **kwargs) 
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise RewardError(f"reward {name!r} did not return within {timeout:g} s on a batch of "
+        raise RewardCallFailed(f"reward {name!r} did not return within {timeout:g} s on a batch of "
                           f"{len(kwargs.get('completions', []))} samples: make it faster or raise its timeout")
     if "error" in result:
         e = result["error"]
-        raise RewardError(f"reward {name!r} raised {e!r} on a batch of {len(kwargs.get('completions', []))} "
+        raise RewardCallFailed(f"reward {name!r} raised {e!r} on a batch of {len(kwargs.get('completions', []))} "
                           f"samples; fix the function (the run stopped before using this batch)") from e
     return result["value"]
 
