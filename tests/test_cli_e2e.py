@@ -134,7 +134,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
               "run.save_every=2"]
     out = run_ppo(REPO / "configs" / "tiny.yaml", *common, f"reward.function={reward}:flaky")
     assert out.returncode == 2
-    assert f"error: reward '{reward}:flaky' raised RuntimeError('scorer offline')" in out.stderr
+    assert "error: reward 'flaky' raised RuntimeError('scorer offline')" in out.stderr
     assert [s for s, _ in step_checkpoints(run_dir)] == [2]
     assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
     resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, "reward.function=reward_models.rules:exact_match",

@@ -148,3 +148,30 @@ def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
     assert "reward normalisation fitted on reference samples" in run.stdout
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert "reward/rm/mean" in log[-1]
+
+
+def test_reward_model_in_8bit_scores_close_to_full_precision(tiny_reward_model_dir):
+    pytest.importorskip("bitsandbytes")
+    texts = (["abc>", "fed>"], ["cba", "def"])
+    full = LearnedReward(str(tiny_reward_model_dir))(*texts)
+    reward = LearnedReward(str(tiny_reward_model_dir), quantization="8bit")
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in reward.model.modules())
+    assert reward(*texts) == pytest.approx(full, abs=0.05)
+
+
+def test_reference_normalisation_is_fitted_once_and_checkpointed(tiny_model_dir, tmp_path):
+    from helpers import make_trainer, tiny_config
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "reward.function=length_target",
+                      "reward.normalize=reference")
+    trainer = make_trainer(cfg)
+    trainer.fit_reward_normalizer()
+    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size
+    trainer.train_step()
+    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size  # fixed after fitting, unlike running
+    path = trainer.save_checkpoint(tmp_path / "run" / "step-000001")
+    again = make_trainer(cfg)
+    again.load_checkpoint(path)
+    assert again.reward_norm.state_dict() == trainer.reward_norm.state_dict()
