@@ -142,6 +142,25 @@ class PPOConfig:
 
 
 @dataclass
+class CriticFreeConfig:
+    num_generations: int = opt(4, "GRPO/RLOO/REINFORCE: completions sampled per prompt (ppo.rollout_batch_size "
+                                  "counts completions).")
+    scale: str = opt("group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or "
+                              "not at all (none).")
+    kl_coef: float = opt(0.04, "GRPO: weight of the k3 KL to the reference in the loss; 0 disables.")
+    baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
+
+
+@dataclass
+class DPOConfig:
+    data: str = opt("", "Preference pairs (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet or a datasets name.")
+    beta: float = opt(0.1, "Strength of the implicit KL to the reference (the adapter disabled).")
+    loss: str = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
+    steps: int = opt(200, "Optimizer steps.")
+    batch_size: int = opt(32, "Pairs per optimizer step.")
+
+
+@dataclass
 class WarmStartConfig:
     steps: int = opt(1000, "Supervised steps.")
     batch_size: int = opt(64, "Sequences per supervised step.")
@@ -212,19 +231,30 @@ class Sizes:
 
 @dataclass
 class Config:
+    algorithm: str = opt("ppo", "ppo (critic + GAE), grpo, rloo, reinforce (critic-free, see critic_free) or dpo "
+                                "(offline, from preference pairs, see dpo).")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig = opt(LoraConfig(), "The trained LoRA adapter.")
     data: DataConfig = opt(DataConfig(), "Prompts.")
     generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
-    ppo: PPOConfig = opt(PPOConfig(), "PPO hyper-parameters.")
+    ppo: PPOConfig = opt(PPOConfig(), "PPO hyper-parameters (the optimisation ones apply to every algorithm).")
+    critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "GRPO, RLOO and REINFORCE settings.")
+    dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
     warm_start: WarmStartConfig | None = opt(None, "Optional: when model.name_or_path does not exist yet, build "
                                                    "it there by supervised training of a tiny GPT-2 on the task.")
 
+    @property
+    def group_size(self) -> int:
+        """Completions per prompt: 1 for PPO, critic_free.num_generations for the critic-free estimators."""
+        return self.critic_free.num_generations if self.algorithm in ("grpo", "rloo", "reinforce") else 1
+
     def sizes(self, world_size: int = 1) -> Sizes:
         p = self.ppo
         local_rollout = exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the world size")
+        exact_div(local_rollout, self.group_size, "ppo.rollout_batch_size per rank",
+                  "critic_free.num_generations")
         num_mini = exact_div(p.rollout_batch_size, p.mini_batch_size, "ppo.rollout_batch_size", "ppo.mini_batch_size")
         local_mini = exact_div(p.mini_batch_size, world_size, "ppo.mini_batch_size", "the world size")
         accum = exact_div(local_mini, p.micro_batch_size, "ppo.mini_batch_size / world size", "ppo.micro_batch_size")
@@ -233,6 +263,15 @@ class Config:
     def validate(self) -> None:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""
         checks = [
+            (self.algorithm in ("ppo", "grpo", "rloo", "reinforce", "dpo"), "algorithm",
+             f"is {self.algorithm!r}: use ppo, grpo, rloo, reinforce or dpo"),
+            (self.critic_free.scale in ("group", "batch", "none"), "critic_free.scale",
+             f"is {self.critic_free.scale!r}: use group, batch or none"),
+            (self.algorithm != "rloo" or self.critic_free.num_generations >= 2, "critic_free.num_generations",
+             f"is {self.critic_free.num_generations}: RLOO needs at least 2 completions per prompt"),
+            (self.dpo.loss in ("sigmoid", "ipo"), "dpo.loss", f"is {self.dpo.loss!r}: use sigmoid or ipo"),
+            (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
+             "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
             (self.data.source != "", "data.source", "is empty: name a task (task:reverse) or a prompt file"),
             (self.reward.function != "" or self.reward.components, "reward.function",

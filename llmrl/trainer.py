@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmrl import rl
+from llmrl.algorithms import make_estimator
 from llmrl.checkpoint import COMPLETE_MARK, prune_checkpoints, step_dir_name, write_atomically
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
@@ -49,15 +50,17 @@ class PPOTrainer:
         self.device = strategy.device
         self.run_dir = Path(run_dir)
         self.sizes = cfg.sizes(strategy.world_size)
-        if len(train_rows) < cfg.ppo.rollout_batch_size:
-            raise ConfigError(f"data.source has {len(train_rows)} prompts, fewer than ppo.rollout_batch_size = "
-                             f"{cfg.ppo.rollout_batch_size}: add prompts or lower the batch size")
+        if len(train_rows) < cfg.ppo.rollout_batch_size // cfg.group_size:
+            raise ConfigError(f"data.source has {len(train_rows)} prompts, fewer than the "
+                              f"{cfg.ppo.rollout_batch_size // cfg.group_size} one rollout needs: add prompts or "
+                              f"lower ppo.rollout_batch_size")
         self.params = policy.trainable_parameters()
         p = cfg.ppo
         self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
+        self.estimator = make_estimator(cfg)
         self.step = 0
         self.eval_reward_before: float | None = None
 
@@ -69,14 +72,15 @@ class PPOTrainer:
 
         Derived from the step number alone, so a resumed run draws exactly the prompts it would have.
         """
-        B = self.cfg.ppo.rollout_batch_size
+        k = self.cfg.group_size  # completions per prompt, consecutive in the batch
+        B = self.cfg.ppo.rollout_batch_size // k
         per_epoch = len(self.train_rows) // B
         epoch, offset = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
         perm = torch.randperm(len(self.train_rows), generator=g)[offset * B:(offset + 1) * B]
-        local = self.sizes.local_rollout_batch_size
+        local = self.sizes.local_rollout_batch_size // k
         mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
-        return [self.train_rows[i] for i in mine.tolist()]
+        return [self.train_rows[i] for i in mine.tolist() for _ in range(k)]
 
     def score(self, rows: list[dict], exp: Experience, reward: CombinedReward | None = None
               ) -> tuple[list[str], RewardResult]:
@@ -148,22 +152,21 @@ class PPOTrainer:
         micro = cfg.ppo.micro_batch_size
         for start in range(0, len(rows), micro):
             chunk = exp.select(torch.arange(start, min(start + micro, len(rows)), device=self.device))
-            lp, v, ent = self.forward_logprobs(chunk, with_values=True)
+            lp, v, ent = self.forward_logprobs(chunk, with_values=self.estimator.uses_critic)
             with self.policy.reference():
                 ref_lp, _, _ = self.forward_logprobs(chunk, with_values=False)
-            logprobs.append(lp), values.append(v.float()), entropy.append(ent), ref_logprobs.append(ref_lp)
+            values.append(v.float() if v is not None else torch.zeros_like(lp))
+            logprobs.append(lp), entropy.append(ent), ref_logprobs.append(ref_lp)
         exp.logprobs, exp.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         exp.values, exp.scores = torch.cat(values), scores
         mask = exp.response_mask
 
-        rewards, kl = rl.compute_token_rewards(scores, exp.logprobs, exp.ref_logprobs, mask,
-                                               self.kl_ctl.value, cfg.ppo.kl_estimator)
-        if cfg.ppo.whiten_rewards:
-            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, exp.returns = rl.compute_gae(rewards, exp.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * mask
+        advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
+                                                            mask, self.kl_ctl.value)
         # Skipped samples (reward.on_error: skip) keep their tokens out of every loss and statistic.
         exp.response_mask = mask = mask * valid.unsqueeze(1).float()
-        if mask.sum() >= 2:
+        if self.estimator.uses_critic and mask.sum() >= 2:  # critic-free estimators scale their own
             exp.advantages = rl.masked_whiten(advantages, mask)
         else:
             exp.advantages = advantages * mask
@@ -210,25 +213,34 @@ class PPOTrainer:
                 num_tokens = exp.response_mask[mb_idx].sum().clamp(min=1.0)
                 for micro_start in range(0, local_mini, cfg.micro_batch_size):
                     mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size])
-                    logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=True)
+                    critic = self.estimator.uses_critic
+                    logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=critic)
                     pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                        cfg.clip_range, num_tokens)
-                    vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.response_mask,
-                                                      cfg.clip_range_value, num_tokens)
                     ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+                    loss = pg_loss - cfg.ent_coef * ent
+                    if critic:
+                        vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.response_mask,
+                                                          cfg.clip_range_value, num_tokens)
+                        loss = loss + cfg.vf_coef * vf_loss
+                    if self.estimator.loss_kl_coef:  # GRPO: KL to the reference as a loss term (k3)
+                        kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.response_mask,
+                                                 num_tokens)
+                        loss = loss + self.estimator.loss_kl_coef * kl_loss
+                        sums["loss/kl"] += kl_loss.item() * num_tokens.item()
                     self.strategy.backward(loss)
 
                     n = mb.response_mask.sum().item()
                     total_tokens += n
                     # pg_loss etc. are already scaled by n / num_tokens; the *_stats are microbatch means.
                     sums["loss/policy"] += pg_loss.item() * num_tokens.item()
-                    sums["loss/value"] += vf_loss.item() * num_tokens.item()
+                    if critic:
+                        sums["loss/value"] += vf_loss.item() * num_tokens.item()
+                        sums["value/clipfrac"] += vf_stats["clipfrac"].item() * n
                     sums["policy/entropy"] += ent.item() * num_tokens.item()
                     sums["policy/clipfrac"] += pg_stats["clipfrac"].item() * n
                     sums["policy/approx_kl"] += pg_stats["approx_kl"].item() * n
                     sums["policy/ratio"] += pg_stats["ratio"].item() * n
-                    sums["value/clipfrac"] += vf_stats["clipfrac"].item() * n
                 grad_norms.append(self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params,
                                                                cfg.max_grad_norm))
         stats = {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
@@ -242,7 +254,8 @@ class PPOTrainer:
         t1 = time.perf_counter()
         stats.update(self.update(exp))
         stats["time/update"] = time.perf_counter() - t1
-        self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
+        if self.estimator.kl_in_reward:
+            self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
         self.step += 1
         stats["time/step"] = time.perf_counter() - t0
         return self.strategy.all_reduce_mean(stats)
@@ -287,6 +300,7 @@ class PPOTrainer:
                 "rng": self.strategy.rng_state(),
                 "eval_reward_before": self.eval_reward_before,
                 "reward_norm": self.reward_norm.state_dict(),
+                "estimator": self.estimator.state_dict(),
             }, tmp / COMPLETE_MARK)
 
         path = write_atomically(target, write)
@@ -311,6 +325,7 @@ class PPOTrainer:
         self.step = state["step"]
         self.eval_reward_before = state["eval_reward_before"]
         self.reward_norm.load_state_dict(state["reward_norm"])
+        self.estimator.load_state_dict(state["estimator"])
 
     def checkpoint_path(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)

@@ -201,3 +201,57 @@ def test_last_token_index_rejects_empty_responses():
     assert rl.last_token_index(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"\[1\]"):
         rl.last_token_index(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_grpo_advantages_hand_worked():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0])  # two prompts, k = 3
+    # group 1: mean 1/3, unbiased std sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3)
+    # group 2: mean 7/3, deviations (-4/3, -1/3, 5/3), unbiased std sqrt((16 + 1 + 25) / 9 / 2) = sqrt(7/3)
+    centred = torch.tensor([2 / 3, -1 / 3, -1 / 3, -4 / 3, -1 / 3, 5 / 3])
+    assert torch.allclose(rl.grpo_advantages(scores, 3, "none"), centred, atol=1e-6)
+    group_std = torch.tensor([(1 / 3) ** 0.5] * 3 + [(7 / 3) ** 0.5] * 3)
+    assert torch.allclose(rl.grpo_advantages(scores, 3, "group", eps=0.0), centred / group_std, atol=1e-6)
+    assert torch.allclose(rl.grpo_advantages(scores, 3, "batch", eps=0.0), centred / scores.std(), atol=1e-6)
+    # a group where every completion scored the same carries no signal
+    assert torch.equal(rl.grpo_advantages(torch.tensor([5.0, 5.0]), 2), torch.zeros(2))
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        rl.grpo_advantages(scores, 4)
+
+
+def test_rloo_advantages_hand_worked_and_against_a_loop():
+    scores = torch.tensor([1.0, 0.0, 3.0, 2.0, 2.0, 5.0])  # k = 3
+    # sample 0: 1 - (0 + 3) / 2 = -0.5; sample 1: 0 - (1 + 3) / 2 = -2; sample 2: 3 - (1 + 0) / 2 = 2.5
+    # group 2: 2 - 3.5 = -1.5, 2 - 3.5 = -1.5, 5 - 2 = 3
+    assert torch.allclose(rl.rloo_advantages(scores, 3), torch.tensor([-0.5, -2.0, 2.5, -1.5, -1.5, 3.0]))
+    torch.manual_seed(3)
+    r = torch.randn(20)
+    loop = torch.tensor([r[i] - sum(r[j] for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i) / 3
+                         for i in range(20)])
+    assert torch.allclose(rl.rloo_advantages(r, 4), loop, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 completions"):
+        rl.rloo_advantages(r, 1)
+
+
+def test_running_baseline_hand_worked():
+    b = rl.RunningBaseline(momentum=0.5)
+    # first batch: the baseline is the batch's own mean, 2 -> advantages (-1, 1); baseline becomes 2
+    assert rl.RunningBaseline(0.5).advantages(torch.tensor([1.0, 3.0])).tolist() == [-1.0, 1.0]
+    b.advantages(torch.tensor([1.0, 3.0]))
+    # second batch (mean 6) uses the old baseline 2 -> (3, 7); then 0.5 * 2 + 0.5 * 6 = 4
+    assert b.advantages(torch.tensor([5.0, 7.0])).tolist() == [3.0, 5.0]
+    assert b.value == 4.0
+
+
+def test_dpo_and_ipo_losses_hand_worked():
+    pc, pr = torch.tensor([-1.0]), torch.tensor([-3.0])
+    rc, rr = torch.tensor([-2.0]), torch.tensor([-2.0])
+    # h = (-1 + 2) - (-3 + 2) = 2; sigmoid loss = -log sigmoid(0.5 * 2) = log(1 + e^-1)
+    loss, stats = rl.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert stats["rewards/accuracy"].item() == 1.0 and stats["rewards/margin"].item() == pytest.approx(1.0)
+    # ipo: (h - 1 / (2 * 0.5))^2 = (2 - 1)^2 = 1
+    loss, _ = rl.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    assert loss.item() == pytest.approx(1.0)
+    # at the reference (h = 0), DPO's loss is log 2
+    loss, _ = rl.dpo_loss(rc, rr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

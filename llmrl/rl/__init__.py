@@ -21,6 +21,8 @@ from llmrl.rl.ops import (
     masked_var,
     masked_whiten,
 )
+from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
+from llmrl.rl.dpo import dpo_loss
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from llmrl.rl.ppo import (
     compute_gae,
@@ -31,6 +33,10 @@ from llmrl.rl.ppo import (
 )
 
 __all__ = [
+    "RunningBaseline",
+    "dpo_loss",
+    "grpo_advantages",
+    "rloo_advantages",
     "RunningMeanStd",
     "AdaptiveKLController",
     "FixedKLController",

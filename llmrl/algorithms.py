@@ -1,0 +1,111 @@
+"""Advantage estimators, one small class each: ``algorithm: ppo | grpo | rloo | reinforce`` in the YAML.
+
+They share the trainer's rollout, reward, KL and checkpoint machinery and differ only here: how scores
+become per-token advantages, whether a critic is trained, and where the KL to the reference enters (the
+reward for PPO, RLOO and REINFORCE; the loss for GRPO). DPO is offline and lives in ``llmrl.dpo``.
+Imports only torch and ``llmrl.rl``.
+"""
+from __future__ import annotations
+
+from llmrl import rl
+
+
+class PPOEstimator:
+    """GAE over per-token rewards (score at the last token, -beta * KL on every token), critic trained."""
+
+    name, uses_critic, kl_in_reward, loss_kl_coef = "ppo", True, True, 0.0
+
+    def __init__(self, cfg):
+        self.ppo = cfg.ppo
+        self.group_size = 1
+
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef):
+        rewards, _ = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, self.ppo.kl_estimator)
+        if self.ppo.whiten_rewards:
+            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
+        return advantages, returns
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _SequenceEstimator:
+    """Critic-free: one advantage per completion, spread over its tokens."""
+
+    uses_critic, whiten = False, False
+
+    def __init__(self, cfg):
+        self.ppo = cfg.ppo
+        self.group_size = cfg.critic_free.num_generations
+
+    def sequence_scores(self, scores, logprobs, ref_logprobs, mask, kl_coef):
+        if not self.kl_in_reward:
+            return scores
+        kl = rl.kl_penalty(logprobs, ref_logprobs, self.ppo.kl_estimator) * mask
+        return scores - kl_coef * kl.sum(1)
+
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef):
+        seq = self.sequence_advantages(self.sequence_scores(scores, logprobs, ref_logprobs, mask, kl_coef))
+        return seq.unsqueeze(1) * mask, None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class GRPOEstimator(_SequenceEstimator):
+    """Group-normalised scores; KL to the reference (k3) as a loss term, not in the reward."""
+
+    name, kl_in_reward = "grpo", False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.scale = cfg.critic_free.scale
+        self.loss_kl_coef = cfg.critic_free.kl_coef
+
+    def sequence_advantages(self, scores):
+        return rl.grpo_advantages(scores, self.group_size, self.scale)
+
+
+class RLOOEstimator(_SequenceEstimator):
+    """Leave-one-out baseline over the k completions of each prompt; KL in the sequence reward."""
+
+    name, kl_in_reward, loss_kl_coef = "rloo", True, 0.0
+
+    def sequence_advantages(self, scores):
+        return rl.rloo_advantages(scores, self.group_size)
+
+
+class ReinforceEstimator(_SequenceEstimator):
+    """Plain policy gradient with a running-mean baseline; KL in the sequence reward."""
+
+    name, kl_in_reward, loss_kl_coef = "reinforce", True, 0.0
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.baseline = rl.RunningBaseline(cfg.critic_free.baseline_momentum)
+
+    def sequence_advantages(self, scores):
+        return self.baseline.advantages(scores)
+
+    def state_dict(self) -> dict:
+        return self.baseline.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline.load_state_dict(state)
+
+
+ESTIMATORS = {e.name: e for e in (PPOEstimator, GRPOEstimator, RLOOEstimator, ReinforceEstimator)}
+
+
+def make_estimator(cfg):
+    return ESTIMATORS[cfg.algorithm](cfg)
+
+
+__all__ = ["ESTIMATORS", "make_estimator"]
