@@ -105,7 +105,8 @@ ESTIMATORS = {e.name: e for e in (PPOEstimator, GRPOEstimator, RLOOEstimator, Re
 
 
 def make_estimator(cfg):
-    return ESTIMATORS[cfg.algorithm](cfg)
+    """The estimator of ``cfg.algorithm``; None for DPO, which has no rollouts to estimate advantages of."""
+    return None if cfg.algorithm == "dpo" else ESTIMATORS[cfg.algorithm](cfg)
 
 
 __all__ = ["ESTIMATORS", "make_estimator"]

@@ -258,7 +258,13 @@ class Config:
         num_mini = exact_div(p.rollout_batch_size, p.mini_batch_size, "ppo.rollout_batch_size", "ppo.mini_batch_size")
         local_mini = exact_div(p.mini_batch_size, world_size, "ppo.mini_batch_size", "the world size")
         accum = exact_div(local_mini, p.micro_batch_size, "ppo.mini_batch_size / world size", "ppo.micro_batch_size")
-        return Sizes(world_size, local_rollout, num_mini, accum, p.total_steps * p.ppo_epochs * num_mini)
+        optimizer_steps = self.dpo.steps if self.algorithm == "dpo" else p.total_steps * p.ppo_epochs * num_mini
+        return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps of the run: PPO-style iterations, or DPO optimizer steps."""
+        return self.dpo.steps if self.algorithm == "dpo" else self.ppo.total_steps
 
     def validate(self) -> None:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""

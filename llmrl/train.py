@@ -77,7 +77,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
                              cfg.generation.max_new_tokens, context)
 
-    trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
+    if cfg.algorithm == "dpo":
+        from llmrl.dpo import DPOTrainer, load_pairs
+
+        trainer = DPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward,
+                             pairs=load_pairs(cfg.dpo.data))
+    else:
+        trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
@@ -94,7 +100,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         print(f"eval reward before PPO (greedy, {len(eval_rows)} held-out prompts): "
               f"{trainer.eval_reward_before:.4f}", flush=True)
 
-    total = cfg.ppo.total_steps
+    total = cfg.total_steps
     bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
                dynamic_ncols=True)
     stats, after = {}, None
@@ -106,7 +112,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             stats["eval/reward"] = after["eval/reward"]
         logger.log(step, stats)
         bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
+        if "reward/mean" in stats:
+            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
+        else:  # DPO: no rollouts
+            bar.set_postfix(loss=f"{stats['loss/dpo']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}", refresh=False)
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total and strategy.is_main:
             trainer.save_checkpoint(trainer.checkpoint_path(step))
     bar.close()

@@ -300,7 +300,7 @@ class PPOTrainer:
                 "rng": self.strategy.rng_state(),
                 "eval_reward_before": self.eval_reward_before,
                 "reward_norm": self.reward_norm.state_dict(),
-                "estimator": self.estimator.state_dict(),
+                "estimator": self.estimator.state_dict() if self.estimator else {},
             }, tmp / COMPLETE_MARK)
 
         path = write_atomically(target, write)
@@ -325,7 +325,8 @@ class PPOTrainer:
         self.step = state["step"]
         self.eval_reward_before = state["eval_reward_before"]
         self.reward_norm.load_state_dict(state["reward_norm"])
-        self.estimator.load_state_dict(state["estimator"])
+        if self.estimator:
+            self.estimator.load_state_dict(state["estimator"])
 
     def checkpoint_path(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)

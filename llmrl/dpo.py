@@ -1,0 +1,84 @@
+"""DPO: learn from preference pairs directly, no reward and no rollouts (``algorithm: dpo``).
+
+The reference is the base with the adapter disabled. The trainer is ``PPOTrainer`` with another step: the
+run loop, evaluation, checkpoints, resume and logging are shared, only ``train_step`` differs.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llmrl import rl
+from llmrl.config import ConfigError
+from llmrl.rollout import Experience
+from llmrl.trainer import PPOTrainer
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(source: str) -> list[dict]:
+    from llmrl.data import read_table
+
+    rows = read_table(source, "dpo.data")
+    missing = [c for c in PAIR_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ConfigError(f"dpo.data = {source!r} lacks column(s) {', '.join(missing)}: preference pairs need "
+                          f"prompt, chosen and rejected (columns: {', '.join(rows[0])})")
+    return rows
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str], device) -> Experience:
+    """Left-padded prompts and right-padded completions (each ending with EOS), as an Experience."""
+    query = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    T = max(map(len, ids))
+    response = torch.full((len(ids), T), tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), T))
+    for i, seq in enumerate(ids):
+        response[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1.0
+    return Experience(query=query["input_ids"].to(device), query_mask=query["attention_mask"].to(device),
+                      response=response.to(device), response_mask=mask.to(device))
+
+
+class DPOTrainer(PPOTrainer):
+    def __init__(self, *args, pairs: list[dict], **kwargs):
+        super().__init__(*args, **kwargs)
+        if len(pairs) < self.cfg.dpo.batch_size:
+            raise ConfigError(f"dpo.data has {len(pairs)} pairs, fewer than dpo.batch_size = {self.cfg.dpo.batch_size}")
+        self.pairs = pairs
+
+    def pairs_for_step(self, step: int) -> list[dict]:
+        """A fresh permutation per pass over the pairs, fixed by the seed and the step (so resume is exact)."""
+        B = self.cfg.dpo.batch_size
+        per_epoch = len(self.pairs) // B
+        epoch, offset = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
+        return [self.pairs[i] for i in torch.randperm(len(self.pairs), generator=g)[offset * B:(offset + 1) * B]]
+
+    def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B,) summed log-probabilities of each completion (temperature 1: the model's own distribution)."""
+        P = exp.query.shape[1]
+        logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
+        logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
+        return (logprobs * exp.response_mask).sum(1)
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        batch = self.pairs_for_step(self.step)
+        prompts = [str(p["prompt"]) for p in batch]
+        chosen = encode(self.tokenizer, prompts, [str(p["chosen"]) for p in batch], self.device)
+        rejected = encode(self.tokenizer, prompts, [str(p["rejected"]) for p in batch], self.device)
+        with torch.no_grad(), self.policy.reference():
+            self.policy.eval()
+            ref_chosen, ref_rejected = self.sequence_logprobs(chosen), self.sequence_logprobs(rejected)
+        self.policy.train()
+        loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
+                                  ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
+        self.strategy.backward(loss)
+        grad_norm = self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params, self.cfg.ppo.max_grad_norm)
+        self.step += 1
+        out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
+               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start}
+        return self.strategy.all_reduce_mean(out)
