@@ -1,0 +1,101 @@
+"""GRPO, RLOO, REINFORCE and DPO inside the trainer, and end-to-end runs of the tiny recipe where each
+raises held-out reward over the warm start."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_trainer, tiny_config
+from llmrl.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_critic_free_rollouts_group_completions_per_prompt(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=grpo",
+                                       "critic_free.num_generations=4"))
+    rows = trainer.rows_for_step(0)
+    assert len(rows) == 8  # ppo.rollout_batch_size counts completions: 2 prompts x 4
+    assert [r["prompt"] for r in rows[:4]] == [rows[0]["prompt"]] * 4 and rows[4]["prompt"] != rows[0]["prompt"]
+    value_before = trainer.policy.value_head.weight.detach().clone()
+    stats = trainer.train_step()
+    assert torch.equal(trainer.policy.value_head.weight, value_before)  # no critic is trained
+    assert "loss/value" not in stats and "loss/kl" in stats
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "reinforce"])
+def test_kl_enters_the_sequence_reward_for_rloo_and_reinforce(tiny_model_dir, tmp_path, algorithm):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"algorithm={algorithm}",
+                                       "critic_free.num_generations=2"))
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    logprobs = torch.tensor([[-1.0, -1.0]] * 4)
+    ref = torch.tensor([[-2.0, -1.0]] * 4)  # KL sum 1.0 per sequence
+    mask = torch.ones(4, 2)
+    adjusted = trainer.estimator.sequence_scores(scores, logprobs, ref, mask, kl_coef=0.5)
+    assert torch.allclose(adjusted, scores - 0.5)
+    advantages, returns = trainer.estimator.advantages(scores, logprobs, ref, None, mask, kl_coef=0.5)
+    assert returns is None and torch.equal(advantages[:, 0], advantages[:, 1])  # one advantage per sequence
+
+
+def test_rloo_needs_two_generations(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="RLOO needs at least 2"):
+        tiny_config(tiny_model_dir, tmp_path, "algorithm=rloo", "critic_free.num_generations=1")
+    with pytest.raises(ConfigError, match="is not divisible by critic_free.num_generations = 3"):
+        tiny_config(tiny_model_dir, tmp_path, "algorithm=grpo", "critic_free.num_generations=3")
+
+
+def test_dpo_starts_at_log_2_and_learns_the_preferences(tiny_model_dir, tmp_path):
+    from llmrl.dpo import DPOTrainer, load_pairs
+    from llmrl.rewards import build_eval_reward, build_reward
+    from llmrl.strategy import SingleProcess
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dpo", "dpo.batch_size=8", "ppo.lr=1e-2",
+                      "dpo.beta=1.0")
+    base = make_trainer(cfg)  # for its policy and rows
+    trainer = DPOTrainer(cfg, base.policy, base.tokenizer, build_reward(cfg.reward), base.train_rows,
+                         base.eval_rows, SingleProcess("cpu"), tmp_path / "run", build_eval_reward(cfg.reward),
+                         pairs=load_pairs(str(REPO / "configs/data/reverse_prefs.jsonl")))
+    first = trainer.train_step()
+    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    for _ in range(15):
+        last = trainer.train_step()
+    assert last["loss/dpo"] < first["loss/dpo"] - 0.05 and last["rewards/margin"] > 0
+
+
+def test_dpo_pairs_need_their_columns(tmp_path):
+    from llmrl.dpo import load_pairs
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(ConfigError, match="lacks column\\(s\\) rejected"):
+        load_pairs(str(path))
+
+
+@pytest.fixture(scope="module")
+def warm_start(tmp_path_factory):
+    """The embedded default's warm start (1,000 supervised steps), shared by the runs below."""
+    path = tmp_path_factory.mktemp("warm") / "model"
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "sft.py"), "--config", str(REPO / "configs/tiny.yaml"),
+                          f"model.name_or_path={path}", "run.progress=false"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce", "dpo"])
+def test_each_algorithm_raises_held_out_reward_over_the_warm_start(warm_start, tmp_path, algorithm):
+    run_dir = tmp_path / algorithm
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs/tiny.yaml"),
+                          f"algorithm={algorithm}", f"model.name_or_path={warm_start}", f"run.output_dir={run_dir}",
+                          "ppo.total_steps=60", "dpo.steps=60", "run.eval_every=0", "run.save_every=0",
+                          "run.progress=false"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.1, summary
