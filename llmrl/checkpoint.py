@@ -13,29 +13,41 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARK = "trainer_state.pt"
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older ``target``)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+def begin_checkpoint(tmp: Path) -> Path:
+    """An empty temporary folder to write a checkpoint into (one left by a killed run is discarded)."""
+    tmp = Path(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, target: Path) -> Path:
+    """Flush ``tmp`` to disk and rename it to ``target``, replacing an older ``target``."""
+    tmp, target = Path(tmp), Path(target)
+    _fsync_tree(tmp)
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    return target
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older ``target``)."""
+    target = Path(target)
+    tmp = begin_checkpoint(target.parent / f".tmp-{target.name}-{os.getpid()}")
     try:
         write(tmp)
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        return commit_checkpoint(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -49,11 +61,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

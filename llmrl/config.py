@@ -73,6 +73,7 @@ class GenerationConfig:
     temperature: float = opt(1.0, "Sampling temperature; log-probs are computed from logits / temperature.")
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
+    do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of completions that never emit EOS "
                                                  "(TRL's meaning); null disables (Huang et al. 2024, the EOS trick).")
 
@@ -174,6 +175,16 @@ class WarmStartConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = opt(2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
+    offload_optimizer: bool = opt(False, "Keep optimizer state in CPU memory (ZeRO-Offload).")
+    offload_params: bool = opt(False, "Keep partitioned weights in CPU memory (ZeRO-3 only).")
+    gather_for_generation: bool = opt(True, "ZeRO-3: gather the weights once per rollout for generation instead "
+                                            "of once per token (needs the whole model's memory on each rank).")
+    config_file: str | None = opt(None, "A DeepSpeed JSON whose keys override the generated config.")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = opt("runs/default", "Run directory: log.jsonl, TensorBoard events, checkpoints, summary.json.")
     seed: int = opt(0, "Base seed; rank r uses seed + r.")
@@ -181,6 +192,7 @@ class RunConfig:
     keep_last: int = opt(2, "Step checkpoints kept on disk (the final one is always kept).")
     eval_every: int = opt(0, "Greedy evaluation every N steps (0: only before and after training).")
     device: str = opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
+    strategy: str = opt("auto", "auto (DeepSpeed under its launcher, else one process), single or deepspeed.")
     threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -242,6 +254,7 @@ class Config:
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "GRPO, RLOO and REINFORCE settings.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO settings, used under the deepspeed launcher.")
     warm_start: WarmStartConfig | None = opt(None, "Optional: when model.name_or_path does not exist yet, build "
                                                    "it there by supervised training of a tiny GPT-2 on the task.")
 
@@ -275,6 +288,10 @@ class Config:
              f"is {self.critic_free.scale!r}: use group, batch or none"),
             (self.algorithm != "rloo" or self.critic_free.num_generations >= 2, "critic_free.num_generations",
              f"is {self.critic_free.num_generations}: RLOO needs at least 2 completions per prompt"),
+            (self.run.strategy in ("auto", "single", "deepspeed"), "run.strategy",
+             f"is {self.run.strategy!r}: use auto, single or deepspeed"),
+            (self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
+             f"is {self.deepspeed.zero_stage}: use 0, 1, 2 or 3"),
             (self.dpo.loss in ("sigmoid", "ipo"), "dpo.loss", f"is {self.dpo.loss!r}: use sigmoid or ipo"),
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),

@@ -49,13 +49,18 @@ class DPOTrainer(PPOTrainer):
             raise ConfigError(f"dpo.data has {len(pairs)} pairs, fewer than dpo.batch_size = {self.cfg.dpo.batch_size}")
         self.pairs = pairs
 
+    def accumulation(self) -> tuple[int, int]:
+        return 1, self.cfg.dpo.batch_size // self.strategy.world_size
+
     def pairs_for_step(self, step: int) -> list[dict]:
         """A fresh permutation per pass over the pairs, fixed by the seed and the step (so resume is exact)."""
         B = self.cfg.dpo.batch_size
         per_epoch = len(self.pairs) // B
         epoch, offset = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
-        return [self.pairs[i] for i in torch.randperm(len(self.pairs), generator=g)[offset * B:(offset + 1) * B]]
+        perm = torch.randperm(len(self.pairs), generator=g)[offset * B:(offset + 1) * B]
+        local = B // self.strategy.world_size  # this rank's share of the global batch
+        return [self.pairs[i] for i in perm[self.strategy.rank * local:(self.strategy.rank + 1) * local].tolist()]
 
     def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B,) summed log-probabilities of each completion (temperature 1: the model's own distribution)."""
@@ -77,7 +82,7 @@ class DPOTrainer(PPOTrainer):
         loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
                                   ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
         self.strategy.backward(loss)
-        grad_norm = self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params, self.cfg.ppo.max_grad_norm)
+        grad_norm = self.strategy.step(boundary=True)
         self.step += 1
         out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
                "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start}

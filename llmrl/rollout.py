@@ -50,14 +50,14 @@ def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device: torch.device,
-             greedy: bool = False) -> Experience:
+             greedy: bool = False, **extra) -> Experience:
     """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    kwargs = dict(do_sample=False) if greedy else dict(
+    kwargs = dict(do_sample=False) if greedy or not cfg.do_sample else dict(
         do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     out = model.generate(
         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs, **extra,
     )
     P = enc["input_ids"].shape[1]
     response, response_mask, _ = truncate_at_eos(out[:, P:], tokenizer.eos_token_id, tokenizer.pad_token_id)

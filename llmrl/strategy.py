@@ -1,11 +1,18 @@
 """Where the trainer touches devices and processes: one small object (OpenRLHF's "strategy" pattern).
 
-``SingleProcess`` runs on one CPU or GPU. A DeepSpeed strategy with the same methods plugs in here; the
-trainer calls only these methods, so the single-process path runs the same training code.
+``SingleProcess`` runs on one CPU or GPU; ``DeepSpeed`` shards the same trainer over ranks and nodes with
+ZeRO stages 0-3. The trainer calls only the methods below, so both paths run the same training code.
+
+Calling convention, shared by both: ``backward(loss)`` after every microbatch, then ``step(boundary)``,
+where ``boundary`` is True on the last microbatch of a minibatch (the optimizer steps only there). Losses
+are already divided by the minibatch's (global) token count, so no strategy rescales them.
 """
 from __future__ import annotations
 
+import os
 import random
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +24,7 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main = True
+    zero_stage = None
 
     def __init__(self, device: str = "auto", threads: int | None = None):
         if threads is not None:
@@ -26,6 +34,9 @@ class SingleProcess:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("run.device = 'cuda' but no CUDA device is visible: use 'cpu' or 'auto'")
         self.device = torch.device(device)
+        self.optimizer = self.scheduler = None
+        self.params: list[torch.nn.Parameter] = []
+        self.max_grad_norm = 0.0
 
     def seed_everything(self, seed: int) -> None:
         """Seeds differ per rank (seed + rank) so that ranks sample different completions."""
@@ -34,25 +45,64 @@ class SingleProcess:
         np.random.seed(s)
         torch.manual_seed(s)
 
+    def prepare(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum_steps: int,
+                micro_batch_size: int) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_grad_norm = max_grad_norm
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, optimizer, scheduler, params, max_grad_norm: float) -> float:
-        """Clip, step, zero the gradients; returns the gradient norm before clipping."""
-        if max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    def step(self, boundary: bool) -> float | None:
+        """At a minibatch boundary: clip, step, zero the gradients; returns the norm before clipping."""
+        if not boundary:
+            return None
+        if self.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         else:
-            norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    # --- collectives (identities in one process) ---
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
 
     def barrier(self) -> None:
         pass
+
+    # --- parameters ---
+    def generation_context(self, model):
+        """Around generate(): nothing to do when every rank holds the whole model."""
+        return nullcontext()
+
+    @property
+    def generate_kwargs(self) -> dict:
+        return {}
+
+    def gathered(self, params):
+        """Around reading partitioned parameters (saving): nothing to do in one process."""
+        return nullcontext()
+
+    # --- checkpoint state that is not the adapter ---
+    def save_state(self, folder: Path) -> dict:
+        """Optimizer and scheduler state, returned for trainer_state.pt."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def loads_module_weights(self) -> bool:
+        """Whether load_state also restores the trainable weights (DeepSpeed does; here the trainer does)."""
+        return False
 
     def rng_state(self) -> dict:
         state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -66,3 +116,153 @@ class SingleProcess:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DeepSpeed(SingleProcess):
+    """ZeRO data parallelism over ``deepspeed`` launcher ranks (gloo on CPU, NCCL on GPU)."""
+
+    ENGINE_DIR = "deepspeed"
+
+    def __init__(self, ds_cfg, dtype: str, device: str = "auto", threads: int | None = None):
+        import deepspeed
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.is_main = self.rank == 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        self.ds_cfg = ds_cfg
+        self.dtype = dtype
+        self.zero_stage = ds_cfg.zero_stage
+        self.engine = None
+
+    def config_dict(self, max_grad_norm: float, grad_accum_steps: int, micro_batch_size: int) -> dict:
+        import json
+
+        c = self.ds_cfg
+        zero = {"stage": c.zero_stage}
+        if c.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if c.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_clipping": max_grad_norm,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.dtype == "bfloat16":
+            config["bf16"] = {"enabled": True}
+        elif self.dtype == "float16":
+            config["fp16"] = {"enabled": True}
+        if c.config_file:
+            path = Path(c.config_file)
+            if not path.is_file():
+                raise ConfigError(f"deepspeed.config_file = {c.config_file!r} does not exist")
+            config.update(json.loads(path.read_text()))  # the user's JSON wins, key by key
+        return config
+
+    def prepare(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum_steps: int,
+                micro_batch_size: int) -> None:
+        import deepspeed
+
+        super().prepare(model, optimizer, scheduler, max_grad_norm, grad_accum_steps, micro_batch_size)
+        config = self.config_dict(max_grad_norm, grad_accum_steps, micro_batch_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the minibatch's tokens: DeepSpeed must not divide it again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, boundary: bool) -> float | None:
+        if boundary != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("microbatch count out of step with DeepSpeed's gradient accumulation")
+        self.engine.step()  # steps optimizer and scheduler only at the boundary
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().clone().double()
+        torch.distributed.all_reduce(x)
+        return x
+
+    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        keys = sorted(metrics)
+        values = self.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys])) / self.world_size
+        return dict(zip(keys, values.tolist()))
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def generation_context(self, model):
+        """ZeRO-3: gather the partitioned weights once per rollout instead of once per generated token."""
+        if self.zero_stage == 3 and self.ds_cfg.gather_for_generation:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(model.parameters()))
+        return nullcontext()
+
+    @property
+    def generate_kwargs(self) -> dict:
+        # Without gathering, ZeRO-3 fetches weights with collectives inside every forward: all ranks must
+        # run the same number of decoding steps even when one rank's sequences have all finished.
+        if self.zero_stage == 3 and not self.ds_cfg.gather_for_generation:
+            return {"synced_gpus": True}
+        return {}
+
+    def gathered(self, params):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return nullcontext()
+
+    def save_state(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / self.ENGINE_DIR), tag="state")
+        return {"world_size": self.world_size, "zero_stage": self.zero_stage}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        saved = state.get("world_size")
+        if saved is not None and saved != self.world_size:
+            raise ConfigError(f"checkpoint {folder} was written by {saved} ranks, this run has {self.world_size}: "
+                              f"resume with {saved} ranks (llmrl does not re-partition ZeRO optimizer state)")
+        self.engine.load_checkpoint(str(folder / self.ENGINE_DIR), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+
+    @property
+    def loads_module_weights(self) -> bool:
+        return True
+
+
+def launched_by_deepspeed() -> bool:
+    """True under the ``deepspeed`` (or torchrun) launcher, which sets these variables for every rank."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def make_strategy(cfg):
+    """DeepSpeed when started by its launcher (or run.strategy: deepspeed), else one process."""
+    choice = cfg.run.strategy
+    if choice == "deepspeed" or (choice == "auto" and launched_by_deepspeed()):
+        if cfg.model.quantization is not None and cfg.deepspeed.zero_stage == 3:
+            raise ConfigError(f"model.quantization = {cfg.model.quantization!r} cannot be used with ZeRO-3 "
+                              f"(bitsandbytes weights cannot be partitioned): use deepspeed.zero_stage 0, 1 or 2")
+        if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions "
+                              "parameters)")
+        return DeepSpeed(cfg.deepspeed, cfg.model.dtype, cfg.run.device, cfg.run.threads)
+    if launched_by_deepspeed() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError(f"run.strategy = 'single' but this is one of {os.environ['WORLD_SIZE']} ranks: "
+                          f"use run.strategy auto or deepspeed")
+    return SingleProcess(cfg.run.device, cfg.run.threads)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,10 +27,13 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints."""
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints.
+
+    Reads only, so every rank can call it and reach the same verdict.
+    """
+    if overwrite:
+        return None
     found = step_checkpoints(run_dir)
     if resume:
         if not found:
@@ -41,33 +43,39 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
     if found or (run_dir / "final").exists():
         raise ConfigError(f"run.output_dir = {str(run_dir)!r} already holds a run: pass --resume to continue it, "
                           f"--overwrite to replace it, or choose another run.output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def make_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train with PPO as ``cfg`` says; returns the summary written to run_dir/summary.json."""
     from llmrl.policy import build_policy, check_model_path
     from llmrl.sft import run_warm_start
-    from llmrl.strategy import SingleProcess
+    from llmrl.strategy import make_strategy
     from llmrl.trainer import PPOTrainer
     from llmrl.tracking import MetricsLogger
 
     started = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"this is one of WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but only the "
-                          f"single-process strategy exists so far: run with python launch/ppo.py")
     run_dir = Path(cfg.run.output_dir)
-    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
+    strategy = make_strategy(cfg)
+    main = strategy.is_main
     reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
     eval_reward = build_eval_reward(cfg.reward)
     train_rows, eval_rows = load_prompts(cfg.data)
     if cfg.warm_start is None:
         check_model_path(cfg.model.name_or_path, "model.name_or_path")
-    resume_from = prepare_run_dir(run_dir, resume, overwrite)
-
-    if cfg.warm_start is not None and not Path(cfg.model.name_or_path).exists():
-        run_warm_start(cfg, progress=cfg.run.progress)
+    resume_from = check_run_dir(run_dir, resume, overwrite)
+    strategy.barrier()  # every rank has read the run directory before the main rank changes it
+    if main:
+        make_run_dir(run_dir, overwrite)
+        if cfg.warm_start is not None and not Path(cfg.model.name_or_path).exists():
+            run_warm_start(cfg, progress=cfg.run.progress)
+    strategy.barrier()
 
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
@@ -86,19 +94,19 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+        say(main, f"resumed from {resume_from} at step {trainer.step}")
     elif cfg.reward.normalize == "reference":
         trainer.fit_reward_normalizer()
-        print(f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
-              f"std {trainer.reward_norm.std:.4f}", flush=True)
+        say(main, f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
+                  f"std {trainer.reward_norm.std:.4f}")
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
                            resume_step=trainer.step if resume_from is not None else None)
     if trainer.eval_reward_before is None:
         before = trainer.evaluate()
         trainer.eval_reward_before = before["eval/reward"]
         logger.log(0, {"eval/reward": trainer.eval_reward_before})
-        print(f"eval reward before PPO (greedy, {len(eval_rows)} held-out prompts): "
-              f"{trainer.eval_reward_before:.4f}", flush=True)
+        say(main, f"eval reward before training (greedy, {len(eval_rows)} held-out prompts): "
+                  f"{trainer.eval_reward_before:.4f}")
 
     total = cfg.total_steps
     bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
@@ -116,15 +124,14 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
         else:  # DPO: no rollouts
             bar.set_postfix(loss=f"{stats['loss/dpo']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}", refresh=False)
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total and strategy.is_main:
-            trainer.save_checkpoint(trainer.checkpoint_path(step))
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
+            trainer.save_checkpoint(trainer.checkpoint_path(step))  # collective: every rank takes part
     bar.close()
 
     if after is None:  # resumed from the last step: nothing left to train, evaluate what is there
         after = trainer.evaluate()
-    if strategy.is_main:
-        trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
-        final = trainer.save_checkpoint(run_dir / "final")
+    trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
+    final = trainer.save_checkpoint(run_dir / "final")
     summary = {
         "eval_reward_before": trainer.eval_reward_before,
         "eval_reward_after": after["eval/reward"],
@@ -143,6 +150,12 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         print(f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
               f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
     return summary
+
+
+def say(main: bool, text: str) -> None:
+    """Print once per run, from the main rank."""
+    if main:
+        print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

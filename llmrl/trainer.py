@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from llmrl import rl
 from llmrl.algorithms import make_estimator
-from llmrl.checkpoint import COMPLETE_MARK, prune_checkpoints, step_dir_name, write_atomically
+from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate, has_eos
@@ -59,10 +59,26 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
+        accum, micro = self.accumulation()
+        strategy.prepare(policy, self.optimizer, self.scheduler, p.max_grad_norm, accum, micro)
+        self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg)
         self.step = 0
         self.eval_reward_before: float | None = None
+
+    def accumulation(self) -> tuple[int, int]:
+        """(microbatches per optimizer step on one rank, sequences per microbatch)."""
+        return self.sizes.grad_accum_steps, self.cfg.ppo.micro_batch_size
+
+    def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
+        with self.strategy.generation_context(self.policy):
+            return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
+                            greedy=greedy, **self.strategy.generate_kwargs)
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked whitening over the global batch (all ranks), not only this rank's share."""
+        return rl.whiten_with_moments(x, mask, self.strategy.all_reduce_sum(rl.masked_moments(x, mask))).float()
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -99,8 +115,7 @@ class PPOTrainer:
         rows = self.rows_for_step(0)
         with self.policy.reference():
             self.policy.eval()
-            exp = generate(self.policy.model, self.tokenizer, [r[self.cfg.data.prompt_column] for r in rows],
-                           self.cfg.generation, self.device)
+            exp = self.generate([r[self.cfg.data.prompt_column] for r in rows])
         _, result = self.score(rows, exp)
         valid = torch.tensor(result.scores)[torch.tensor(result.valid)]
         if valid.numel() < 2:
@@ -129,7 +144,7 @@ class PPOTrainer:
         self.policy.eval()
         t0 = time.perf_counter()
         prompts = [r[cfg.data.prompt_column] for r in rows]
-        exp = generate(self.policy.model, self.tokenizer, prompts, cfg.generation, self.device)
+        exp = self.generate(prompts)
         t1 = time.perf_counter()
         _, result = self.score(rows, exp)
         t2 = time.perf_counter()
@@ -166,8 +181,8 @@ class PPOTrainer:
                                                             mask, self.kl_ctl.value)
         # Skipped samples (reward.on_error: skip) keep their tokens out of every loss and statistic.
         exp.response_mask = mask = mask * valid.unsqueeze(1).float()
-        if self.estimator.uses_critic and mask.sum() >= 2:  # critic-free estimators scale their own
-            exp.advantages = rl.masked_whiten(advantages, mask)
+        if self.estimator.uses_critic and self.strategy.all_reduce_sum(mask.sum()) >= 2:  # critic-free: scaled
+            exp.advantages = self.whiten(advantages, mask)
         else:
             exp.advantages = advantages * mask
         t3 = time.perf_counter()
@@ -209,9 +224,12 @@ class PPOTrainer:
             for mb_start in range(0, B, local_mini):
                 mb_idx = perm[mb_start:mb_start + local_mini]
                 # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
-                # the token mean over the whole minibatch whatever the microbatch size.
-                num_tokens = exp.response_mask[mb_idx].sum().clamp(min=1.0)
-                for micro_start in range(0, local_mini, cfg.micro_batch_size):
+                # the token mean over the whole minibatch whatever the microbatch size. Over ranks, whose
+                # gradients are averaged, the divisor is the global count / world size.
+                num_tokens = (self.strategy.all_reduce_sum(exp.response_mask[mb_idx].sum()).float()
+                              / sizes.world_size).clamp(min=1.0)
+                starts = range(0, local_mini, cfg.micro_batch_size)
+                for j, micro_start in enumerate(starts):
                     mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size])
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=critic)
@@ -229,6 +247,9 @@ class PPOTrainer:
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
                         sums["loss/kl"] += kl_loss.item() * num_tokens.item()
                     self.strategy.backward(loss)
+                    grad_norm = self.strategy.step(boundary=j == len(starts) - 1)
+                    if grad_norm is not None:
+                        grad_norms.append(grad_norm)
 
                     n = mb.response_mask.sum().item()
                     total_tokens += n
@@ -241,9 +262,11 @@ class PPOTrainer:
                     sums["policy/clipfrac"] += pg_stats["clipfrac"].item() * n
                     sums["policy/approx_kl"] += pg_stats["approx_kl"].item() * n
                     sums["policy/ratio"] += pg_stats["ratio"].item() * n
-                grad_norms.append(self.strategy.optimizer_step(self.optimizer, self.scheduler, self.params,
-                                                               cfg.max_grad_norm))
-        stats = {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
+        # Token-weighted over all ranks: sums and counts are reduced separately.
+        keys = sorted(sums)
+        reduced = self.strategy.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [total_tokens]))
+        total = max(reduced[-1].item(), 1.0)
+        stats = {k: v / total for k, v in zip(keys, reduced[:-1].tolist())}
         stats["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         stats["optim/lr"] = self.scheduler.get_last_lr()[0]
         return stats
@@ -254,11 +277,12 @@ class PPOTrainer:
         t1 = time.perf_counter()
         stats.update(self.update(exp))
         stats["time/update"] = time.perf_counter() - t1
+        stats["time/step"] = time.perf_counter() - t0
+        stats = self.strategy.all_reduce_mean(stats)  # before the KL update: every rank moves beta alike
         if self.estimator.kl_in_reward:
             self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
         self.step += 1
-        stats["time/step"] = time.perf_counter() - t0
-        return self.strategy.all_reduce_mean(stats)
+        return stats
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -271,7 +295,7 @@ class PPOTrainer:
         for start in range(0, len(self.eval_rows), batch_size):
             rows = self.eval_rows[start:start + batch_size]
             prompts = [r[self.cfg.data.prompt_column] for r in rows]
-            exp = generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device, greedy=True)
+            exp = self.generate(prompts, greedy=True)
             completions, result = self.score(rows, exp, self.eval_reward)
             kept = [s for s, ok in zip(result.scores, result.valid) if ok]
             scores.extend(kept)
@@ -285,43 +309,62 @@ class PPOTrainer:
     # checkpoints
 
     def save_checkpoint(self, target: Path) -> Path:
-        def write(tmp: Path) -> None:
-            self.policy.model.save_pretrained(tmp / "adapter")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      tmp / "value_head.safetensors")
+        """Every rank calls this: the adapter and value head (gathered under ZeRO-3) from the main rank, the
+        optimizer state from the strategy (sharded under DeepSpeed), an RNG state per rank; written into a
+        temporary folder that the main rank renames into place once everything is there."""
+        s = self.strategy
+        target = Path(target)
+        tmp = target.parent / f".tmp-{target.name}"
+        if s.is_main:
+            begin_checkpoint(tmp)
+        s.barrier()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        with s.gathered(trainable):
+            if s.is_main:
+                self.policy.model.save_pretrained(tmp / "adapter")
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                          tmp / "value_head.safetensors")
+        if s.is_main:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             save_config(self.cfg, tmp / "config.yaml")
             (tmp / "base_fingerprint.json").write_text(json.dumps(self.policy.base_fingerprint))
-            torch.save({
+        engine_state = s.save_state(tmp)
+        torch.save(s.rng_state(), tmp / f"rng_rank{s.rank}.pt")
+        s.barrier()
+        if s.is_main:
+            torch.save({  # written last: its presence marks a complete checkpoint
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                **engine_state,
                 "kl_ctl": self.kl_ctl.state_dict(),
-                "rng": self.strategy.rng_state(),
                 "eval_reward_before": self.eval_reward_before,
                 "reward_norm": self.reward_norm.state_dict(),
                 "estimator": self.estimator.state_dict() if self.estimator else {},
             }, tmp / COMPLETE_MARK)
-
-        path = write_atomically(target, write)
-        prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
-        return path
+            commit_checkpoint(tmp, target)
+            prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
+        s.barrier()
+        return target
 
     def load_checkpoint(self, path: Path) -> None:
         from peft.utils import set_peft_model_state_dict
 
         path = Path(path)
-        adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.policy.model, adapter)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {path} does not match this model (unexpected adapter weights "
-                             f"{result.unexpected_keys[:3]}): resume with the config it was trained with")
-        self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors", device=str(self.device)))
-        state = torch.load(path / COMPLETE_MARK, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = torch.load(path / COMPLETE_MARK, map_location="cpu", weights_only=False)
+        if not self.strategy.loads_module_weights:
+            adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
+            result = set_peft_model_state_dict(self.policy.model, adapter)
+            if getattr(result, "unexpected_keys", None):
+                raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
+                                  f"{result.unexpected_keys[:3]}): resume with the config it was trained with")
+            self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors",
+                                                             device=str(self.device)))
+        self.strategy.load_state(path, state)
+        rng = path / f"rng_rank{self.strategy.rank}.pt"
+        if not rng.is_file():
+            raise ConfigError(f"checkpoint {path} has no RNG state for rank {self.strategy.rank}: resume with the "
+                              f"number of ranks that wrote it")
+        self.strategy.set_rng_state(torch.load(rng, weights_only=False))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.strategy.set_rng_state(state["rng"])
         self.step = state["step"]
         self.eval_reward_before = state["eval_reward_before"]
         self.reward_norm.load_state_dict(state["reward_norm"])

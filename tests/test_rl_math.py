@@ -255,3 +255,15 @@ def test_dpo_and_ipo_losses_hand_worked():
     # at the reference (h = 0), DPO's loss is log 2
     loss, _ = rl.dpo_loss(rc, rr, rc, rr, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_whitening_from_summed_rank_moments_equals_global_whitening():
+    """Two data ranks each contribute moments; their sum whitens exactly like the whole batch in one place."""
+    torch.manual_seed(4)
+    x = torch.randn(8, 6) * 3 + 1
+    mask = (torch.rand(8, 6) > 0.3).float()
+    whole = rl.masked_whiten(x, mask)
+    moments = rl.masked_moments(x[:4], mask[:4]) + rl.masked_moments(x[4:], mask[4:])
+    assert torch.allclose(rl.whiten_with_moments(x, mask, moments).float(), whole, atol=1e-5)
+    assert torch.allclose(rl.whiten_with_moments(x, mask, moments, shift_mean=False).float(),
+                          rl.masked_whiten(x, mask, shift_mean=False), atol=1e-5)

@@ -17,9 +17,11 @@ from llmrl.rl.ops import (
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
+    masked_moments,
     masked_sum,
     masked_var,
     masked_whiten,
+    whiten_with_moments,
 )
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
 from llmrl.rl.dpo import dpo_loss
@@ -48,9 +50,11 @@ __all__ = [
     "logprobs_from_logits",
     "make_kl_controller",
     "masked_mean",
+    "masked_moments",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "policy_loss",
     "value_loss",
+    "whiten_with_moments",
 ]

@@ -115,3 +115,24 @@ class RunningMeanStd:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3,) [sum, sum of squares, count] over the masked positions: summable across data-parallel ranks."""
+    x = x.double()
+    return torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.double().sum()])
+
+
+def whiten_with_moments(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, shift_mean: bool = True,
+                        eps: float = 1e-8) -> torch.Tensor:
+    """``masked_whiten`` with the mean and (Bessel-corrected) variance taken from ``moments``, which may
+    come from all ranks: whitening over the global batch, whatever its split into ranks."""
+    total, total_sq, n = moments.tolist()
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 unmasked values, got {int(n)}")
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0) * n / (n - 1)
+    whitened = (x - mean) * (var + eps) ** -0.5
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
