@@ -81,7 +81,7 @@ class DPOTrainer(PPOTrainer):
         self.policy.train()
         loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
                                   ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
-        self.strategy.backward(loss)
+        self.strategy.backward(loss, boundary=True)
         grad_norm = self.strategy.step(boundary=True)
         self.step += 1
         out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,

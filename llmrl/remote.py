@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token to require")
     parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     def body():
         from llmrl.config import load_config

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Supervised warm start of a recipe's tiny model.")
     parser.add_argument("--config", required=True, help="YAML recipe with a warm_start section")
     parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     def body():
         cfg = load_config(args.config, args.overrides)

@@ -3,8 +3,9 @@
 ``SingleProcess`` runs on one CPU or GPU; ``DeepSpeed`` shards the same trainer over ranks and nodes with
 ZeRO stages 0-3. The trainer calls only the methods below, so both paths run the same training code.
 
-Calling convention, shared by both: ``backward(loss)`` after every microbatch, then ``step(boundary)``,
-where ``boundary`` is True on the last microbatch of a minibatch (the optimizer steps only there). Losses
+Calling convention, shared by both: ``backward(loss, boundary)`` after every microbatch, then
+``step(boundary)``, where ``boundary`` is True on the last microbatch of a minibatch (the optimizer steps
+only there). Losses
 are already divided by the minibatch's (global) token count, so no strategy rescales them.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SingleProcess:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         loss.backward()
 
     def step(self, boundary: bool) -> float | None:
@@ -153,7 +154,7 @@ class DeepSpeed(SingleProcess):
             zero["offload_param"] = {"device": "cpu"}
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_accumulation_steps": grad_accum_steps,  # informational: boundaries are set explicitly
             "gradient_clipping": max_grad_norm,
             "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,
@@ -180,16 +181,17 @@ class DeepSpeed(SingleProcess):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # The trainer owns the accumulation: ZeRO reduces gradients across ranks only at the boundary
+        # (measured: letting the engine count microsteps gave wrong gradients under ZeRO-3 here).
+        self.engine.set_gradient_accumulation_boundary(boundary)
         # The loss is already divided by the minibatch's tokens: DeepSpeed must not divide it again.
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, boundary: bool) -> float | None:
-        if boundary != self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError("microbatch count out of step with DeepSpeed's gradient accumulation")
-        self.engine.step()  # steps optimizer and scheduler only at the boundary
         if not boundary:
             return None
+        self.engine.step()  # optimizer and scheduler
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -258,6 +260,14 @@ def make_strategy(cfg):
         if cfg.model.quantization is not None and cfg.deepspeed.zero_stage == 3:
             raise ConfigError(f"model.quantization = {cfg.model.quantization!r} cannot be used with ZeRO-3 "
                               f"(bitsandbytes weights cannot be partitioned): use deepspeed.zero_stage 0, 1 or 2")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        accum = 1 if cfg.algorithm == "dpo" else cfg.sizes(world).grad_accum_steps
+        if cfg.deepspeed.zero_stage == 3 and accum > 1:
+            # Measured with deepspeed 0.19.8 on CPU: under ZeRO-3 only the last microbatch's gradient survived
+            # accumulation (tests/test_deepspeed.py shows the check; README, "Scaling out").
+            raise ConfigError(f"ZeRO-3 with gradient accumulation ({accum} microbatches per optimizer step) kept "
+                              f"only the last microbatch's gradient in our tests: set ppo.micro_batch_size = "
+                              f"ppo.mini_batch_size / ranks = {cfg.ppo.mini_batch_size // world}, or use ZeRO-2")
         if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions "
                               "parameters)")

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run.output_dir first")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value (ppo.total_steps=10)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:

@@ -146,5 +146,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a Bradley-Terry reward model from preference pairs.")
     parser.add_argument("--config", required=True, help="YAML, e.g. configs/reward_minilm.yaml")
     parser.add_argument("overrides", nargs="*", help="single-key overrides: key=value (e.g. max_steps=50)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return run_cli(lambda: train_reward_model(load_config(args.config, args.overrides, RewardTrainConfig)))

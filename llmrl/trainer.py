@@ -246,8 +246,9 @@ class PPOTrainer:
                                                  num_tokens)
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
                         sums["loss/kl"] += kl_loss.item() * num_tokens.item()
-                    self.strategy.backward(loss)
-                    grad_norm = self.strategy.step(boundary=j == len(starts) - 1)
+                    boundary = j == len(starts) - 1
+                    self.strategy.backward(loss, boundary)
+                    grad_norm = self.strategy.step(boundary)
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)
 
