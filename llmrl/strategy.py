@@ -176,6 +176,14 @@ class DeepSpeed(SingleProcess):
                 micro_batch_size: int) -> None:
         import deepspeed
 
+        if self.ds_cfg.offload_optimizer:
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised Adam, not torch's.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            group = optimizer.param_groups[0]
+            optimizer = DeepSpeedCPUAdam([p for p in model.parameters() if p.requires_grad],
+                                         lr=group["initial_lr"], weight_decay=group["weight_decay"], adamw_mode=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
         super().prepare(model, optimizer, scheduler, max_grad_norm, grad_accum_steps, micro_batch_size)
         config = self.config_dict(max_grad_norm, grad_accum_steps, micro_batch_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -248,6 +256,24 @@ class DeepSpeed(SingleProcess):
         return True
 
 
+def check_config_file(ds_cfg) -> None:
+    """A DeepSpeed JSON may tune ZeRO, but its stage must be the one llmrl checks combinations against."""
+    if not ds_cfg.config_file:
+        return
+    import json
+
+    path = Path(ds_cfg.config_file)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file = {ds_cfg.config_file!r} does not exist")
+    try:
+        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", ds_cfg.zero_stage)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config_file = {ds_cfg.config_file!r} is not valid JSON: {e}") from e
+    if stage != ds_cfg.zero_stage:
+        raise ConfigError(f"deepspeed.config_file sets ZeRO stage {stage} but deepspeed.zero_stage is "
+                          f"{ds_cfg.zero_stage}: make them agree")
+
+
 def launched_by_deepspeed() -> bool:
     """True under the ``deepspeed`` (or torchrun) launcher, which sets these variables for every rank."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -257,6 +283,7 @@ def make_strategy(cfg):
     """DeepSpeed when started by its launcher (or run.strategy: deepspeed), else one process."""
     choice = cfg.run.strategy
     if choice == "deepspeed" or (choice == "auto" and launched_by_deepspeed()):
+        check_config_file(cfg.deepspeed)
         if cfg.model.quantization is not None and cfg.deepspeed.zero_stage == 3:
             raise ConfigError(f"model.quantization = {cfg.model.quantization!r} cannot be used with ZeRO-3 "
                               f"(bitsandbytes weights cannot be partitioned): use deepspeed.zero_stage 0, 1 or 2")

@@ -113,3 +113,18 @@ def test_every_field_has_help(cls):
     assert len(rows) > 10
     missing = [key for key, _, text in rows if not text.strip()]
     assert missing == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_agree_with_their_stage(path):
+    import json
+
+    from llmrl.strategy import check_config_file
+
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])
+    check_config_file(cfg.deepspeed)
+    other = 3 if stage != 3 else 2
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={other}"])
+    with pytest.raises(ConfigError, match=f"sets ZeRO stage {stage} but deepspeed.zero_stage is {other}"):
+        check_config_file(cfg.deepspeed)
