@@ -245,9 +245,12 @@ class DeepSpeed(SingleProcess):
 
     def load_state(self, folder: Path, state: dict) -> None:
         saved = state.get("world_size")
-        if saved is not None and saved != self.world_size:
+        if saved is not None and saved != self.world_size and self.zero_stage != 0:
+            # DeepSpeed itself refuses ("Automatic adjustment of ZeRO's optimizer state partitioning with a new
+            # world size is not currently supported"); ZeRO-0 keeps whole optimizer states and reloads anywhere.
             raise ConfigError(f"checkpoint {folder} was written by {saved} ranks, this run has {self.world_size}: "
-                              f"resume with {saved} ranks (llmrl does not re-partition ZeRO optimizer state)")
+                              f"DeepSpeed reloads ZeRO-{self.zero_stage} optimizer state only on as many ranks "
+                              f"(ZeRO-0 checkpoints can change the count)")
         self.engine.load_checkpoint(str(folder / self.ENGINE_DIR), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
 

@@ -361,10 +361,10 @@ class PPOTrainer:
                                                              device=str(self.device)))
         self.strategy.load_state(path, state)
         rng = path / f"rng_rank{self.strategy.rank}.pt"
-        if not rng.is_file():
-            raise ConfigError(f"checkpoint {path} has no RNG state for rank {self.strategy.rank}: resume with the "
-                              f"number of ranks that wrote it")
-        self.strategy.set_rng_state(torch.load(rng, weights_only=False))
+        if rng.is_file() and state.get("world_size", 1) == self.strategy.world_size:
+            self.strategy.set_rng_state(torch.load(rng, weights_only=False))
+        else:  # another number of ranks: the run continues, but cannot repeat the original's samples
+            self.strategy.seed_everything(self.cfg.run.seed + 7919 * state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step = state["step"]
         self.eval_reward_before = state["eval_reward_before"]

@@ -110,6 +110,23 @@ def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path):
         assert abs(a[-1][key] - b[-1][key]) < TOLERANCE, (key, a[-1][key], b[-1][key])
 
 
+def test_resume_on_another_number_of_ranks_where_deepspeed_allows_it(warm, tmp_path):
+    common = [f"model.name_or_path={warm}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
+              "ppo.micro_batch_size=2", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
+    for stage in (0, 2):
+        run_dir = tmp_path / f"zero{stage}"
+        first = launch([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=2", f"run.output_dir={run_dir}"])
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = launch([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=3", f"run.output_dir={run_dir}",
+                         "--resume"], ranks=1)
+        if stage == 0:  # whole optimizer state on every rank: 2 ranks -> 1 rank continues
+            assert second.returncode == 0, second.stderr[-3000:]
+            assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+        else:  # partitioned optimizer state: refused before training, with the reason
+            assert second.returncode != 0
+            assert "DeepSpeed reloads ZeRO-2 optimizer state only on as many ranks" in second.stderr + second.stdout
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_base_with_zero2_on_two_ranks(warm, tmp_path, quantization):
     pytest.importorskip("bitsandbytes")
