@@ -195,6 +195,9 @@ class RunConfig:
     strategy: str = opt("auto", "auto (DeepSpeed under its launcher, else one process), single or deepspeed.")
     threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
     progress: bool = opt(True, "Show a progress bar.")
+    log_samples: int = opt(4, "At each evaluation, log this many (prompt, completion, reward) rows to log.jsonl "
+                              "and TensorBoard text; 0 disables.")
+    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb].")
 
 
 @dataclass
@@ -288,6 +291,8 @@ class Config:
              f"is {self.critic_free.scale!r}: use group, batch or none"),
             (self.algorithm != "rloo" or self.critic_free.num_generations >= 2, "critic_free.num_generations",
              f"is {self.critic_free.num_generations}: RLOO needs at least 2 completions per prompt"),
+            (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
+             f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
             (self.run.strategy in ("auto", "single", "deepspeed"), "run.strategy",
              f"is {self.run.strategy!r}: use auto, single or deepspeed"),
             (self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",

@@ -137,40 +137,54 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
         raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
 
-    reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32)
-    prompts = sample_inputs(cfg, tokenizer)
-    ref_logits, mask = logits_of(reference, tokenizer, prompts)
-    result = {}
+    from tqdm.auto import tqdm
 
-    def write(tmp: Path) -> None:
-        if adapter_only:
-            reference.save_pretrained(tmp)
+    bar = tqdm(total=4, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
+    try:
+        bar.set_postfix_str("loading base + adapter")
+        reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32)
+        prompts = sample_inputs(cfg, tokenizer)
+        ref_logits, mask = logits_of(reference, tokenizer, prompts)
+        bar.update(1)
+        result = {}
+
+        def write(tmp: Path) -> None:
+            if adapter_only:
+                reference.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                result["max_diff"] = 0.0
+                return
+            bar.set_postfix_str("merging")
+            merged = reference.merge_and_unload().to(DTYPES[dtype])
+            bar.update(1)
+            bar.set_postfix_str("saving")
+            merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            result["max_diff"] = 0.0
-            return
-        merged = reference.merge_and_unload().to(DTYPES[dtype])
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if getattr(merged, "generation_config", None) is not None:
-            merged.generation_config.pad_token_id = tokenizer.pad_token_id
-            merged.generation_config.eos_token_id = tokenizer.eos_token_id
-            merged.generation_config.save_pretrained(tmp)
-        del merged
-        result["max_diff"] = verify(tmp, tokenizer, prompts, ref_logits, mask)
-        if result["max_diff"] > tolerance:
-            raise ExportVerificationError(
-                f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
-                f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
-        (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance))
+            if getattr(merged, "generation_config", None) is not None:
+                merged.generation_config.pad_token_id = tokenizer.pad_token_id
+                merged.generation_config.eos_token_id = tokenizer.eos_token_id
+                merged.generation_config.save_pretrained(tmp)
+            del merged
+            bar.update(1)
+            bar.set_postfix_str("verifying with plain transformers")
+            result["max_diff"] = verify(tmp, tokenizer, prompts, ref_logits, mask)
+            bar.update(1)
+            if result["max_diff"] > tolerance:
+                raise ExportVerificationError(
+                    f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
+                    f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
+            (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance))
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {str(out)!r}: cannot create its parent folder ({e.strerror})") from e
-    try:
-        write_atomically(out, write)
-    except OSError as e:
-        raise ConfigError(f"--out {str(out)!r} could not be written ({e}): choose a writable folder") from e
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {str(out)!r}: cannot create its parent folder ({e.strerror})") from e
+        try:
+            write_atomically(out, write)
+        except OSError as e:
+            raise ConfigError(f"--out {str(out)!r} could not be written ({e}): choose a writable folder") from e
+    finally:
+        bar.close()
     return result["max_diff"]
 
 

@@ -7,12 +7,25 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+    """log.jsonl and TensorBoard always; Weights & Biases too when ``report_to`` names it."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None,
+                 report_to: list[str] = (), config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                from llmrl.config import ConfigError
+
+                raise ConfigError("run.report_to names wandb but it is not installed: pip install wandb, or remove "
+                                  "it from run.report_to") from None
+            self.wandb = wandb.init(dir=str(run_dir), name=Path(run_dir).name, config=config, resume="allow")
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
@@ -44,12 +57,39 @@ class MetricsLogger:
             if value is not None:
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+
+    def log_samples(self, step: int, samples: list[tuple]) -> None:
+        """A table of (prompt, completion, reward) in log.jsonl, TensorBoard text and W&B."""
+        if not self.enabled or not samples:
+            return
+        rows = [{"prompt": p, "completion": c, "reward": r} for p, c, r in samples]
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "samples": rows}) + "\n")
+
+        def cell(x) -> str:
+            return str(x).replace("|", "\\|").replace("\n", " ")
+
+        table = "| prompt | completion | reward |\n|---|---|---|\n" + "".join(
+            f"| {cell(r['prompt'])} | {cell(r['completion'])} | {r['reward']} |\n" for r in rows)
+        self.tb.add_text("samples", table, step)
+        self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=["prompt", "completion", "reward"],
+                                                   data=[[r["prompt"], r["completion"], r["reward"]] for r in rows])},
+                           step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_log(run_dir: Path) -> list[dict]:
+    """Every line of log.jsonl: metric rows, and sample tables (rows with a "samples" key)."""
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
-from llmrl.config import Config, ConfigError, load_config
+from llmrl.config import Config, ConfigError, load_config, to_dict
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import run_cli
 from llmrl.rewards import build_eval_reward, build_reward
@@ -100,11 +100,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         say(main, f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
                   f"std {trainer.reward_norm.std:.4f}")
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
-                           resume_step=trainer.step if resume_from is not None else None)
+                           resume_step=trainer.step if resume_from is not None else None,
+                           report_to=cfg.run.report_to, config=to_dict(cfg))
     if trainer.eval_reward_before is None:
         before = trainer.evaluate()
         trainer.eval_reward_before = before["eval/reward"]
         logger.log(0, {"eval/reward": trainer.eval_reward_before})
+        logger.log_samples(0, trainer.last_eval_samples[:cfg.run.log_samples])
         say(main, f"eval reward before training (greedy, {len(eval_rows)} held-out prompts): "
                   f"{trainer.eval_reward_before:.4f}")
 
@@ -118,6 +120,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             after = trainer.evaluate()
             stats["eval/reward"] = after["eval/reward"]
+            logger.log_samples(step, trainer.last_eval_samples[:cfg.run.log_samples])
         logger.log(step, stats)
         bar.update(1)
         if "reward/mean" in stats:

@@ -66,6 +66,7 @@ class PPOTrainer:
         self.estimator = make_estimator(cfg)
         self.step = 0
         self.eval_reward_before: float | None = None
+        self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
 
     def accumulation(self) -> tuple[int, int]:
         """(microbatches per optimizer step on one rank, sequences per microbatch)."""
@@ -304,6 +305,7 @@ class PPOTrainer:
             samples.extend((p, c, s if ok else None)
                            for p, c, s, ok in zip(prompts, completions, result.scores, result.valid))
         mean = sum(scores) / len(scores) if scores else math.nan
+        self.last_eval_samples = samples
         return {"eval/reward": mean, "eval/skipped": skipped, "samples": samples[:5]}
 
     # ------------------------------------------------------------------------------------------
@@ -346,19 +348,23 @@ class PPOTrainer:
         s.barrier()
         return target
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_weights(self, path: Path) -> None:
+        """The adapter and value head of checkpoint ``path`` (whatever strategy wrote it)."""
         from peft.utils import set_peft_model_state_dict
 
         path = Path(path)
+        adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.policy.model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
+                              f"{result.unexpected_keys[:3]}): use the config it was trained with")
+        self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors", device=str(self.device)))
+
+    def load_checkpoint(self, path: Path) -> None:
+        path = Path(path)
         state = torch.load(path / COMPLETE_MARK, map_location="cpu", weights_only=False)
         if not self.strategy.loads_module_weights:
-            adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
-            result = set_peft_model_state_dict(self.policy.model, adapter)
-            if getattr(result, "unexpected_keys", None):
-                raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
-                                  f"{result.unexpected_keys[:3]}): resume with the config it was trained with")
-            self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors",
-                                                             device=str(self.device)))
+            self.load_weights(path)
         self.strategy.load_state(path, state)
         rng = path / f"rng_rank{self.strategy.rank}.pt"
         if rng.is_file() and state.get("world_size", 1) == self.strategy.world_size:

@@ -44,12 +44,15 @@ def test_tiny_recipe_warm_start_then_ppo(tmp_path):
     assert "eval_reward_before" in out.stdout  # printed too
 
     log = read_log(run_dir)
-    steps = [r["step"] for r in log if "reward/mean" in r]
-    assert steps == [1, 2, 3]
+    metrics = [r for r in log if "reward/mean" in r]
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    tables = [r for r in log if "samples" in r]
+    assert [t["step"] for t in tables] == [0, 3]  # before training and at the final evaluation
+    assert set(tables[-1]["samples"][0]) == {"prompt", "completion", "reward"} and len(tables[-1]["samples"]) == 4
     for key in ("reward/mean", "reward/std", "objective/kl", "objective/entropy", "loss/policy", "loss/value",
                 "policy/clipfrac", "policy/approx_kl", "response/length", "response/eos_rate", "time/generate",
                 "time/update", "objective/kl_coef"):
-        assert key in log[-2], key
+        assert key in metrics[-1], key
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     final = run_dir / "final"

@@ -1,0 +1,97 @@
+"""``llmrl eval --checkpoint RUN/final``: reward and KL to the base on held-out prompts, with a table of
+greedy generations before (the base: adapter disabled) and after (the trained adapter), as JSON and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, out: str | Path | None = None,
+                        n_samples: int = 8, overrides: list[str] = ()) -> dict:
+    from llmrl.config import ConfigError, load_config
+    from llmrl.data import load_prompts
+    from llmrl.policy import build_policy
+    from llmrl.rewards import build_eval_reward, build_reward
+    from llmrl.strategy import SingleProcess
+    from llmrl.trainer import PPOTrainer
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "adapter").is_dir():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
+                          f"step-N/ folder")
+    cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
+    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
+    strategy.seed_everything(cfg.run.seed)
+    train_rows, eval_rows = load_prompts(cfg.data)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    trainer = PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
+                         strategy, checkpoint.parent, build_eval_reward(cfg.reward))
+    trainer.load_weights(checkpoint)
+
+    with policy.reference():
+        before = trainer.evaluate()
+        before_samples = trainer.last_eval_samples
+    after = trainer.evaluate()
+    after_samples = trainer.last_eval_samples
+
+    # KL(policy || base) on sampled completions of the policy: the mean over prompts of the summed k1.
+    prompts = [r[cfg.data.prompt_column] for r in eval_rows]
+    kls = []
+    for start in range(0, len(prompts), 64):
+        exp = trainer.generate(prompts[start:start + 64])
+        logprobs, _, _ = trainer.forward_logprobs(exp, with_values=False)
+        with policy.reference():
+            ref_logprobs, _, _ = trainer.forward_logprobs(exp, with_values=False)
+        kls.extend(((logprobs - ref_logprobs) * exp.response_mask).sum(1).tolist())
+
+    samples = [{"prompt": b[0], "before": b[1], "reward_before": b[2], "after": a[1], "reward_after": a[2]}
+               for b, a in zip(before_samples[:n_samples], after_samples[:n_samples])]
+    result = {"checkpoint": str(checkpoint), "prompts": len(eval_rows),
+              "reward_before": before["eval/reward"], "reward_after": after["eval/reward"],
+              "kl_to_base": sum(kls) / len(kls), "samples": samples}
+    out = Path(out) if out else checkpoint / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# Evaluation of `{result['checkpoint']}`", "",
+             f"- held-out prompts: {result['prompts']}",
+             f"- reward (greedy) before, the base with the adapter disabled: {result['reward_before']:.4f}",
+             f"- reward (greedy) after, with the trained adapter: {result['reward_after']:.4f}",
+             f"- KL(policy || base) per completion, on sampled completions: {result['kl_to_base']:.4f}", "",
+             "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    for s in result["samples"]:
+        lines.append(f"| {cell(s['prompt'])} | {cell(s['before'])} | {s['reward_before']} | {cell(s['after'])} | "
+                     f"{s['reward_after']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmrl.console import run_cli
+
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint: reward before/after and KL to the base "
+                                                 "on held-out prompts; writes eval.json and eval.md.")
+    parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
+    parser.add_argument("--config", default=None, help="YAML (default: the checkpoint's own config.yaml)")
+    parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
+    parser.add_argument("--samples", type=int, default=8, help="generations shown in the table")
+    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
+    args = parser.parse_intermixed_args(argv)
+
+    def body():
+        r = evaluate_checkpoint(args.checkpoint, args.config, args.out, args.samples, args.overrides)
+        print(f"reward {r['reward_before']:.4f} (base) -> {r['reward_after']:.4f} (trained), KL to base "
+              f"{r['kl_to_base']:.4f}; wrote {Path(args.out) if args.out else Path(args.checkpoint) / 'eval'}")
+
+    return run_cli(body)

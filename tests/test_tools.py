@@ -1,0 +1,85 @@
+"""The tools around training: plot, eval, the config reference, sample tables and tracker options."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_trainer, tiny_config
+from llmrl.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_plot_writes_a_non_blank_png(tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward/mean": s / 10, "objective/kl": 0.1 * s, "objective/entropy": 2 - s / 10,
+             "response/length": 5 + s % 3, "policy/clipfrac": 0.01 * s, "time/generate": 0.2,
+             "time/update": 0.3} for s in range(1, 11)]
+    rows.insert(5, {"step": 5, "samples": [{"prompt": "a>", "completion": "a", "reward": 1.0}]})
+    rows.append({"step": 10, "eval/reward": 0.8})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "-m", "llmrl", "plot", str(run)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    image = Image.open(run / "curves.png").convert("RGB")
+    assert image.size == (1500, 800)
+    colours = image.getcolors(maxcolors=1_000_000)
+    assert len(colours) > 50  # curves, text and axes, not a blank canvas
+    white = max(count for count, rgb in colours if rgb == (255, 255, 255))
+    assert white < 0.97 * image.size[0] * image.size[1]
+
+
+def test_plot_of_a_folder_without_a_log_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llmrl", "plot", str(tmp_path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "has no log.jsonl: pass a run directory" in out.stderr
+
+
+def test_eval_reports_reward_before_after_and_kl_to_base(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "ppo.lr=1e-2"))
+    trainer.train_step()
+    trainer.train_step()
+    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "final")
+    out = subprocess.run([sys.executable, "-m", "llmrl", "eval", "--checkpoint", str(checkpoint), "--samples", "3"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((checkpoint / "eval" / "eval.json").read_text())
+    assert result["prompts"] == 8 and len(result["samples"]) == 3
+    assert result["kl_to_base"] > 0  # the adapter moved the policy away from the base
+    assert result["reward_after"] == pytest.approx(trainer.evaluate()["eval/reward"])
+    with trainer.policy.reference():
+        assert result["reward_before"] == pytest.approx(trainer.evaluate()["eval/reward"])
+    table = (checkpoint / "eval" / "eval.md").read_text()
+    assert "| prompt | before | reward | after | reward |" in table and table.count("\n| ") >= 4
+
+
+def test_config_reference_is_up_to_date():
+    from llmrl.docs import OUT, reference
+
+    assert OUT.read_text() == reference(), "docs/config.md is stale: run python -m llmrl.docs"
+
+
+def test_wandb_requested_but_missing_is_a_clear_error(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    from llmrl.tracking import MetricsLogger
+
+    with pytest.raises(ConfigError, match="run.report_to names wandb but it is not installed: pip install wandb"):
+        MetricsLogger(tmp_path, report_to=["wandb"])
+
+
+def test_every_subcommand_explains_its_options():
+    for name in ("train", "sft", "export", "train-reward", "serve-reward", "eval", "plot"):
+        out = subprocess.run([sys.executable, "-m", "llmrl", name, "--help"], capture_output=True, text=True,
+                             cwd=REPO, timeout=120)
+        assert out.returncode == 0 and "usage: llmrl" in out.stdout and "options:" in out.stdout, name
