@@ -93,9 +93,10 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path):
-    common = [f"model.name_or_path={warm}", "deepspeed.zero_stage=2", "ppo.rollout_batch_size=16",
-              "ppo.mini_batch_size=8", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2", "run.save_every=2",
+@pytest.mark.parametrize("stage,micro", [(1, 2), (2, 2), (3, 4)])  # ZeRO-3: no accumulation (see the guard)
+def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro):
+    common = [f"model.name_or_path={warm}", f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
+              "ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2", "run.save_every=2",
               "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1", "run.seed=5"]
     whole = launch([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr[-3000:]
