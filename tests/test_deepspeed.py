@@ -93,7 +93,7 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage,micro", [(1, 2), (2, 2), (3, 4)])  # ZeRO-3: no accumulation (see the guard)
+@pytest.mark.parametrize("stage,micro", [(1, 2), (2, 2)])
 def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro):
     common = [f"model.name_or_path={warm}", f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
               "ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2", "run.save_every=2",
@@ -177,7 +177,9 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
         "    engine.backward(model(torch.randn(2, 8, generator=g)).pow(2).sum())\n"
         "    engine.step()\n"
         "if rank == 0:\n"
-        "    print('NORM', float(engine.get_global_grad_norm()))\n")
+        "    print('NORM', float(engine.get_global_grad_norm()), flush=True)\n"
+        "torch.distributed.barrier()\n"
+        "torch.distributed.destroy_process_group()\n")
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
                           str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env())
     assert out.returncode == 0, out.stderr[-2000:]
