@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -219,10 +219,34 @@ class DeepSpeed(SingleProcess):
     def generation_context(self, model):
         """ZeRO-3: gather the partitioned weights once per rollout instead of once per generated token."""
         if self.zero_stage == 3 and self.ds_cfg.gather_for_generation:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(model.parameters()))
+            return self._gathered_without_hooks(model)
         return nullcontext()
+
+    @contextmanager
+    def _gathered_without_hooks(self, model):
+        """All weights gathered, and ZeRO-3's module hooks removed until generation ends.
+
+        Left in place, the hooks re-partition each submodule's weights after its forward (so every token
+        all-gathers them again), and the model-level pre-forward hook runs collectives while the trace is
+        being recorded. Each rank stops decoding when its own sequences finish, so ranks run different
+        numbers of forwards: those collectives then wait for one another forever.
+        """
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        module = offload.module
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+            for param in module.parameters():
+                param.ds_active_sub_modules.clear()
+            for hook in (*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook):
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:  # the same hooks again, in DeepSpeed's order
+                offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward)
+                offload._register_deepspeed_module(module)
 
     @property
     def generate_kwargs(self) -> dict:

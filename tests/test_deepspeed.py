@@ -93,7 +93,7 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage,micro", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("stage,micro", [(1, 2), (2, 2), (3, 4)])
 def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro):
     common = [f"model.name_or_path={warm}", f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
               "ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2", "run.save_every=2",
@@ -156,6 +156,64 @@ def test_impossible_combinations_fail_at_start_up(tmp_path, monkeypatch):
                                                         "deepspeed.offload_params=true", "ppo.micro_batch_size=16"])
     with pytest.raises(ConfigError, match="offload_params needs deepspeed.zero_stage: 3"):
         make_strategy(cfg)
+
+
+ZERO3_GENERATION = """
+import json
+import sys
+import torch
+import torch.distributed as dist
+
+calls = []  # every collective this rank makes, by name; patched before DeepSpeed caches the functions
+for name in ("all_gather_into_tensor", "all_gather", "broadcast", "all_reduce", "reduce_scatter_tensor"):
+    def counted(*args, _name=name, _fn=getattr(dist, name), **kwargs):
+        calls.append(_name)
+        return _fn(*args, **kwargs)
+    setattr(dist, name, counted)
+
+tests_dir, model_dir, run_dir = sys.argv[-3:]  # after the launcher's --local_rank
+sys.path.insert(0, tests_dir)
+from helpers import make_trainer, tiny_config
+from llmrl.strategy import make_strategy
+
+cfg = tiny_config(model_dir, run_dir, "run.strategy=deepspeed", "deepspeed.zero_stage=3",
+                  "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2",
+                  "generation.do_sample=false")
+strategy = make_strategy(cfg)
+trainer = make_trainer(cfg, strategy)
+rank = strategy.rank
+prompts = [r[cfg.data.prompt_column] for r in trainer.train_rows[:4]]
+lengths, counts = [], []
+for new_tokens in ((1, 12), (12, 1)):  # the ranks decode different numbers of tokens, both ways round
+    cfg.generation.max_new_tokens = new_tokens[rank]
+    before = len(calls)
+    exp = trainer.generate(prompts)
+    counts.append(len(calls) - before)
+    lengths.append(exp.response.shape[1])
+cfg.generation.max_new_tokens = (1, 12)[rank]
+trainer.train_step()  # ranks with unequal rollouts train together: 2 minibatches x 2 epochs
+trainer.train_step()
+print("RESULT", json.dumps({"rank": rank, "lengths": lengths, "counts": counts}), flush=True)
+strategy.barrier()
+"""
+
+
+def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, tmp_path):
+    """Regression: ZeRO-3 hung when one rank kept decoding after the other had finished, because DeepSpeed's
+    hooks re-gathered the weights for each token (collectives the finished rank never joined)."""
+    script = tmp_path / "generate.py"
+    script.write_text(ZERO3_GENERATION)
+    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
+                          str(script), str(REPO / "tests"), str(warm), str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert sorted(r["rank"] for r in results) == [0, 1], out.stdout[-2000:]
+    for r in results:
+        rank, lengths, counts = r["rank"], r["lengths"], r["counts"]
+        assert lengths[rank] == 1 and lengths[1 - rank] > 1, lengths  # this rank decoded 1 token, then several
+        # One gather per rollout, however many tokens: the same collectives for 1 token as for several.
+        assert counts[0] == counts[1] and counts[0] > 0, counts
 
 
 def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
