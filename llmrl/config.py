@@ -36,6 +36,8 @@ class ModelConfig:
     dtype: str = opt("float32", "Weights dtype of the trainable copy: float32, bfloat16 or float16.")
     quantization: str | None = opt(None, "Load the frozen base in '8bit' or '4bit' (bitsandbytes); null for none.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them: "
+                                              "less memory for longer sequences, about a third more compute.")
 
 
 @dataclass
@@ -74,6 +76,10 @@ class GenerationConfig:
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
+    engine: str = opt("fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop) or 'generate' "
+                              "(transformers' model.generate, the reference).")
+    compile: bool = opt(False, "fast engine: static KV cache and a torch.compile'd one-token step (CUDA graphs "
+                               "on a GPU); pays a compile on the first rollout.")
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of completions that never emit EOS "
                                                  "(TRL's meaning); null disables (Huang et al. 2024, the EOS trick).")
 
@@ -323,6 +329,8 @@ class Config:
             (self.ppo.total_steps > 0, "ppo.total_steps", f"is {self.ppo.total_steps}: must be at least 1"),
             (self.ppo.ppo_epochs > 0, "ppo.ppo_epochs", f"is {self.ppo.ppo_epochs}: must be at least 1"),
             (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
+            (self.generation.engine in ("fast", "generate"), "generation.engine",
+             f"is {self.generation.engine!r}: use fast or generate"),
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
         ]
         for ok, key, why in checks:

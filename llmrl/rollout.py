@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from llmrl.config import GenerationConfig
+from llmrl.engine import RolloutEngine, Sampling
 
 
 @dataclass
@@ -31,6 +32,23 @@ class Experience:
     def attention_mask(self) -> torch.Tensor:  # (B, P + T)
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
 
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,) real prompt + response tokens
+        return self.query_mask.sum(1) + self.response_mask.sum(1)
+
+    def trimmed(self) -> "Experience":
+        """The same rows without the columns that are padding in every row: left of the prompts, right of
+        the responses. Positions come from the attention mask, so the model computes the same numbers."""
+        first = int(self.query_mask.any(0).float().argmax())  # the first column holding a real prompt token
+        last = int(self.response_mask.any(0).nonzero().max()) + 1 if self.response_mask.any() else 1
+        trimmed = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value.dim() == 2:
+                value = value[:, first:] if f.name.startswith("query") else value[:, :last]
+            trimmed[f.name] = value
+        return Experience(**trimmed)
+
     def select(self, index: torch.Tensor) -> "Experience":
         """The sub-batch at ``index`` (B',) of every tensor field."""
         return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
@@ -50,19 +68,36 @@ def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device: torch.device,
-             greedy: bool = False, **extra) -> Experience:
-    """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled)."""
+             greedy: bool = False, synced_gpus: bool = False, engine: RolloutEngine | None = None) -> Experience:
+    """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled).
+
+    ``engine`` (llmrl's decode loop) when given, else ``model.generate``. ``synced_gpus``: every rank keeps
+    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward).
+    """
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    kwargs = dict(do_sample=False) if greedy or not cfg.do_sample else dict(
-        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-    out = model.generate(
-        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs, **extra,
-    )
-    P = enc["input_ids"].shape[1]
-    response, response_mask, _ = truncate_at_eos(out[:, P:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    greedy = greedy or not cfg.do_sample
+    if engine is not None:
+        sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        tokens, _ = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens, sampling,
+                                    all_finished=all_ranks_finished if synced_gpus else None)
+    else:
+        kwargs = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+        out = model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+            **kwargs)
+        tokens = out[:, enc["input_ids"].shape[1]:]
+    response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return Experience(query=enc["input_ids"], query_mask=enc["attention_mask"],
                       response=response, response_mask=response_mask)
+
+
+def all_ranks_finished(finished: torch.Tensor) -> bool:
+    """Whether every sequence on every rank has finished (one all-reduce)."""
+    unfinished = (~finished).sum().reshape(1).float()
+    torch.distributed.all_reduce(unfinished)
+    return unfinished.item() == 0
 
 
 def decode_completions(tokenizer, exp: Experience) -> list[str]:

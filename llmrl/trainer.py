@@ -18,6 +18,7 @@ from llmrl import rl
 from llmrl.algorithms import make_estimator
 from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
 from llmrl.config import Config, ConfigError, save_config
+from llmrl.engine import RolloutEngine
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate, has_eos
 
@@ -64,6 +65,9 @@ class PPOTrainer:
         self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg)
+        g = cfg.generation
+        self.engine = RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile) \
+            if g.engine == "fast" else None
         self.step = 0
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
@@ -75,7 +79,7 @@ class PPOTrainer:
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
         with self.strategy.generation_context(self.policy):
             return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
-                            greedy=greedy, **self.strategy.generate_kwargs)
+                            greedy=greedy, engine=self.engine, **self.strategy.generate_kwargs)
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked whitening over the global batch (all ranks), not only this rank's share."""
@@ -164,17 +168,19 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
         scores = torch.where(valid, scores, torch.zeros_like(scores))
 
-        logprobs, ref_logprobs, values, entropy = [], [], [], []
-        micro = cfg.ppo.micro_batch_size
-        for start in range(0, len(rows), micro):
-            chunk = exp.select(torch.arange(start, min(start + micro, len(rows)), device=self.device))
-            lp, v, ent = self.forward_logprobs(chunk, with_values=self.estimator.uses_critic)
-            with self.policy.reference():
-                ref_lp, _, _ = self.forward_logprobs(chunk, with_values=False)
-            values.append(v.float() if v is not None else torch.zeros_like(lp))
-            logprobs.append(lp), entropy.append(ent), ref_logprobs.append(ref_lp)
-        exp.logprobs, exp.ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        exp.values, exp.scores = torch.cat(values), scores
+        # Microbatches of similar lengths, each cut to its own longest row: less padding to compute.
+        exp.logprobs, exp.ref_logprobs, exp.values, entropy = (torch.zeros_like(exp.response_mask) for _ in range(4))
+        order = torch.argsort(exp.lengths, stable=True)
+        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(cfg.ppo.micro_batch_size)]
+        for idx, chunk in chunks:
+            T = chunk.response.shape[1]
+            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, self.estimator.uses_critic)
+            if v is not None:
+                exp.values[idx, :T] = v.float()
+        with self.policy.reference():  # entered once: switching the adapter off walks the whole model
+            for idx, chunk in chunks:
+                exp.ref_logprobs[idx, :chunk.response.shape[1]] = self.forward_logprobs(chunk, False)[0]
+        exp.scores = scores
         mask = exp.response_mask
 
         kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * mask
@@ -197,7 +203,7 @@ class PPOTrainer:
             **result.metrics,
             "objective/kl": seq_kl.mean().item() if len(kept) else 0.0,
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": rl.masked_mean(torch.cat(entropy), mask).item(),
+            "objective/entropy": rl.masked_mean(entropy, mask).item(),
             "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item() if len(kept) else 0.0,
             "response/length": exp.response_mask.sum(1)[valid].mean().item() if len(kept) else 0.0,
             "response/eos_rate": eos.float().mean().item(),
@@ -224,6 +230,7 @@ class PPOTrainer:
             perm = torch.randperm(B, device=self.device)
             for mb_start in range(0, B, local_mini):
                 mb_idx = perm[mb_start:mb_start + local_mini]
+                mb_idx = mb_idx[torch.argsort(exp.lengths[mb_idx], stable=True)]  # microbatches of like lengths
                 # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
                 # the token mean over the whole minibatch whatever the microbatch size. Over ranks, whose
                 # gradients are averaged, the divisor is the global count / world size.
@@ -231,7 +238,7 @@ class PPOTrainer:
                               / sizes.world_size).clamp(min=1.0)
                 starts = range(0, local_mini, cfg.micro_batch_size)
                 for j, micro_start in enumerate(starts):
-                    mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size])
+                    mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size]).trimmed()
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=critic)
                     pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
@@ -280,6 +287,7 @@ class PPOTrainer:
         stats.update(self.update(exp))
         stats["time/update"] = time.perf_counter() - t1
         stats["time/step"] = time.perf_counter() - t0
+        stats["memory/peak_gib"] = self.strategy.peak_memory_gib()
         stats = self.strategy.all_reduce_mean(stats)  # before the KL update: every rank moves beta alike
         if self.estimator.kl_in_reward:
             self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)

@@ -1,0 +1,148 @@
+"""A lean decode loop for rollouts: the model's forward and a few tensor ops per token, nothing else.
+
+``model.generate`` stays the reference (``generation.engine: generate``); this loop gives the same greedy
+tokens and the same log-probs (tested). What it removes per token: the logits-processor and
+stopping-criteria stacks, the re-preparation of model inputs and the full-vocabulary score copies.
+Prompts are encoded once (prefill, keeping only the last position's logits) and each step feeds one token
+per sequence against the KV cache. The attention mask and position ids are written into buffers allocated
+once, sampling stays on the device, and the loop stops as soon as every sequence has emitted its stop token
+(checked every ``sync_every`` steps on a GPU, where each check waits for the device).
+
+With ``static=True`` the cache is transformers' ``StaticCache``, sized once for prompt + completion; it is
+what ``compile=True`` needs: the one-token step is compiled with ``torch.compile`` (mode
+"reduce-overhead", i.e. CUDA graphs on a GPU), so its shapes never change from token to token.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Sampling:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering of (B, V) logits: the rest set to -inf (generate's order)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None):
+    """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,))."""
+    logits = logits.float()
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+        scaled = logits
+    else:
+        scaled = logits / sampling.temperature
+        probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(dim=-1)
+    return tokens, logprobs
+
+
+def _forward_arguments(model) -> tuple[str, bool]:
+    """(the keyword the model's forward takes the KV cache by, whether it takes ``logits_to_keep``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params
+
+
+class RolloutEngine:
+    """Decodes up to ``max_new_tokens`` for a left-padded batch; see the module docstring."""
+
+    def __init__(self, eos_token_id: int, pad_token_id: int, static: bool = False, compile: bool = False,
+                 sync_every: int | None = None):
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.static = static or compile
+        self.compile = compile
+        self.sync_every = sync_every
+        self._compiled: dict[int, Callable] = {}  # id(model) -> compiled one-token step
+
+    def _step_fn(self, model) -> Callable:
+        if not self.compile:
+            return model
+        key = id(model)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        return self._compiled[key]
+
+    def _new_cache(self, model, batch: int, length: int, device):
+        if not self.static:
+            return None  # the model starts a DynamicCache
+        from transformers import StaticCache
+
+        config = model.config
+        try:
+            return StaticCache(config=config, max_cache_len=length)
+        except TypeError:  # older transformers name the batch size and device up front
+            return StaticCache(config=config, max_batch_size=batch, max_cache_len=length, device=device,
+                               dtype=model.dtype)
+
+    @torch.no_grad()
+    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 sampling: Sampling, generator: torch.Generator | None = None,
+                 all_finished: Callable[[torch.Tensor], bool] | None = None):
+        """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens.
+
+        Tokens after a sequence's stop token are the pad id (log-prob 0). ``all_finished(finished)`` decides
+        when to stop (default: every sequence of this batch has finished); under DeepSpeed without gathered
+        weights it must agree across ranks.
+        """
+        B, P = input_ids.shape
+        device = input_ids.device
+        total = P + max_new_tokens
+        mask = torch.zeros(B, total, dtype=attention_mask.dtype, device=device)  # 1 where a key is real
+        mask[:, :P] = attention_mask
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        next_position = positions[:, -1] + 1
+        tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        cache_kw, keeps_logits = _forward_arguments(model)
+        cache = self._new_cache(model, B, total, device)
+        all_finished = all_finished or (lambda done: bool(done.all()))
+        sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
+
+        # The prefill needs logits at the last position only: (B, V), not (B, P, V).
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    use_cache=True, **{cache_kw: cache}, **({"logits_to_keep": 1} if keeps_logits else {}),
+                    **({"cache_position": torch.arange(P, device=device)} if self.static else {}))
+        step = self._step_fn(model)
+        n = 0
+        while True:
+            logits = out.logits[:, -1]
+            token, logprob = next_tokens(logits, sampling, generator)
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens[:, n] = token
+            logprobs[:, n] = logprob.masked_fill(finished, 0.0)
+            finished |= token == self.eos_token_id
+            n += 1
+            if n == max_new_tokens or (n % sync_every == 0 and all_finished(finished)):
+                break
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            mask[:, P + n - 1] = 1  # the token fed now (a pad after the stop token, as generate feeds it)
+            extra = {"cache_position": torch.tensor([P + n - 1], device=device)} if self.static else {}
+            # A static cache keeps every shape fixed: the whole mask, zeros ahead of the current token.
+            out = step(input_ids=token[:, None], attention_mask=mask if self.static else mask[:, :P + n],
+                       position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra)
+            next_position = next_position + 1
+        return tokens[:, :n], logprobs[:, :n]

@@ -1,0 +1,157 @@
+"""llmrl's rollout engine against transformers' ``generate``, the reference: the same tokens (greedy, and
+sampled from the same seed), the same log-probs, early stopping, and top-k/top-p filtering."""
+import pytest
+import torch
+from helpers import make_trainer, tiny_config
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from llmrl.engine import RolloutEngine, Sampling, filter_logits
+from llmrl.rollout import generate
+
+PROMPTS = ["abc>", "abcde>", "fa>", "bbbb>", "edcba>", "ff>"]  # different lengths: left padding matters
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir, tmp_path_factory):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("run")))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter: the engine must decode with it, not the bare base
+        for name, p in trainer.policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    trainer.policy.eval()
+    return trainer
+
+
+def reference(trainer, max_new_tokens, **sampling):
+    """``model.generate`` tokens and the log-probs of those tokens under its logits / temperature."""
+    tok = trainer.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = trainer.policy.model.generate(
+        **enc, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        output_logits=True, return_dict_in_generate=True, **sampling)
+    tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    temperature = sampling.get("temperature", 1.0) if sampling.get("do_sample") else 1.0
+    logprobs = (torch.stack(out.logits, 1).float() / temperature).log_softmax(-1).gather(2, tokens[..., None])[..., 0]
+    return enc, tokens, logprobs
+
+
+def live(tokens, eos):
+    """Positions up to and including each sequence's first EOS."""
+    ended = torch.cumsum((tokens == eos).long(), 1)
+    return (ended == 0) | ((ended == 1) & (tokens == eos))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_tokens_and_logprobs_equal_generate(trainer, static):
+    tok = trainer.tokenizer
+    enc, ref_tokens, ref_logprobs = reference(trainer, 10, do_sample=False)
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id, static=static)
+    tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                                       Sampling(greedy=True))
+    assert torch.equal(tokens, ref_tokens)
+    keep = live(tokens, tok.eos_token_id)
+    assert (~keep).any() and keep.any()  # some sequences stopped early, some tokens are real
+    assert (tokens[~keep] == tok.pad_token_id).all() and (logprobs[~keep] == 0).all()
+    assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5), (logprobs - ref_logprobs)[keep].abs().max()
+
+
+def test_sampled_tokens_equal_generate_from_the_same_seed(trainer):
+    tok = trainer.tokenizer
+    settings = dict(temperature=0.7, top_k=5, top_p=0.9)
+    torch.manual_seed(123)
+    enc, ref_tokens, ref_logprobs = reference(trainer, 10, do_sample=True, **settings)
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id)
+    torch.manual_seed(123)
+    tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                                       Sampling(**settings))
+    assert tokens.shape == ref_tokens.shape and torch.equal(tokens, ref_tokens)  # both stop when all have ended
+    keep = live(tokens, tok.eos_token_id)
+    assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5)
+    torch.manual_seed(124)  # and the draw really is random: another seed gives other tokens
+    other, _ = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                               Sampling(**settings))
+    assert other.shape != tokens.shape or not torch.equal(other, tokens)
+
+
+def test_engine_logprobs_equal_the_trainers_recomputed_ones(trainer):
+    """What the trainer scores at training time is what the engine sampled from (temperature 0.7)."""
+    tok = trainer.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(5)
+    tokens, logprobs = RolloutEngine(tok.eos_token_id, tok.pad_token_id).generate(
+        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 8, Sampling(temperature=0.7))
+    cfg = trainer.cfg.generation
+    old = cfg.temperature
+    cfg.temperature = 0.7
+    try:
+        exp = generate(trainer.policy.model, tok, PROMPTS, cfg, torch.device("cpu"), greedy=True)  # shapes only
+        exp.response = tokens
+        exp.response_mask = live(tokens, tok.eos_token_id).float()
+        with torch.no_grad():
+            recomputed, _, _ = trainer.forward_logprobs(exp, with_values=False)
+    finally:
+        cfg.temperature = old
+    keep = exp.response_mask.bool()
+    assert torch.allclose(recomputed[keep], logprobs[keep], atol=1e-5)
+
+
+def rows_with_a_common_stop(trainer):
+    """A stop token and the prompts whose 20 greedy tokens all contain it, each with its first position."""
+    tok = trainer.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    free, _ = RolloutEngine(-1, tok.pad_token_id).generate(  # no stop token: all 20 tokens
+        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 20, Sampling(greedy=True))
+    rows = free.tolist()
+    stop = max(set(free.flatten().tolist()), key=lambda t: sum(t in row for row in rows))  # most rows emit it
+    keep = [i for i, row in enumerate(rows) if stop in row]
+    assert len(keep) >= 2, rows
+    first = torch.tensor([rows[i].index(stop) for i in keep])
+    return stop, enc["input_ids"][keep], enc["attention_mask"][keep], free[keep], first
+
+
+def test_stops_when_every_sequence_has_finished(trainer):
+    pad = trainer.tokenizer.pad_token_id
+    stop, ids, mask, free, first = rows_with_a_common_stop(trainer)
+    model = trainer.policy.model
+    calls = []
+    handle = model.get_base_model().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tokens, _ = RolloutEngine(stop, pad).generate(model, ids, mask, 20, Sampling(greedy=True))
+    finally:
+        handle.remove()
+    assert tokens.shape[1] == first.max().item() + 1 < 20
+    assert len(calls) == tokens.shape[1]  # the prefill, then one forward per further token, none after the end
+    for i, end in enumerate(first.tolist()):  # the same tokens up to the stop token, padding after it
+        assert torch.equal(tokens[i, :end + 1], free[i, :end + 1])
+        assert (tokens[i, end + 1:] == pad).all()
+
+
+def test_all_finished_callback_keeps_decoding_in_step_with_other_ranks(trainer):
+    """Under ZeRO-3 without gathered weights every rank must run as many forwards as the slowest one."""
+    pad = trainer.tokenizer.pad_token_id
+    stop, ids, mask, _, _ = rows_with_a_common_stop(trainer)
+    engine = RolloutEngine(stop, pad)
+    short, _ = engine.generate(trainer.policy.model, ids, mask, 20, Sampling(greedy=True))
+    longer, _ = engine.generate(trainer.policy.model, ids, mask, 20, Sampling(greedy=True),
+                                all_finished=lambda finished: False)  # another rank is still decoding
+    assert longer.shape[1] == 20 > short.shape[1]
+    assert torch.equal(longer[:, :short.shape[1]], short) and (longer[:, short.shape[1]:] == pad).all()
+
+
+def test_filter_logits_keeps_the_tokens_generate_keeps():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g) * 3
+    for top_k, top_p in [(5, 1.0), (0, 0.9), (0, 0.3), (10, 0.8), (50, 0.999)]:
+        ours = filter_logits(logits, top_k, top_p)
+        theirs = logits.clone()
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), (top_k, top_p)
+        assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+    # hand-worked: probabilities 0.5, 0.3, 0.2; top_p 0.6 keeps the two most likely (0.5 < 0.6 <= 0.8)
+    row = torch.tensor([[0.5, 0.2, 0.3]]).log()
+    assert torch.isinf(filter_logits(row, 0, 0.6)).tolist() == [[False, True, False]]
+    assert torch.isinf(filter_logits(row, 1, 1.0)).tolist() == [[False, True, True]]
