@@ -85,5 +85,6 @@ class DPOTrainer(PPOTrainer):
         grad_norm = self.strategy.step(boundary=True)
         self.step += 1
         out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
-               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start}
+               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
+               "memory/peak_gib": self.strategy.peak_memory_gib()}
         return self.strategy.all_reduce_mean(out)

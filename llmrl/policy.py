@@ -173,6 +173,9 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.dev
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, tokenizer, device)
     model = add_lora(base, lora_cfg)
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the adapter although the frozen embeddings need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint)
     policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
     return policy, tokenizer

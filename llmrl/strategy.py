@@ -68,6 +68,14 @@ class SingleProcess:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def peak_memory_gib(self) -> float:
+        """This process's peak memory so far: allocated GPU memory on CUDA, else resident CPU memory."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
     # --- collectives (identities in one process) ---
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -8,11 +8,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
-def char_tokenizer(chars: str) -> PreTrainedTokenizerFast:
-    """One token per character of ``chars``, plus pad, EOS and unknown tokens; left padding."""
+def char_tokenizer(chars: str, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars``, plus pad, EOS and unknown tokens; left padding.
+
+    ``vocab_size`` pads the vocabulary with unused tokens ``<t0>``, ``<t1>``... up to that size, for models
+    whose output layer must be realistically wide (benchmarks).
+    """
     vocab = {PAD: 0, EOS: 1, UNK: 2}
     for c in dict.fromkeys(chars):
         vocab[c] = len(vocab)
+    while vocab_size is not None and len(vocab) < vocab_size:
+        vocab[f"<t{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

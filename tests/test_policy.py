@@ -48,6 +48,26 @@ def test_left_padding_does_not_change_logprobs(tiny_model_dir):
     assert torch.allclose(logits_batch[0, -n:], logits_alone[0], atol=1e-5)
 
 
+def test_trimmed_microbatch_gives_the_same_logprobs_and_values(tiny_model_dir, tmp_path):
+    """Columns that are padding in every row are cut before a forward pass; nothing else changes."""
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "generation.max_new_tokens=10"))
+    exp = generate(trainer.policy.model, trainer.tokenizer, ["abcde>", "abcdef>", "fa>", "bbb>"], trainer.cfg.generation,
+                   CPU, greedy=True)
+    short = exp.select(torch.tensor([2, 3]))  # the two short prompts: leading columns are all padding
+    lengths = short.response_mask.sum(1)
+    short.response_mask[:, int(lengths.max()) - 1:] = 0  # and the last response columns too
+    short.response[:, int(lengths.max()) - 1:] = trainer.tokenizer.pad_token_id
+    cut = short.trimmed()
+    assert cut.query.shape[1] < short.query.shape[1] and cut.response.shape[1] < short.response.shape[1]
+    assert torch.equal(cut.lengths, short.lengths)
+    with torch.no_grad():
+        full_lp, full_v, _ = trainer.forward_logprobs(short, with_values=True)
+        cut_lp, cut_v, _ = trainer.forward_logprobs(cut, with_values=True)
+    T, mask = cut.response.shape[1], cut.response_mask.bool()
+    assert torch.allclose(full_lp[:, :T][mask], cut_lp[mask], atol=1e-5)
+    assert torch.allclose(full_v[:, :T][mask], cut_v[mask], atol=1e-5)
+
+
 def test_pad_token_is_added_when_the_tokenizer_has_none(english_model_dir):
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(english_model_dir)))
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -125,3 +145,18 @@ def test_quantized_base_trains_lora_on_cpu(tiny_model_dir, tmp_path, bits):
     after = dict(trainer.policy.named_parameters())
     assert any(not torch.equal(lora_before[n], after[n]) for n in lora_before)
     assert stats["loss/policy"] == stats["loss/policy"]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
+    """model.gradient_checkpointing recomputes activations in backward: same losses, same adapter after a step."""
+    runs = {}
+    for flag in (False, True):
+        trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / str(flag), f"model.gradient_checkpointing={flag}"))
+        assert trainer.policy.model.get_base_model().is_gradient_checkpointing == flag
+        stats = trainer.train_step()
+        runs[flag] = stats, {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    (plain, plain_w), (ckpt, ckpt_w) = runs[False], runs[True]
+    for key in ("loss/policy", "loss/value", "optim/grad_norm"):
+        assert plain[key] == pytest.approx(ckpt[key], rel=1e-5, abs=1e-7), key
+    assert plain["optim/grad_norm"] > 0
+    assert max((plain_w[n] - ckpt_w[n]).abs().max().item() for n in plain_w) < 1e-6
