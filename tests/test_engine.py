@@ -56,6 +56,22 @@ def test_greedy_tokens_and_logprobs_equal_generate(trainer, static):
     assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5), (logprobs - ref_logprobs)[keep].abs().max()
 
 
+@pytest.mark.slow
+def test_compiled_step_gives_generates_greedy_tokens(trainer):
+    """generation.compile: the torch.compile'd one-token step on a static cache (CUDA graphs on a GPU, the
+    same code path compiled for the CPU here); compiles once, then decodes again without recompiling."""
+    tok = trainer.tokenizer
+    enc, ref_tokens, ref_logprobs = reference(trainer, 10, do_sample=False)
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id, compile=True)
+    for _ in range(2):
+        tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                                           Sampling(greedy=True))
+        assert torch.equal(tokens, ref_tokens)
+        keep = live(tokens, tok.eos_token_id)
+        assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5)
+    assert len(engine._compiled) == 1
+
+
 def test_sampled_tokens_equal_generate_from_the_same_seed(trainer):
     tok = trainer.tokenizer
     settings = dict(temperature=0.7, top_k=5, top_p=0.9)
