@@ -17,6 +17,7 @@ class Experience:
     query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
     response: torch.Tensor  # (B, T) sampled token ids, pad after the stop token
     response_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (the EOS included)
+    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature
     ref_logprobs: torch.Tensor | None = None  # (B, T) log pi_ref(a_t|s_t), adapter disabled
     values: torch.Tensor | None = None  # (B, T) V(s_t) at rollout time
@@ -88,9 +89,9 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
             **kwargs)
         tokens = out[:, enc["input_ids"].shape[1]:]
-    response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return Experience(query=enc["input_ids"], query_mask=enc["attention_mask"],
-                      response=response, response_mask=response_mask)
+                      response=response, response_mask=response_mask, ended=ended)
 
 
 def all_ranks_finished(finished: torch.Tensor) -> bool:
@@ -103,8 +104,3 @@ def all_ranks_finished(finished: torch.Tensor) -> bool:
 def decode_completions(tokenizer, exp: Experience) -> list[str]:
     """Completion texts, without the stop token and padding."""
     return tokenizer.batch_decode(exp.response, skip_special_tokens=True)
-
-
-def has_eos(exp: Experience, eos_token_id: int) -> torch.Tensor:
-    """(B,) whether each response ended with the stop token."""
-    return (exp.response == eos_token_id).any(dim=1)

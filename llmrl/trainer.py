@@ -20,7 +20,7 @@ from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint,
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.engine import RolloutEngine
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
-from llmrl.rollout import Experience, decode_completions, generate, has_eos
+from llmrl.rollout import Experience, decode_completions, generate
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -161,7 +161,7 @@ class PPOTrainer:
             self.reward_norm.update(raw[valid])
         if cfg.reward.normalize != "none":
             scores = self.reward_norm.normalize(scores).float()
-        eos = has_eos(exp, self.tokenizer.eos_token_id)
+        eos = exp.ended
         if cfg.generation.missing_eos_penalty is not None:
             scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
         if cfg.reward.clip is not None:
