@@ -25,26 +25,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmrl.tasks import SEPARATOR  # noqa: E402
-from llmrl.tiny import char_tokenizer, tiny_gpt2  # noqa: E402
+from bench_models import SIZES, build  # noqa: E402
 
-MODELS = {  # name -> (n_layer, n_embd, n_head, vocab)
-    "tiny": (2, 128, 4, None),
-    "gpt2": (12, 768, 12, 50257),
-    "1b": (24, 2048, 16, 50257),
-}
 STAGES = ["single", "zero0", "zero2", "zero3"]
 QUANT = ["none", "8bit", "4bit"]
 
 
 def build_model(name: str, folder: Path) -> Path:
-    n_layer, n_embd, n_head, vocab = MODELS[name]
-    tokenizer = char_tokenizer("abcdef" + SEPARATOR, vocab_size=vocab)
-    model = tiny_gpt2(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024 if vocab else 64)
-    path = folder / name
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    model, tokenizer = build(name)
+    model.save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / name)
+    return folder / name
 
 
 def run_cell(model_dir: Path, run_dir: Path, stage: str, quant: str, ranks: int, args) -> dict:
@@ -78,7 +69,7 @@ def run_cell(model_dir: Path, run_dir: Path, stage: str, quant: str, ranks: int,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--models", nargs="+", default=["gpt2", "1b"] if cuda else ["tiny"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=["gpt2", "1b"] if cuda else ["tiny"], choices=sorted(SIZES))
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--quantization", nargs="+", default=QUANT, choices=QUANT)
     parser.add_argument("--ranks", type=int, default=1 if cuda else 2, help="ranks of the ZeRO cells")

@@ -23,30 +23,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_models import SIZES, build as build_model  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
 from llmrl.engine import RolloutEngine, Sampling  # noqa: E402
 from llmrl.policy import add_lora  # noqa: E402
-from llmrl.tiny import char_tokenizer  # noqa: E402
-
-# name -> GPT-2 config keyword arguments
-MODELS = {
-    "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=64),  # configs/tiny.yaml's warm start, longer context
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),  # GPT-2 124M
-    "1b": dict(n_layer=24, n_embd=2048, n_head=16, n_positions=1024),  # ~1.3B, GPT-2 XL-like width
-}
-VOCAB = {"tiny": None, "gpt2": 50257, "1b": 50257}
 
 
 def build(name: str, dtype: torch.dtype, device: torch.device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = char_tokenizer("abcdef>")
-    vocab = VOCAB[name] or len(tokenizer)
-    config = GPT2Config(vocab_size=vocab, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, **MODELS[name])
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).to(dtype=dtype, device=device).eval()
-    model = add_lora(model, LoraConfig(r=16, alpha=32)).eval()
+    """The model with a fresh LoRA adapter, as training decodes with it."""
+    model, tokenizer = build_model(name)
+    model = add_lora(model.to(dtype=dtype, device=device), LoraConfig(r=16, alpha=32)).eval()
     return model, tokenizer
 
 
@@ -89,7 +75,7 @@ def sync(device):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(SIZES),
                         help="default: tiny and gpt2 on CPU, gpt2 and 1b on a GPU")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 64 (CPU) / 256 (GPU)")
     parser.add_argument("--prompt-length", type=int, default=16)
