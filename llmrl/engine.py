@@ -58,7 +58,7 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return tokens, logprobs
 
 
-def _forward_arguments(model) -> tuple[str, bool]:
+def forward_arguments(model) -> tuple[str, bool]:
     """(the keyword the model's forward takes the KV cache by, whether it takes ``logits_to_keep``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
@@ -117,7 +117,7 @@ class RolloutEngine:
         tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        cache_kw, keeps_logits = _forward_arguments(model)
+        cache_kw, keeps_logits = forward_arguments(model)
         cache = self._new_cache(model, B, total, device)
         all_finished = all_finished or (lambda done: bool(done.all()))
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
+from llmrl.engine import forward_arguments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PAD_TOKEN = "<|pad|>"
@@ -143,15 +144,24 @@ class Policy(nn.Module):
         super().__init__()
         self.model = model
         self.base_fingerprint = base_fingerprint
+        self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True):
-        """(B, L) ids and mask -> logits (B, L, V) and values (B, L) (None without ``with_values``)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = True,
+                logits_to_keep: int = 0):
+        """(B, L) ids and mask -> logits (B, L, V) and values (B, L) (None without ``with_values``).
+
+        ``logits_to_keep`` > 0: logits of the last that many positions only, (B, logits_to_keep, V), where
+        the model supports it (it saves the output layer's work on the prompt), else all L.
+        """
+        if self._keeps_logits is None:
+            self._keeps_logits = forward_arguments(self.model)[1]
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keeps_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask),
-                         output_hidden_states=with_values, use_cache=False)
+                         output_hidden_states=with_values, use_cache=False, **extra)
         values = None
         if with_values:
             hidden = out.hidden_states[-1]

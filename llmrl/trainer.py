@@ -131,15 +131,22 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # rollout
 
-    def forward_logprobs(self, exp: Experience, with_values: bool):
-        """(logprobs, values, entropy), each (B', T), for the response tokens of ``exp``."""
-        P = exp.query.shape[1]
-        logits, values = self.policy(exp.input_ids, exp.attention_mask, with_values=with_values)
-        # The logits at position i predict token i + 1: response token t is predicted at P - 1 + t.
-        logits = logits[:, P - 1:-1].float()
+    def forward_logprobs(self, exp: Experience, with_values: bool, entropy_grad: bool = False):
+        """(logprobs, values, entropy), each (B', T), for the response tokens of ``exp``.
+
+        The entropy is a metric unless it is in the loss (``entropy_grad``): then only is its (B', T, V)
+        softmax kept for the backward pass.
+        """
+        P, T = exp.query.shape[1], exp.response.shape[1]
+        # The logits at position i predict token i + 1: response token t is predicted at P - 1 + t, so only
+        # the last T + 1 positions need logits (all but the very last).
+        logits, values = self.policy(exp.input_ids, exp.attention_mask, with_values=with_values,
+                                     logits_to_keep=T + 1)
+        logits = logits[:, -(T + 1):-1].float()
         temperature = self.cfg.generation.temperature
         logprobs = rl.logprobs_from_logits(logits, exp.response, temperature)
-        entropy = rl.entropy_from_logits(logits, temperature)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = rl.entropy_from_logits(logits, temperature)
         values = values[:, P - 1:-1] if with_values else None
         return logprobs, values, entropy
 
@@ -240,7 +247,7 @@ class PPOTrainer:
                 for j, micro_start in enumerate(starts):
                     mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size]).trimmed()
                     critic = self.estimator.uses_critic
-                    logprobs, vpred, entropy = self.forward_logprobs(mb, with_values=critic)
+                    logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
                     pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                        cfg.clip_range, num_tokens)
                     ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
