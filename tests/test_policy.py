@@ -160,3 +160,14 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
         assert plain[key] == pytest.approx(ckpt[key], rel=1e-5, abs=1e-7), key
     assert plain["optim/grad_norm"] > 0
     assert max((plain_w[n] - ckpt_w[n]).abs().max().item() for n in plain_w) < 1e-6
+
+
+def test_entropy_bonus_reaches_the_gradient(tiny_model_dir, tmp_path):
+    """The entropy is only a metric at ent_coef 0; with a bonus it must move the update (it needs its graph)."""
+    norms = {}
+    for coef in (0.0, 0.5):
+        trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / str(coef), f"ppo.ent_coef={coef}"))
+        stats = trainer.train_step()
+        norms[coef] = stats["optim/grad_norm"]
+        assert stats["policy/entropy"] > 0
+    assert abs(norms[0.5] - norms[0.0]) > 1e-3 * norms[0.0], norms
