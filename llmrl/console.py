@@ -1,12 +1,26 @@
 """What every command-line entry point shares: quiet third-party noise, one clear line for user errors."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
 
 # Warnings that say nothing actionable to an llmrl user (bitsandbytes' optional CPU kernel package).
 NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def config_parser(description: str, config_help: str, required: bool = True,
+                  overrides_help: str = "single-key overrides: section.key=value (e.g. ppo.total_steps=10)"
+                  ) -> argparse.ArgumentParser:
+    """The arguments every llmrl command shares: ``--config YAML`` and ``section.key=value`` overrides.
+
+    Parse with ``parse_intermixed_args`` so that overrides may come before or after the options.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=required, default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    return parser
 
 
 def run_cli(body: Callable[[], object]) -> int:

@@ -3,7 +3,6 @@ greedy generations before (the base: adapter disabled) and after (the trained ad
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -78,15 +77,14 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmrl.console import run_cli
+    from llmrl.console import config_parser, run_cli
 
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint: reward before/after and KL to the base "
-                                                 "on held-out prompts; writes eval.json and eval.md.")
+    parser = config_parser("Evaluate a checkpoint: reward before/after and KL to the base on held-out prompts; "
+                           "writes eval.json and eval.md.", "YAML (default: the checkpoint's own config.yaml)",
+                           required=False)
     parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
-    parser.add_argument("--config", default=None, help="YAML (default: the checkpoint's own config.yaml)")
     parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
     parser.add_argument("--samples", type=int, default=8, help="generations shown in the table")
-    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
     args = parser.parse_intermixed_args(argv)
 
     def body():

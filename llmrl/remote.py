@@ -145,16 +145,14 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    from llmrl.console import run_cli
+    from llmrl.console import config_parser, run_cli
 
-    parser = argparse.ArgumentParser(description="Serve a config's reward over HTTP (POST /score, GET /health).")
-    parser.add_argument("--config", required=True, help="a PPO config; its reward section is served")
+    parser = config_parser("Serve a config's reward over HTTP (POST /score, GET /health).",
+                           "a PPO config; its reward section is served")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token to require")
-    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
     args = parser.parse_intermixed_args(argv)
 
     def body():

@@ -78,14 +78,11 @@ def run_warm_start(cfg: Config, progress: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     from llmrl.config import load_config
-    from llmrl.console import run_cli
+    from llmrl.console import config_parser, run_cli
 
-    parser = argparse.ArgumentParser(description="Supervised warm start of a recipe's tiny model.")
-    parser.add_argument("--config", required=True, help="YAML recipe with a warm_start section")
-    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value")
+    parser = config_parser("Supervised warm start of a recipe's tiny model.", "YAML recipe with a warm_start section")
     args = parser.parse_intermixed_args(argv)
 
     def body():

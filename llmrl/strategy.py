@@ -173,11 +173,8 @@ class DeepSpeed(SingleProcess):
             config["bf16"] = {"enabled": True}
         elif self.dtype == "float16":
             config["fp16"] = {"enabled": True}
-        if c.config_file:
-            path = Path(c.config_file)
-            if not path.is_file():
-                raise ConfigError(f"deepspeed.config_file = {c.config_file!r} does not exist")
-            config.update(json.loads(path.read_text()))  # the user's JSON wins, key by key
+        if c.config_file:  # checked by check_config_file when the strategy was made
+            config.update(json.loads(Path(c.config_file).read_text()))  # the user's JSON wins, key by key
         return config
 
     def prepare(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum_steps: int,

@@ -13,17 +13,15 @@ from tqdm.auto import tqdm
 from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
 from llmrl.config import Config, ConfigError, load_config, to_dict
 from llmrl.data import check_prompt_lengths, load_prompts
-from llmrl.console import run_cli
+from llmrl.console import config_parser, run_cli
 from llmrl.rewards import build_eval_reward, build_reward
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    parser = config_parser(description, "YAML recipe, e.g. configs/tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run.output_dir first")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    parser.add_argument("overrides", nargs="*", help="single-key overrides: section.key=value (ppo.total_steps=10)")
     return parser.parse_intermixed_args(argv)
 
 

@@ -7,7 +7,6 @@ pairs is reported before and after training. The saved folder is a plain sequenc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -141,10 +140,10 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmrl.console import run_cli
+    from llmrl.console import config_parser, run_cli
 
-    parser = argparse.ArgumentParser(description="Train a Bradley-Terry reward model from preference pairs.")
-    parser.add_argument("--config", required=True, help="YAML, e.g. configs/reward_minilm.yaml")
-    parser.add_argument("overrides", nargs="*", help="single-key overrides: key=value (e.g. max_steps=50)")
+    parser = config_parser("Train a Bradley-Terry reward model from preference pairs.",
+                           "YAML, e.g. configs/reward_minilm.yaml",
+                           overrides_help="single-key overrides: key=value (e.g. max_steps=50)")
     args = parser.parse_intermixed_args(argv)
     return run_cli(lambda: train_reward_model(load_config(args.config, args.overrides, RewardTrainConfig)))
