@@ -29,7 +29,9 @@ Both trainers are built in-process in their own subprocess (the script re-invoke
 with the same seed and ``torch.set_num_threads(--threads)``. llmrl is timed per ``trainer.train_step()``;
 TRL by a ``TrainerCallback`` at every E-th optimizer step (``on_step_end``), so both times are the wall time
 of a whole iteration: generation, reward, old and reference log-probs, E optimizer steps. The first
-``--warmup`` iterations (and all start-up) are left out. Each worker checks that the LoRA weights changed,
+``--warmup`` iterations (and all start-up) are left out. Each contender runs ``--rounds`` times, alternating
+with the other (llmrl, TRL, llmrl, TRL, ...), and the timed iterations of its rounds are pooled: a 2-core
+machine's speed drifts by tens of percent over minutes, and alternation spreads that drift over both. Each worker checks that the LoRA weights changed,
 counts optimizer steps and rollouts (TRL: E steps and one generation of R completions per iteration), and
 records the completion lengths, so that a no-op or a different schedule would show.
 
@@ -244,6 +246,17 @@ class Memory:
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         return out
+
+
+def merge_rounds(runs: list[dict], spec: dict) -> dict:
+    """One contender's rounds as one result: the timed iterations of all rounds pooled."""
+    merged = dict(runs[0])
+    timed = [t for r in runs for t in r["iteration_seconds"][spec["warmup"]:]]
+    median, mean = statistics.median(timed), statistics.fmean(timed)
+    merged.update(rounds=len(runs), iterations=len(timed), timed_seconds=timed, s_per_iter_median=median,
+                  s_per_iter_mean=mean, samples_per_s=spec["R"] / median, samples_per_s_mean=spec["R"] / mean,
+                  samples_per_s_by_round=[r["samples_per_s"] for r in runs])
+    return merged
 
 
 def summarize_times(times: list[float], spec: dict) -> dict:
@@ -635,6 +648,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=5, help="timed iterations (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="first iterations left out of the timing")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="each contender runs this many times, alternating; the timed iterations are pooled")
     p.add_argument("--rollout", type=int, default=64, help="R: completions per iteration")
     p.add_argument("--generations", type=int, default=4, help="K: completions per prompt")
     p.add_argument("--new-tokens", type=int, default=8, help="N: at most this many new tokens per completion")
@@ -677,7 +692,8 @@ def main(argv=None) -> int:
     for ok, why in ((R % K == 0, f"--rollout {R} must be divisible by --generations {K}"),
                     (R % M == 0, f"--rollout {R} must be divisible by --micro {M}"),
                     (K >= 2, "RLOO needs --generations >= 2"),
-                    (args.iterations >= 1 and args.warmup >= 0, "--iterations >= 1 and --warmup >= 0"),
+                    (args.iterations >= 1 and args.warmup >= 0 and args.rounds >= 1,
+                     "--iterations >= 1, --warmup >= 0 and --rounds >= 1"),
                     (min(E, N, M, args.threads) >= 1, "--epochs, --new-tokens, --micro, --threads must be >= 1")):
         if not ok:
             raise SystemExit(why)
@@ -707,7 +723,11 @@ def main(argv=None) -> int:
         spec["reward"] = (length_reward(model_dir, N) if reward == "length"
                           else {"function": "exact_match", "kwargs": {}})
         model_info = check_context(model_dir, spec)
-        results = [run_worker(name, spec) for name in contenders]
+        rounds = {name: [] for name in contenders}
+        for _ in range(args.rounds):  # alternating, so that a drift in the machine's speed reaches both alike
+            for name in contenders:
+                rounds[name].append(run_worker(name, spec))
+        results = [merge_rounds(runs, spec) for runs in rounds.values()]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -722,8 +742,9 @@ def main(argv=None) -> int:
         print(f"- {r['contender']}: {r['rollouts']} rollouts of {R}, {r['optimizer_steps']} optimizer steps; "
               f"completion length mean {statistics.fmean(lengths):.2f} (max {r['completion_max_length']}, "
               f"bound {N}); LoRA changed in {r['lora_tensors_changed']}/{r['lora_tensors']} tensors "
-              f"(max |delta| {r['lora_max_abs_change']:.2e}); seconds per iteration "
-              f"{', '.join(f'{t:.3f}' for t in r['iteration_seconds'])} (first {args.warmup} not timed)")
+              f"(max |delta| {r['lora_max_abs_change']:.2e}, first round); samples/s by round "
+              f"{', '.join(f'{x:.1f}' for x in r['samples_per_s_by_round'])}; timed seconds per iteration "
+              f"{', '.join(f'{t:.3f}' for t in r['timed_seconds'])}")
     if "llmrl" in by_name and "trl" in by_name and \
             by_name["llmrl"]["lora_parameters"] != by_name["trl"]["lora_parameters"]:
         print(f"WARNING: LoRA sizes differ: llmrl {by_name['llmrl']['lora_parameters']} parameters, "
