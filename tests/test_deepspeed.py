@@ -193,15 +193,23 @@ for new_tokens in ((1, 12), (12, 1)):  # the ranks decode different numbers of t
 cfg.generation.max_new_tokens = (1, 12)[rank]
 trainer.train_step()  # ranks with unequal rollouts train together: 2 minibatches x 2 epochs
 trainer.train_step()
+# Without gathering, every forward fetches weights collectively: the ranks decode in lockstep (the engine's
+# all_finished all-reduce), so both return as many columns, whatever their own prompts need.
+cfg.generation.max_new_tokens = 12
+mine = [r["prompt"] for r in trainer.train_rows if len(r["answer"]) == (3, 5)[rank]][:4]  # 3 or 5 letters
+natural = trainer.generate(mine).response.shape[1]  # gathered weights: each rank at its own pace
+strategy.ds_cfg.gather_for_generation = False
+synced = trainer.generate(mine).response.shape[1]
 with open(f"{run_dir}.rank{rank}.json", "w") as f:  # a file each: the ranks share one stdout
-    json.dump({"rank": rank, "lengths": lengths, "counts": counts}, f)
+    json.dump({"rank": rank, "lengths": lengths, "counts": counts, "natural": natural, "synced": synced}, f)
 strategy.barrier()
 """
 
 
 def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, tmp_path):
     """Regression: ZeRO-3 hung when one rank kept decoding after the other had finished, because DeepSpeed's
-    hooks re-gathered the weights for each token (collectives the finished rank never joined)."""
+    hooks re-gathered the weights for each token (collectives the finished rank never joined). Also the
+    other mode, gather_for_generation: false, where the ranks must decode in lockstep instead."""
     script = tmp_path / "generate.py"
     script.write_text(ZERO3_GENERATION)
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
@@ -214,6 +222,9 @@ def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, t
         assert lengths[rank] == 1 and lengths[1 - rank] > 1, lengths  # this rank decoded 1 token, then several
         # One gather per rollout, however many tokens: the same collectives for 1 token as for several.
         assert counts[0] == counts[1] and counts[0] > 0, counts
+    natural = [r["natural"] for r in results]
+    assert natural[0] < natural[1], results  # rank 1's answers are longer
+    assert [r["synced"] for r in results] == [natural[1], natural[1]], results  # both ran as long as the slowest
 
 
 def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
