@@ -13,24 +13,17 @@ import torch
 def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, out: str | Path | None = None,
                         n_samples: int = 8, overrides: list[str] = ()) -> dict:
     from llmrl.config import ConfigError, load_config
-    from llmrl.data import load_prompts
-    from llmrl.policy import build_policy
-    from llmrl.rewards import build_eval_reward, build_reward
     from llmrl.strategy import SingleProcess
-    from llmrl.trainer import PPOTrainer
+    from llmrl.trainer import build_trainer
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "adapter").is_dir():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
                           f"step-N/ folder")
     cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
-    strategy = SingleProcess(cfg.run.device, cfg.run.threads)
-    strategy.seed_everything(cfg.run.seed)
-    train_rows, eval_rows = load_prompts(cfg.data)
-    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
-    trainer = PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
-                         strategy, checkpoint.parent, build_eval_reward(cfg.reward))
+    trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
     trainer.load_weights(checkpoint)
+    policy, eval_rows = trainer.policy, trainer.eval_rows
 
     with policy.reference():
         before = trainer.evaluate()
@@ -61,8 +54,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
 
 
 def markdown(result: dict) -> str:
-    def cell(text) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
+    from llmrl.tracking import markdown_cell as cell
 
     lines = [f"# Evaluation of `{result['checkpoint']}`", "",
              f"- held-out prompts: {result['prompts']}",

@@ -68,11 +68,8 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "samples": rows}) + "\n")
 
-        def cell(x) -> str:
-            return str(x).replace("|", "\\|").replace("\n", " ")
-
         table = "| prompt | completion | reward |\n|---|---|---|\n" + "".join(
-            f"| {cell(r['prompt'])} | {cell(r['completion'])} | {r['reward']} |\n" for r in rows)
+            f"| {markdown_cell(r['prompt'])} | {markdown_cell(r['completion'])} | {r['reward']} |\n" for r in rows)
         self.tb.add_text("samples", table, step)
         self.tb.flush()
         if self.wandb is not None:
@@ -87,6 +84,11 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def markdown_cell(text) -> str:
+    """``text`` safe inside one Markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def read_log(run_dir: Path) -> list[dict]:
