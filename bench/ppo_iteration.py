@@ -275,23 +275,15 @@ def sync(device: str) -> None:
 
 
 def run_llmrl(spec: dict) -> dict:
-    from llmrl.data import load_prompts
-    from llmrl.policy import build_policy
-    from llmrl.rewards import build_eval_reward, build_reward
     from llmrl.strategy import SingleProcess
-    from llmrl.trainer import PPOTrainer
+    from llmrl.trainer import build_trainer
 
     device = spec["device"]
     memory = Memory(device)
     cfg = load_llmrl_config(spec)
-    # As tests/helpers.py::make_trainer builds it.
-    strategy = SingleProcess(device)
-    strategy.seed_everything(cfg.run.seed)
-    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
-    memory.mark_load()
-    train_rows, eval_rows = load_prompts(cfg.data)
-    trainer = PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
-                         strategy, Path(cfg.run.output_dir), build_eval_reward(cfg.reward))
+    trainer = build_trainer(cfg, SingleProcess(device))
+    policy = trainer.policy
+    memory.mark_load()  # model, LoRA, prompts and reward loaded; no step taken yet
 
     rollouts: list[dict] = []  # one per generation call: completions and the longest completion
     generate = trainer.generate

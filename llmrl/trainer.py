@@ -398,3 +398,20 @@ class PPOTrainer:
 
 
 __all__ = ["PPOTrainer", "RewardError"]
+
+
+def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> PPOTrainer:
+    """A PPO trainer on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
+
+    ``run_dir`` defaults to ``run.output_dir``. ``llmrl.train.run`` does more in between (run directory,
+    warm start, prompt-length checks, DPO); evaluation, tests and benchmarks build one with this.
+    """
+    from llmrl.data import load_prompts
+    from llmrl.policy import build_policy
+    from llmrl.rewards import build_eval_reward, build_reward
+
+    strategy.seed_everything(cfg.run.seed)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    train_rows, eval_rows = load_prompts(cfg.data)
+    return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
+                      strategy, Path(run_dir or cfg.run.output_dir), build_eval_reward(cfg.reward))

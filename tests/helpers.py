@@ -15,15 +15,7 @@ def tiny_config(model_dir, run_dir, *overrides):
 
 
 def make_trainer(cfg, strategy=None):
-    from llmrl.data import load_prompts
-    from llmrl.policy import build_policy
-    from llmrl.rewards import build_eval_reward, build_reward
     from llmrl.strategy import SingleProcess
-    from llmrl.trainer import PPOTrainer
+    from llmrl.trainer import build_trainer
 
-    strategy = strategy or SingleProcess("cpu")
-    strategy.seed_everything(cfg.run.seed)
-    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
-    train_rows, eval_rows = load_prompts(cfg.data)
-    return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
-                      strategy, Path(cfg.run.output_dir), build_eval_reward(cfg.reward))
+    return build_trainer(cfg, strategy or SingleProcess("cpu"))
