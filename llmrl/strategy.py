@@ -10,6 +10,7 @@ are already divided by the minibatch's (global) token count, so no strategy resc
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from contextlib import contextmanager, nullcontext
@@ -127,6 +128,15 @@ class SingleProcess:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a shared-memory file per rank (about 66 MB) and never removes it, so
+    every CPU run would leave its files in /dev/shm, in RAM, until reboot. Each rank removes its own at exit
+    (the other ranks keep their mappings)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 class DeepSpeed(SingleProcess):
     """ZeRO data parallelism over ``deepspeed`` launcher ranks (gloo on CPU, NCCL on GPU)."""
 
@@ -146,6 +156,8 @@ class DeepSpeed(SingleProcess):
         if use_cuda:
             torch.cuda.set_device(local_rank)
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if not use_cuda:
+            atexit.register(unlink_cpu_allreduce_buffer, self.rank)
         self.ds_cfg = ds_cfg
         self.dtype = dtype
         self.zero_stage = ds_cfg.zero_stage

@@ -76,6 +76,12 @@ def test_zero2_and_zero3_match_the_single_process_run(equal_runs):
     assert single[-1]["objective/kl"] != 0.0  # the policy moved: equal numbers are not trivially equal
 
 
+def test_cpu_ranks_leave_no_shared_memory_behind(equal_runs):
+    # DeepSpeed's CPU all-reduce maps one /dev/shm file per rank (~66 MB of RAM) and never removes it.
+    port = 29500 + os.getpid() % 1000  # launch()'s
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
     final = equal_runs / "zero3" / "final"
     adapter = load_file(final / "adapter" / "adapter_model.safetensors")
