@@ -28,7 +28,8 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
     """{base model state-dict name: tensor} for every layer the adapter changes, whole: its weight with the
     active adapter's delta added (W + scale * B A), and its other parameters (the bias) as they are.
 
-    ``model`` is a peft model; it is left as it is (nothing merged in place). The names and layouts are
+    ``model`` is a peft model; it is left as it is (nothing merged in place). With the adapter disabled
+    (``Policy.reference()``) the weights are the base's, as the model then computes. The names and layouts are
     those of the base model's own checkpoint (GPT-2's Conv1D included), which is what vLLM loads. Whole
     layers, because vLLM reloads a layer's parameters together and would leave a missing one undefined.
     """
@@ -43,9 +44,11 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
         if type(base.weight).__module__.startswith("bitsandbytes"):
             raise ValueError(f"{name} is quantized: its merged weight would not be a plain tensor (vLLM loads "
                              f"its own full-precision base)")
+        # Switched off (the reference policy), or already merged into the base weight: nothing to add.
+        adds_delta = not (module.disable_adapters or module.merged)
         for param_name, param in base.named_parameters():
             tensor = param.detach()
-            if param_name == "weight":
+            if param_name == "weight" and adds_delta:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)

@@ -43,6 +43,7 @@ def tiny_base(kind: str):
 def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
     base = tiny_base(kind)
     plain = copy.deepcopy(base)  # what vLLM holds: the base checkpoint, no peft
+    base_state = copy.deepcopy(plain.state_dict())
     model = add_lora(base, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,6 +71,9 @@ def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
         torch.testing.assert_close(plain(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
         with model.disable_adapter():  # nothing was merged into the trained model itself
             torch.testing.assert_close(model(input_ids=ids).logits, bare, atol=0, rtol=0)
+    with model.disable_adapter():  # the reference policy: vLLM must get the base weights back
+        for name, tensor in merged_lora_weights(model).items():
+            torch.testing.assert_close(tensor, base_state[name], atol=0, rtol=0)
     # Under ZeRO-3 the trainer gathers exactly what merged_lora_weights reads.
     read = {id(p) for p in adapted_parameters(model)}
     for name, p in model.named_parameters():
@@ -147,6 +151,12 @@ def test_vllm_greedy_tokens_follow_the_adapter(vllm_model_dir, tmp_path):
         trainer.engine = engine
         assert by_vllm.response.tolist() == by_llmrl.response.tolist()
         assert by_vllm.ended.tolist() == by_llmrl.ended.tolist()
+    with trainer.policy.reference():  # adapter off (the "before" of llmrl eval): vLLM gets the base back
+        by_vllm = trainer.generate(prompts, greedy=True)
+        engine, trainer.engine = trainer.engine, fast
+        by_llmrl = trainer.generate(prompts, greedy=True)
+        trainer.engine = engine
+    assert by_vllm.response.tolist() == by_llmrl.response.tolist()
 
 
 def ppo_run(run_dir, *overrides, ranks=0):
