@@ -254,6 +254,8 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
         "if rank == 0:\n"
         "    print('NORM', float(engine.get_global_grad_norm()), flush=True)\n"
         "torch.distributed.barrier()\n"
+        "from llmrl.strategy import unlink_cpu_allreduce_buffer\n"
+        "unlink_cpu_allreduce_buffer(rank)  # plain DeepSpeed leaves it in /dev/shm\n"
         "torch.distributed.destroy_process_group()\n")
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
                           str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env())
