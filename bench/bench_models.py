@@ -14,6 +14,8 @@ from llmrl.tasks import SEPARATOR  # noqa: E402
 from llmrl.tiny import char_tokenizer, tiny_gpt2  # noqa: E402
 
 SIZES = {  # name -> GPT-2 shape; vocab None: just the task's characters
+    # almost no arithmetic: what remains is the per-token overhead that dominates a GPU's decode (a CPU proxy)
+    "micro": dict(n_layer=1, n_embd=16, n_head=1, n_positions=256, vocab=None),
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=64, vocab=None),  # configs/tiny.yaml's shape
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab=50257),  # GPT-2 124M
     "1b": dict(n_layer=24, n_embd=2048, n_head=16, n_positions=1024, vocab=50257),  # ~1.3B
