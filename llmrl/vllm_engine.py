@@ -143,8 +143,8 @@ class VLLMEngine:
         Under ZeRO-3 the caller gathers the adapted layers' parameters around this call.
         """
         weights = list(merged_lora_weights(model).items())
-        # The workers' in-place reload (tested with vLLM 0.32): it restores what loading needs and redoes the
-        # per-layer processing (repacking on a CPU), then copies into the same storage (CUDA graphs stay valid).
+        # The workers' in-place reload (tested with vLLM 0.31 and 0.32): it restores what loading needs, redoes
+        # the per-layer processing (repacking on a CPU) and copies into the same storage (CUDA graphs stay valid).
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt keys and values were computed with the old weights
         return len(weights)
