@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks still owed (speed targets, DeepSpeed and 8-bit/4-bit on CUDA), as one device call of about
+# The GPU checks still owed (speed targets, DeepSpeed and 8-bit on CUDA), as one device call of about
 # 8 minutes on an H100. Nothing here has run on a GPU yet: it is prepared so that a session lent one spends
 # its device time measuring, not writing. On this machine, once:
 #     ../shared/gpu/fetch-wheels.sh          # the wheels the GPU machine lacks, into .whl (git-ignored)
@@ -12,6 +12,7 @@
 #   iteration   whole RLOO iterations, llmrl vs TRL's RLOOTrainer, GPT-2 124M, same settings; target >= 1.5x.
 #   memory      peak GPU memory and step time, GPT-2 124M: one process, ZeRO-2, ZeRO-3 x bf16/8-bit
 #               (bitsandbytes + ZeRO-3 is refused at start-up by design).
+# Not here: the vLLM engine (vllm, hundreds of MB, does not fit the 64 MiB that can travel to the machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
