@@ -145,7 +145,6 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from llmrl.console import config_parser, run_cli
 
     parser = config_parser("Serve a config's reward over HTTP (POST /score, GET /health).",

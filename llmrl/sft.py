@@ -78,7 +78,6 @@ def run_warm_start(cfg: Config, progress: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from llmrl.config import load_config
     from llmrl.console import config_parser, run_cli
 

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -89,11 +90,12 @@ class PPOTrainer:
 
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
         if isinstance(self.engine, VLLMEngine):  # vLLM decodes: the model is only read, block by block
+            context, kwargs = nullcontext(), {}
+        else:
+            context, kwargs = self.strategy.generation_context(self.policy), self.strategy.generate_kwargs
+        with context:
             return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
-                            greedy=greedy, engine=self.engine)
-        with self.strategy.generation_context(self.policy):
-            return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
-                            greedy=greedy, engine=self.engine, **self.strategy.generate_kwargs)
+                            greedy=greedy, engine=self.engine, **kwargs)
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked whitening over the global batch (all ranks), not only this rank's share."""
