@@ -112,7 +112,9 @@ def torchrun_variables():
     """vLLM's in-process ("external launcher") engine reads torchrun's variables while it starts. Under a
     launcher they are set already; one process is rank 0 of 1, on a free port (a fixed one may be held by
     another run on this machine), set only while vLLM starts so that no child process inherits them."""
-    if "RANK" in os.environ:
+    from llmrl.strategy import launched_by_deepspeed
+
+    if launched_by_deepspeed():
         yield
         return
     with socket.socket() as s:
