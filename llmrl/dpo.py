@@ -11,7 +11,7 @@ import torch
 
 from llmrl import rl
 from llmrl.config import ConfigError
-from llmrl.rollout import Experience
+from llmrl.rollout import Experience, right_padded
 from llmrl.trainer import PPOTrainer
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -32,12 +32,7 @@ def encode(tokenizer, prompts: list[str], completions: list[str], device) -> Exp
     """Left-padded prompts and right-padded completions (each ending with EOS), as an Experience."""
     query = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
-    T = max(map(len, ids))
-    response = torch.full((len(ids), T), tokenizer.pad_token_id)
-    mask = torch.zeros((len(ids), T))
-    for i, seq in enumerate(ids):
-        response[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1.0
+    response, mask = right_padded(ids, tokenizer.pad_token_id)
     return Experience(query=query["input_ids"].to(device), query_mask=query["attention_mask"].to(device),
                       response=response.to(device), response_mask=mask.to(device))
 

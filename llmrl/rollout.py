@@ -56,6 +56,17 @@ class Experience:
                              for f in fields(self)})
 
 
+def right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, N) ids right-padded with ``pad_token_id``, (B, N) float mask of the real ones)."""
+    width = max(1, max(len(seq) for seq in sequences))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1.0
+    return ids, mask
+
+
 def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
     """(B, T) sampled ids -> (ids with pad after the first EOS, float mask up to and including it, has_eos (B,))."""
     is_eos = response == eos_token_id

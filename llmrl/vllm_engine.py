@@ -24,6 +24,7 @@ import torch
 
 from llmrl.config import ConfigError, GenerationConfig, ModelConfig
 from llmrl.engine import Sampling
+from llmrl.rollout import right_padded
 
 
 def merged_lora_weights(model, gathered: Callable | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,15 +90,6 @@ def sampling_arguments(sampling: Sampling, max_new_tokens: int, eos_token_id: in
                 temperature=0.0 if sampling.greedy else sampling.temperature,  # vLLM: 0 is greedy
                 top_k=0 if sampling.greedy else sampling.top_k,  # vLLM: 0 keeps all tokens, as llmrl's 0
                 top_p=1.0 if sampling.greedy else sampling.top_p)
-
-
-def completion_tensor(completions: list[list[int]], pad_token_id: int, device) -> torch.Tensor:
-    """Completion token ids (each ending with the stop token when it stopped) -> (B, N) right-padded."""
-    width = max(1, max(len(c) for c in completions))
-    tokens = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
-    for row, completion in enumerate(completions):
-        tokens[row, :len(completion)] = torch.tensor(completion, dtype=torch.long)
-    return tokens.to(device)
 
 
 def max_model_len(max_prompt_length: int, max_new_tokens: int, context: int | None) -> int:
@@ -184,4 +176,4 @@ class VLLMEngine:
             if done.finish_reason == "stop" and (not done.token_ids or done.token_ids[-1] != self.eos_token_id):
                 raise RuntimeError(f"vLLM stopped completion {i} on {done.stop_reason!r}, not on llmrl's EOS "
                                    f"{self.eos_token_id}: the rollout would train on tokens never sampled")
-        return completion_tensor(completions, self.pad_token_id, input_ids.device), None
+        return right_padded(completions, self.pad_token_id)[0].to(input_ids.device), None

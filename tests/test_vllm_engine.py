@@ -17,10 +17,9 @@ from helpers import make_trainer, tiny_config
 from llmrl.config import ConfigError, LoraConfig
 from llmrl.engine import RolloutEngine, Sampling
 from llmrl.policy import add_lora
-from llmrl.rollout import truncate_at_eos
+from llmrl.rollout import right_padded, truncate_at_eos
 from llmrl.tracking import read_log
-from llmrl.vllm_engine import (completion_tensor, max_model_len, merged_lora_weights, prompt_token_ids,
-                               sampling_arguments)
+from llmrl.vllm_engine import max_model_len, merged_lora_weights, prompt_token_ids, sampling_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 # On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
@@ -113,8 +112,9 @@ def test_prompts_and_completions_cross_the_boundary_without_padding():
     assert prompt_token_ids(input_ids, mask) == [[5, 6], [3, 4, 5, 6], [7]]
 
     # vLLM returns each completion up to and including its stop token, or max_tokens long.
-    tokens = completion_tensor([[4, eos], [1, 2, 3], [eos]], pad, torch.device("cpu"))
+    tokens, real = right_padded([[4, eos], [1, 2, 3], [eos]], pad)
     assert tokens.tolist() == [[4, eos, pad], [1, 2, 3], [eos, pad, pad]]
+    assert real.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
     response, response_mask, ended = truncate_at_eos(tokens, eos, pad)
     assert ended.tolist() == [True, False, True]
     assert response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
