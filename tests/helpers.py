@@ -1,4 +1,9 @@
-"""Building a trainer on a tiny model in-process, for tests that need the real pieces together."""
+"""Building a trainer on a tiny model in-process, for tests that need the real pieces together, and running
+``launch/ppo.py`` in a subprocess, in one process or on CPU ranks under the deepspeed launcher."""
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from llmrl.config import load_config
@@ -19,3 +24,32 @@ def make_trainer(cfg, strategy=None):
     from llmrl.trainer import build_trainer
 
     return build_trainer(cfg, strategy or SingleProcess("cpu"))
+
+
+# Greedy rollouts make the samples independent of how the batch is split over ranks; one minibatch per
+# rollout and one PPO epoch make the update one full-batch gradient step: so such runs must agree.
+EQUAL = ["generation.do_sample=false", "ppo.total_steps=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
+         "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
+MASTER_PORT = 29500 + os.getpid() % 1000  # launch_ppo's: fixed for the test session, apart from other sessions'
+
+
+def subprocess_env() -> dict:
+    """This environment, offline, with llmrl importable (also from a side environment, as the vllm tests')."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+
+
+def launch_ppo(args, ranks=2) -> subprocess.CompletedProcess:
+    """``launch/ppo.py --config configs/tiny.yaml ARGS`` under the deepspeed launcher with ``ranks`` CPU ranks
+    (gloo), or plain python for ranks=0; with this interpreter either way."""
+    head = [sys.executable] if ranks == 0 else \
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(MASTER_PORT)]
+    return subprocess.run([*head, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=subprocess_env())
+
+
+def training_rows(run_dir) -> list[dict]:
+    """The training steps' rows of a run's log.jsonl (not evaluations or sample tables)."""
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()
+            if "reward/mean" in line]

