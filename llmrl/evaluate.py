@@ -36,10 +36,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     kls = []
     for start in range(0, len(prompts), 64):
         exp = trainer.generate(prompts[start:start + 64])
-        logprobs, _, _ = trainer.forward_logprobs(exp, with_values=False)
-        with policy.reference():
-            ref_logprobs, _, _ = trainer.forward_logprobs(exp, with_values=False)
-        kls.extend(((logprobs - ref_logprobs) * exp.response_mask).sum(1).tolist())
+        trainer.fill_logprobs(exp)
+        kls.extend(((exp.logprobs - exp.ref_logprobs) * exp.response_mask).sum(1).tolist())
 
     samples = [{"prompt": b[0], "before": b[1], "reward_before": b[2], "after": a[1], "reward_after": a[2]}
                for b, a in zip(before_samples[:n_samples], after_samples[:n_samples])]

@@ -167,6 +167,24 @@ class PPOTrainer:
         return logprobs, values, entropy
 
     @torch.no_grad()
+    def fill_logprobs(self, exp: Experience) -> torch.Tensor:
+        """Set ``exp.logprobs``, ``.ref_logprobs`` and ``.values`` (zeros without a critic) of a rollout;
+        returns its (B, T) entropy. Microbatches of similar lengths, each cut to its own longest row: less
+        padding to compute."""
+        exp.logprobs, exp.ref_logprobs, exp.values, entropy = (torch.zeros_like(exp.response_mask) for _ in range(4))
+        order = torch.argsort(exp.lengths, stable=True)
+        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(self.cfg.ppo.micro_batch_size)]
+        for idx, chunk in chunks:
+            T = chunk.response.shape[1]
+            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, self.estimator.uses_critic)
+            if v is not None:
+                exp.values[idx, :T] = v.float()
+        with self.policy.reference():  # entered once: switching the adapter off walks the whole model
+            for idx, chunk in chunks:
+                exp.ref_logprobs[idx, :chunk.response.shape[1]] = self.forward_logprobs(chunk, False)[0]
+        return entropy
+
+    @torch.no_grad()
     def make_experience(self, rows: list[dict]) -> tuple[Experience, dict]:
         cfg = self.cfg
         self.policy.eval()
@@ -191,18 +209,7 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
         scores = torch.where(valid, scores, torch.zeros_like(scores))
 
-        # Microbatches of similar lengths, each cut to its own longest row: less padding to compute.
-        exp.logprobs, exp.ref_logprobs, exp.values, entropy = (torch.zeros_like(exp.response_mask) for _ in range(4))
-        order = torch.argsort(exp.lengths, stable=True)
-        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(cfg.ppo.micro_batch_size)]
-        for idx, chunk in chunks:
-            T = chunk.response.shape[1]
-            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, self.estimator.uses_critic)
-            if v is not None:
-                exp.values[idx, :T] = v.float()
-        with self.policy.reference():  # entered once: switching the adapter off walks the whole model
-            for idx, chunk in chunks:
-                exp.ref_logprobs[idx, :chunk.response.shape[1]] = self.forward_logprobs(chunk, False)[0]
+        entropy = self.fill_logprobs(exp)
         exp.scores = scores
         mask = exp.response_mask
 
