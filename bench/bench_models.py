@@ -22,8 +22,8 @@ SIZES = {  # name -> GPT-2 shape; vocab None: just the task's characters
 }
 
 
-def build(name: str):
+def build(name: str, seed: int = 0):
     """(GPT2LMHeadModel with random weights, its tokenizer) of size ``name``."""
     shape = dict(SIZES[name])
     tokenizer = char_tokenizer("abcdef" + SEPARATOR, vocab_size=shape.pop("vocab"))
-    return tiny_gpt2(tokenizer, seed=0, **shape), tokenizer
+    return tiny_gpt2(tokenizer, seed=seed, **shape), tokenizer

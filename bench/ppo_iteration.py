@@ -70,9 +70,8 @@ Remaining differences (not settings, but how each library works):
 
 Models: on CPU by default llmrl's tiny warm start (``launch/sft.py``, 300 steps, a 2-layer GPT-2 and a
 character tokenizer), built in a temporary folder unless ``--model DIR`` names one (built there when
-missing, reused after). On CUDA by default GPT-2 124M (``transformers.GPT2Config()``) with random weights and
-a byte-level BPE from ``llmrl.tiny.bpe_tokenizer`` trained on the task texts, padded with placeholder tokens
-to 50257 ids. A random model never produces an exact match, so all advantages would be zero and nothing
+missing, reused after). On CUDA by default GPT-2 124M with random weights and the task's character tokenizer
+padded with placeholder tokens to GPT-2's 50257 ids (``bench_models``, as the other benchmarks). A random model never produces an exact match, so all advantages would be zero and nothing
 would train; with it the reward is ``reward_models.rules.length_target`` in characters (target 0, tolerance
 3/4 of the expected length of N random tokens: shorter completions score higher, linearly), the same
 function for both (``--reward`` overrides the choice).
@@ -108,7 +107,6 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 RESULT_TAG = "PPO_ITERATION_RESULT "
 MODEL_MARK = "bench_model.json"  # written beside a model this script built: {"kind": "tiny" | "gpt2"}
-GPT2_VOCAB = 50257
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,30 +509,15 @@ def build_tiny(model_dir: Path, spec: dict) -> None:
 
 
 def build_gpt2(model_dir: Path, spec: dict) -> None:
-    """GPT-2 124M (transformers' GPT2Config defaults) with random weights, and a byte-level BPE tokenizer
-    trained on the task's texts, padded with placeholder tokens to GPT-2's 50257 ids (nothing downloaded)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from llmrl.config import load_config
-    from llmrl.tasks import task_rows
-    from llmrl.tiny import bpe_tokenizer
+    """GPT-2 124M with random weights and GPT-2's vocabulary size (``bench_models``; nothing downloaded)."""
+    from bench_models import build
 
     print(f"building a random-weight GPT-2 124M in {model_dir} ...", file=sys.stderr, flush=True)
-    t = load_config(REPO / "configs" / "tiny.yaml", []).data.task
-    rows = task_rows("reverse", t.alphabet, t.min_len, t.max_len, t.eval_fraction, "train", t.max_per_length)
-    tokenizer = bpe_tokenizer([r["prompt"] + r["answer"] for r in rows], vocab_size=300)
-    tokenizer.add_tokens([f"<|x{i}|>" for i in range(GPT2_VOCAB - len(tokenizer))])
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(spec["seed"])
-        model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model, tokenizer = build("gpt2", seed=spec["seed"])
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    (model_dir / MODEL_MARK).write_text(json.dumps({"kind": "gpt2", "config": "GPT2Config()", "weights": "random"}))
+    (model_dir / MODEL_MARK).write_text(json.dumps({"kind": "gpt2", "shape": "bench_models.SIZES['gpt2']",
+                                                    "weights": "random"}))
 
 
 def length_reward(model_dir: Path, n_new: int) -> dict:
