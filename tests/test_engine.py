@@ -59,10 +59,16 @@ def test_greedy_tokens_and_logprobs_equal_generate(trainer, static):
 @pytest.mark.slow
 def test_compiled_step_gives_generates_greedy_tokens(trainer):
     """generation.compile: the torch.compile'd one-token step on a static cache (CUDA graphs on a GPU, the
-    same code path compiled for the CPU here); compiles once, then decodes again without recompiling."""
+    same code path compiled for the CPU here). The step must be one graph with no graph break (a break splits
+    the CUDA graph and puts Python back between its pieces) and must not recompile from token to token or
+    from one rollout to the next (the cache position changes each step: a guard on its value would)."""
+    from torch._dynamo.utils import counters
+
     tok = trainer.tokenizer
     enc, ref_tokens, ref_logprobs = reference(trainer, 10, do_sample=False)
     engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id, compile=True)
+    torch._dynamo.reset()
+    counters.clear()
     for _ in range(2):
         tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
                                            Sampling(greedy=True))
@@ -70,6 +76,9 @@ def test_compiled_step_gives_generates_greedy_tokens(trainer):
         keep = live(tokens, tok.eos_token_id)
         assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5)
     assert len(engine._compiled) == 1
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert dict(counters["recompiles"]) == {}
 
 
 def test_sampled_tokens_equal_generate_from_the_same_seed(trainer):
