@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
-from llmrl.engine import forward_arguments
+from llmrl.engine import forward_arguments, last_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PAD_TOKEN = "<|pad|>"
@@ -164,7 +164,8 @@ class Policy(nn.Module):
         """
         if self._keeps_logits is None:
             self._keeps_logits = forward_arguments(self.model)[1]
-        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keeps_logits else {}
+        extra = {"logits_to_keep": last_positions(logits_to_keep, input_ids.shape[1], input_ids.device)} \
+            if logits_to_keep and self._keeps_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask),
                          output_hidden_states=with_values, use_cache=False, **extra)
