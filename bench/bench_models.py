@@ -1,12 +1,16 @@
-"""The benchmarks' models: GPT-2s built from a config with random weights, so nothing is downloaded.
+"""The benchmarks' models (GPT-2s built from a config with random weights, so nothing is downloaded) and timer.
 
 The character tokenizer covers the string tasks; for the GPT-2-sized models its vocabulary is padded to
 GPT-2's 50,257 tokens, so that the output layer (often the largest single cost) is realistically wide.
 """
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,3 +31,17 @@ def build(name: str, seed: int = 0):
     shape = dict(SIZES[name])
     tokenizer = char_tokenizer("abcdef" + SEPARATOR, vocab_size=shape.pop("vocab"))
     return tiny_gpt2(tokenizer, seed=seed, **shape), tokenizer
+
+
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()`` (no warm-up), each timed to the end of the GPU's work."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -11,9 +11,7 @@ contiguous copy (no autograd, as in rollouts and the old/reference log-prob pass
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,24 +19,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_models import build  # noqa: E402
+from bench_models import build, median_seconds  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
 from llmrl.engine import last_positions  # noqa: E402
 from llmrl.policy import add_lora  # noqa: E402
 
 
 def seconds(fn, repeats: int, device) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    fn()  # warm-up
+    return median_seconds(fn, repeats, device)
 
 
 def main(argv=None) -> None:
@@ -54,11 +43,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, L, K = args.batch, args.length, args.keep
-    base, _ = build("gpt2")
     rows = []
     for name in args.dtypes:
         dtype = getattr(torch, name)
-        head = base.lm_head.weight.detach().to(device=device, dtype=dtype)
+        model = add_lora(build("gpt2")[0].to(device=device, dtype=dtype), LoraConfig(r=16, alpha=32)).eval()
+        head = model.get_output_embeddings().weight.detach()
         hidden = torch.randn(B, L, head.shape[1], device=device, dtype=dtype)
         strided, copied = hidden[:, -K:], hidden[:, -K:].contiguous()
         linear = torch.nn.functional.linear
@@ -66,7 +55,6 @@ def main(argv=None) -> None:
         rows.append((name, f"output layer, {B}x{K} rows", seconds(lambda: linear(strided, head), args.repeats, device),
                      seconds(lambda: linear(copied, head), args.repeats, device), same))
 
-        model = add_lora(build("gpt2")[0].to(device=device, dtype=dtype), LoraConfig(r=16, alpha=32)).eval()
         ids = torch.randint(3, 50_000, (B, L), device=device)
         index = last_positions(K, L, device)
         with torch.no_grad():

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_models import SIZES, build as build_model  # noqa: E402
+from bench_models import SIZES, build as build_model, median_seconds  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
 from llmrl.engine import RolloutEngine, Sampling  # noqa: E402
 from llmrl.policy import add_lora  # noqa: E402
@@ -88,11 +86,6 @@ def make_vllm_engine(folder: Path, dtype: torch.dtype, prompt_length: int, new_t
                       GenerationConfig(max_new_tokens=new_tokens), prompt_length, 0, no_stop, pad_token_id)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(SIZES),
@@ -134,14 +127,7 @@ def main(argv=None) -> None:
                     if reference is None:
                         reference = tokens
                     same = bool(torch.equal(tokens, reference))
-                    times = []
-                    for _ in range(args.repeats):
-                        sync(device)
-                        t0 = time.perf_counter()
-                        fn(ids, mask)
-                        sync(device)
-                        times.append(time.perf_counter() - t0)
-                seconds = statistics.median(times)
+                    seconds = median_seconds(lambda: fn(ids, mask), args.repeats, device)
                 rows.append({"model": name, "batch": batch, "new_tokens": new_tokens, "contender": label,
                              "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
                              "same_tokens_as_generate": same})
