@@ -39,14 +39,18 @@ def subprocess_env() -> dict:
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
 
 
-def launch_ppo(args, ranks=2) -> subprocess.CompletedProcess:
-    """``launch/ppo.py --config configs/tiny.yaml ARGS`` under the deepspeed launcher with ``ranks`` CPU ranks
-    (gloo), or plain python for ranks=0; with this interpreter either way."""
+def ppo_command(args, ranks=0, config=REPO / "configs" / "tiny.yaml") -> list[str]:
+    """``launch/ppo.py --config CONFIG ARGS`` with this interpreter: plain python for ranks=0, else under the
+    deepspeed launcher with ``ranks`` CPU ranks (gloo)."""
     head = [sys.executable] if ranks == 0 else \
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(MASTER_PORT)]
-    return subprocess.run([*head, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=subprocess_env())
+    return [*head, str(REPO / "launch" / "ppo.py"), "--config", str(config), *map(str, args)]
+
+
+def launch_ppo(args, ranks=2, config=REPO / "configs" / "tiny.yaml", timeout=600) -> subprocess.CompletedProcess:
+    """Runs ``ppo_command(args, ranks, config)`` offline to completion, output captured."""
+    return subprocess.run(ppo_command(args, ranks, config), capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=subprocess_env())
 
 
 def training_rows(run_dir) -> list[dict]:
