@@ -299,8 +299,9 @@ class Config:
              f"is {self.algorithm!r}: use ppo, grpo, rloo, reinforce or dpo"),
             (self.critic_free.scale in ("group", "batch", "none"), "critic_free.scale",
              f"is {self.critic_free.scale!r}: use group, batch or none"),
-            (self.algorithm != "rloo" or self.critic_free.num_generations >= 2, "critic_free.num_generations",
-             f"is {self.critic_free.num_generations}: RLOO needs at least 2 completions per prompt"),
+            (self.algorithm not in ("rloo", "grpo") or self.critic_free.num_generations >= 2,
+             "critic_free.num_generations", f"is {self.critic_free.num_generations}: {self.algorithm.upper()} needs "
+             "at least 2 completions per prompt (it compares each with the others of its prompt)"),
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
             (self.run.strategy in ("auto", "single", "deepspeed"), "run.strategy",
@@ -341,6 +342,20 @@ class Config:
             (0 < self.generation.vllm_gpu_memory_utilization < 1, "generation.vllm_gpu_memory_utilization",
              f"is {self.generation.vllm_gpu_memory_utilization}: must be between 0 and 1"),
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
+            (self.generation.top_k >= 0, "generation.top_k",
+             f"is {self.generation.top_k}: must be >= 0 (0 keeps every token)"),
+            (self.ppo.lr > 0, "ppo.lr", f"is {self.ppo.lr}: must be > 0"),
+            (self.ppo.clip_range > 0, "ppo.clip_range", f"is {self.ppo.clip_range}: must be > 0 (e.g. 0.2)"),
+            (self.ppo.clip_range_value > 0, "ppo.clip_range_value",
+             f"is {self.ppo.clip_range_value}: must be > 0 (e.g. 0.2)"),
+            (self.ppo.max_grad_norm >= 0, "ppo.max_grad_norm",
+             f"is {self.ppo.max_grad_norm}: must be > 0, or 0 for no clipping"),
+            (0 < self.ppo.gamma <= 1, "ppo.gamma", f"is {self.ppo.gamma}: must be in (0, 1] (RLHF uses 1)"),
+            (0 <= self.ppo.lam <= 1, "ppo.lam", f"is {self.ppo.lam}: must be in [0, 1] (e.g. 0.95)"),
+            (0 <= self.critic_free.baseline_momentum < 1, "critic_free.baseline_momentum",
+             f"is {self.critic_free.baseline_momentum}: must be in [0, 1)"),
+            (self.dpo.steps > 0, "dpo.steps", f"is {self.dpo.steps}: must be at least 1"),
+            (self.dpo.batch_size > 0, "dpo.batch_size", f"is {self.dpo.batch_size}: must be at least 1"),
         ]
         for ok, key, why in checks:
             if not ok:

@@ -93,25 +93,37 @@ def context_length(model) -> int | None:
 
 
 def base_fingerprint(model) -> dict:
-    """What identifies a base model: its shape and a sample of its embedding weights (never quantized).
+    """What identifies a base model: its shape, a sample of its embedding weights (never quantized) and the
+    first values of every other floating-point weight matrix (quantized ones are integers, left out).
 
-    Saved with every checkpoint, so that an adapter is never merged into a base it was not trained on.
+    Saved with every checkpoint, so that an adapter is never resumed on, evaluated on or merged into a base it
+    was not trained on. The weight samples tell a base from itself with a LoRA adapter merged in, which has the
+    same embeddings.
     """
     config = model.config.get_text_config()
-    sample = model.get_input_embeddings().weight[:4, :16].detach().float().flatten().tolist()
+    embeddings = model.get_input_embeddings().weight
+    sample = embeddings[:4, :16].detach().float().flatten().tolist()
+    weights = {name: w.detach().flatten()[:8].float().tolist() for name, w in model.named_parameters()
+               if w.dim() == 2 and w.is_floating_point() and w is not embeddings and w.numel() >= 8}
     return {"model_type": model.config.model_type, "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "embedding_sample": sample}
+            "embedding_sample": sample, "weight_samples": weights}
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
-    """A description of how two fingerprints differ, or None when they match (bf16 vs fp32 allowed)."""
+    """A description of how two fingerprints differ, or None when they match (bf16 vs fp32 allowed). Weight
+    matrices sampled in one only (one base quantized, or an older checkpoint) are not compared."""
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if saved.get(key) != current.get(key):
             return f"{key} {saved.get(key)!r} != {current.get(key)!r}"
     a, b = torch.tensor(saved["embedding_sample"]), torch.tensor(current["embedding_sample"])
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
         return "the embedding weights differ"
+    theirs, ours = saved.get("weight_samples", {}), current.get("weight_samples", {})
+    for name in sorted(theirs.keys() & ours.keys()):
+        a, b = torch.tensor(theirs[name]), torch.tensor(ours[name])
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
+            return f"the weights of {name} differ"
     return None
 
 

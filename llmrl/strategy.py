@@ -106,6 +106,10 @@ class SingleProcess:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, folder: Path, state: dict) -> None:
+        if "optimizer" not in state:  # DeepSpeed keeps it in its own files, partitioned over the ranks
+            raise ConfigError(f"checkpoint {folder} was written under DeepSpeed (ZeRO-{state.get('zero_stage')}, "
+                              f"{state.get('world_size')} ranks): resume it under the deepspeed launcher "
+                              f"(deepspeed --num_gpus N launch/ppo.py ... --resume)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -285,6 +289,9 @@ class DeepSpeed(SingleProcess):
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
     def load_state(self, folder: Path, state: dict) -> None:
+        if not (folder / self.ENGINE_DIR).is_dir():  # DeepSpeed would skip the missing files with a warning only
+            raise ConfigError(f"checkpoint {folder} was written by one plain process, not under DeepSpeed: resume "
+                              f"it the same way (python launch/ppo.py ... --resume)")
         saved = state.get("world_size")
         if saved is not None and saved != self.world_size and self.zero_stage != 0:
             # DeepSpeed itself refuses ("Automatic adjustment of ZeRO's optimizer state partitioning with a new

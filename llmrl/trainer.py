@@ -20,7 +20,7 @@ from llmrl.algorithms import make_estimator
 from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.engine import RolloutEngine
-from llmrl.policy import context_length
+from llmrl.policy import context_length, fingerprint_mismatch
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
 from llmrl.rollout import Experience, decode_completions, generate
 from llmrl.vllm_engine import VLLMEngine
@@ -78,7 +78,7 @@ class PPOTrainer:
         strategy.prepare(policy, self.optimizer, self.scheduler, p.max_grad_norm, accum, micro)
         self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
-        self.estimator = make_estimator(cfg)
+        self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
         self.engine = make_engine(cfg, tokenizer, strategy, context_length(policy.model))
         self.step = 0
         self.eval_reward_before: float | None = None
@@ -138,11 +138,17 @@ class PPOTrainer:
             self.policy.eval()
             exp = self.generate([r[self.cfg.data.prompt_column] for r in rows])
         _, result = self.score(rows, exp)
-        valid = torch.tensor(result.scores)[torch.tensor(result.valid)]
-        if valid.numel() < 2:
+        scores, valid = (torch.tensor(x, device=self.device) for x in (result.scores, result.valid))
+        moments = self.strategy.all_reduce_sum(rl.masked_moments(scores, valid.double()))
+        n, mean, m2 = rl.moments_stats(moments)  # over every rank's samples
+        if n < 2:
             raise RewardError(f"reward.normalize = reference needs at least 2 scored reference samples, got "
-                              f"{valid.numel()}: check the reward or use normalize: running")
-        self.reward_norm.update(valid)
+                              f"{n}: check the reward or use normalize: running")
+        if m2 == 0:  # every later score would be divided by ~1e-8
+            raise RewardError(f"reward.normalize = reference: all {n} reference samples scored {mean:g}, so "
+                              f"there is no spread to scale by: use normalize: running or none (a sparse reward "
+                              f"the base model never earns does this)")
+        self.reward_norm.update_moments(moments)
 
     # ------------------------------------------------------------------------------------------
     # rollout
@@ -198,8 +204,8 @@ class PPOTrainer:
         raw = torch.tensor(result.scores, dtype=torch.float32, device=self.device)
         valid = torch.tensor(result.valid, device=self.device)
         scores = raw
-        if cfg.reward.normalize == "running":
-            self.reward_norm.update(raw[valid])
+        if cfg.reward.normalize == "running":  # statistics of every rank's scores: the same on every rank
+            self.reward_norm.update_moments(self.strategy.all_reduce_sum(rl.masked_moments(raw, valid.double())))
         if cfg.reward.normalize != "none":
             scores = self.reward_norm.normalize(scores).float()
         eos = exp.ended
@@ -211,13 +217,12 @@ class PPOTrainer:
 
         entropy = self.fill_logprobs(exp)
         exp.scores = scores
-        mask = exp.response_mask
+        # Skipped samples (reward.on_error: skip) keep their tokens out of every baseline, loss and statistic.
+        exp.response_mask = mask = exp.response_mask * valid.unsqueeze(1).float()
 
         kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * mask
         advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
-                                                            mask, self.kl_ctl.value)
-        # Skipped samples (reward.on_error: skip) keep their tokens out of every loss and statistic.
-        exp.response_mask = mask = mask * valid.unsqueeze(1).float()
+                                                            mask, self.kl_ctl.value, valid)
         if self.estimator.uses_critic and self.strategy.all_reduce_sum(mask.sum()) >= 2:  # critic-free: scaled
             exp.advantages = self.whiten(advantages, mask)
         else:
@@ -386,11 +391,22 @@ class PPOTrainer:
         s.barrier()
         return target
 
+    def check_base(self, path: Path) -> None:
+        """Refuses checkpoint ``path`` when its adapter was trained on another base than this policy's."""
+        saved = Path(path) / "base_fingerprint.json"
+        if saved.is_file() and self.policy.base_fingerprint is not None:
+            why = fingerprint_mismatch(json.loads(saved.read_text()), self.policy.base_fingerprint)
+            if why:
+                raise ConfigError(f"checkpoint {path} was trained on another base than model.name_or_path = "
+                                  f"{self.cfg.model.name_or_path!r} ({why}): point model.name_or_path at the base "
+                                  f"it was trained on")
+
     def load_weights(self, path: Path) -> None:
         """The adapter and value head of checkpoint ``path`` (whatever strategy wrote it)."""
         from peft.utils import set_peft_model_state_dict
 
         path = Path(path)
+        self.check_base(path)
         adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
         result = set_peft_model_state_dict(self.policy.model, adapter)
         if getattr(result, "unexpected_keys", None):
@@ -400,8 +416,14 @@ class PPOTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         path = Path(path)
-        state = torch.load(path / COMPLETE_MARK, map_location="cpu", weights_only=False)
-        if not self.strategy.loads_module_weights:
+        try:
+            state = torch.load(path / COMPLETE_MARK, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file (the rename makes a half-written one impossible)
+            raise ConfigError(f"checkpoint {path}: {COMPLETE_MARK} cannot be read ({str(e).splitlines()[0]}): move "
+                              f"this folder away to resume from the checkpoint before it") from e
+        if self.strategy.loads_module_weights:
+            self.check_base(path)
+        else:
             self.load_weights(path)
         self.strategy.load_state(path, state)
         rng = path / f"rng_rank{self.strategy.rank}.pt"

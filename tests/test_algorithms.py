@@ -38,13 +38,33 @@ def test_kl_enters_the_sequence_reward_for_rloo_and_reinforce(tiny_model_dir, tm
     mask = torch.ones(4, 2)
     adjusted = trainer.estimator.sequence_scores(scores, logprobs, ref, mask, kl_coef=0.5)
     assert torch.allclose(adjusted, scores - 0.5)
-    advantages, returns = trainer.estimator.advantages(scores, logprobs, ref, None, mask, kl_coef=0.5)
+    advantages, returns = trainer.estimator.advantages(scores, logprobs, ref, None, mask, kl_coef=0.5,
+                                                       valid=torch.ones(4, dtype=torch.bool))
     assert returns is None and torch.equal(advantages[:, 0], advantages[:, 1])  # one advantage per sequence
 
 
-def test_rloo_needs_two_generations(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="RLOO needs at least 2"):
-        tiny_config(tiny_model_dir, tmp_path, "algorithm=rloo", "critic_free.num_generations=1")
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce"])
+def test_a_skipped_sample_stays_out_of_its_siblings_baseline(tiny_model_dir, tmp_path, algorithm):
+    # Every completion scores 1.0 except the 3rd of each group of 4, which the reward cannot score (NaN,
+    # skipped). The scored ones are all equal, so each advantage must be 0; counting the skipped sample as
+    # a 0 in the baseline gave them 1/3 (RLOO), 1/2 (GRPO) or 1/4 (REINFORCE).
+    (tmp_path / "rw.py").write_text("def third_fails(prompts, completions, **kwargs):\n"
+                                    "    return [float('nan') if i % 4 == 2 else 1.0 for i in range(len(completions))]\n")
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"algorithm={algorithm}",
+                                       f"reward.function={tmp_path / 'rw.py'}:third_fails", "reward.on_error=skip",
+                                       "generation.missing_eos_penalty=null", "ppo.init_kl_coef=0.0",
+                                       "critic_free.kl_coef=0.0", "critic_free.num_generations=4"))
+    exp, stats = trainer.make_experience(trainer.rows_for_step(0))
+    skipped = torch.arange(8) % 4 == 2
+    assert stats["reward/skipped"] == 2.0
+    assert exp.response_mask[skipped].sum() == 0 and exp.response_mask[~skipped].sum(1).min() >= 1
+    assert torch.equal(exp.advantages, torch.zeros_like(exp.advantages))
+
+
+def test_rloo_and_grpo_need_two_generations(tiny_model_dir, tmp_path):
+    for algorithm in ("rloo", "grpo"):  # GRPO's advantages were NaN with one (the std of one score)
+        with pytest.raises(ConfigError, match=f"{algorithm.upper()} needs at least 2"):
+            tiny_config(tiny_model_dir, tmp_path, f"algorithm={algorithm}", "critic_free.num_generations=1")
     with pytest.raises(ConfigError, match="is not divisible by critic_free.num_generations = 3"):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=grpo", "critic_free.num_generations=3")
 

@@ -101,6 +101,14 @@ def test_overrides_set_single_keys_and_are_checked(tmp_path):
     ("ppo", "kl_estimator", "k9", "ppo.kl_estimator is 'k9'"),
     ("generation", "temperature", 0.0, "generation.temperature is 0.0"),
     ("ppo", "micro_batch_size", 0, "ppo.micro_batch_size is 0"),
+    # each of these crashed deep in torch, or trained on silently
+    ("generation", "top_k", -5, "generation.top_k is -5: must be >= 0"),
+    ("ppo", "lr", -1.0, "ppo.lr is -1.0: must be > 0"),
+    ("ppo", "clip_range", -0.2, "ppo.clip_range is -0.2: must be > 0"),
+    ("ppo", "max_grad_norm", -1.0, "ppo.max_grad_norm is -1.0"),
+    ("ppo", "gamma", 2.0, r"ppo.gamma is 2.0: must be in \(0, 1\]"),
+    ("dpo", "batch_size", 0, "dpo.batch_size is 0: must be at least 1"),
+    ("dpo", "steps", 0, "dpo.steps is 0: must be at least 1"),
 ])
 def test_invalid_values(tmp_path, section, key, value, match):
     with pytest.raises(ConfigError, match=match):

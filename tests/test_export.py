@@ -157,3 +157,35 @@ def test_bad_input_leaves_no_folder_behind(trained, tmp_path, english_model_dir)
     result = export_cmd("--checkpoint", checkpoint, "--out", out)
     assert result.returncode == 2 and "exists and is not empty" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_base_with_the_adapter_already_merged_in_is_refused(trained, tmp_path):
+    # It has the base's shape and embeddings; merging the adapter into it again would apply it twice.
+    from llmrl.config import ConfigError
+
+    _, checkpoint = trained
+    assert export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "merged").returncode == 0
+    twice = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "twice", "--base", tmp_path / "merged")
+    assert twice.returncode == 2
+    assert "was trained on another base than" in twice.stderr and "(the weights of " in twice.stderr
+    assert not (tmp_path / "twice").exists()
+    # resuming (and llmrl eval, which loads the weights the same way) checks the base too
+    other = make_trainer(tiny_config(tmp_path / "merged", tmp_path / "run"))
+    for load in (other.load_weights, other.load_checkpoint):
+        with pytest.raises(ConfigError, match=r"was trained on another base than model.name_or_path = .*"
+                                              r"\(the weights of .* differ\)"):
+            load(checkpoint)
+
+
+def test_a_damaged_trainer_state_is_named_with_the_way_out(trained, tmp_path):
+    import shutil
+
+    from llmrl.config import ConfigError
+
+    trainer, checkpoint = trained
+    damaged = tmp_path / "step-000002"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match=r"step-000002: trainer_state.pt cannot be read \(.*\): move this folder "
+                                          r"away to resume from the checkpoint before it"):
+        trainer.load_checkpoint(damaged)

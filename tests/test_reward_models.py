@@ -164,14 +164,30 @@ def test_reward_model_in_8bit_scores_close_to_full_precision(tiny_reward_model_d
 def test_reference_normalisation_is_fitted_once_and_checkpointed(tiny_model_dir, tmp_path):
     from helpers import make_trainer, tiny_config
 
-    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "reward.function=length_target",
+    # (length_target's defaults scored every tiny completion 0: a std of 0, refused now; see the next test)
+    (tmp_path / "rw.py").write_text("def length(prompts, completions, **kwargs):\n"
+                                    "    return [float(len(c)) for c in completions]\n")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", f"reward.function={tmp_path / 'rw.py'}:length",
                       "reward.normalize=reference")
     trainer = make_trainer(cfg)
     trainer.fit_reward_normalizer()
-    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size
+    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size and trainer.reward_norm.std > 0
     trainer.train_step()
     assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size  # fixed after fitting, unlike running
     path = trainer.save_checkpoint(tmp_path / "run" / "step-000001")
     again = make_trainer(cfg)
     again.load_checkpoint(path)
     assert again.reward_norm.state_dict() == trainer.reward_norm.state_dict()
+
+
+def test_reference_normalisation_refuses_scores_without_spread(tiny_model_dir, tmp_path):
+    from helpers import make_trainer, tiny_config
+    from llmrl.rewards import RewardError
+
+    (tmp_path / "rw.py").write_text("def never(prompts, completions, **kwargs):\n"
+                                    "    return [0.0] * len(completions)\n")
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"reward.function={tmp_path / 'rw.py'}:never",
+                                       "reward.normalize=reference"))
+    # std 0: a later success would have been scaled by 1e8 (then clipped to reward.clip)
+    with pytest.raises(RewardError, match="all 8 reference samples scored 0, so there is no spread"):
+        trainer.fit_reward_normalizer()

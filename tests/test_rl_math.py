@@ -242,6 +242,40 @@ def test_running_baseline_hand_worked():
     assert b.value == 4.0
 
 
+def test_skipped_samples_stay_out_of_the_critic_free_baselines():
+    nan = float("nan")
+    # k = 4; group 1: sample 2 skipped (its score NaN), so the others are scored as the group (1, 0, 3)
+    # group 2: only sample 5 scored: nothing to compare it with, so every advantage there is 0
+    scores = torch.tensor([1.0, 0.0, nan, 3.0, nan, 7.0, nan, nan])
+    valid = ~scores.isnan()
+    assert rl.rloo_advantages(scores, 4, valid).tolist() == [-0.5, -2.0, 0.0, 2.5, 0.0, 0.0, 0.0, 0.0]
+    three = rl.grpo_advantages(torch.tensor([1.0, 0.0, 3.0]), 3, "group")
+    expected = torch.tensor([three[0], three[1], 0.0, three[2], 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(rl.grpo_advantages(scores, 4, "group", valid=valid), expected, atol=1e-6)
+    # batch scale: the std of the four scored samples (1, 0, 3, 7), not of all eight
+    batch = rl.grpo_advantages(scores, 4, "batch", eps=0.0, valid=valid)
+    centred = torch.tensor([-1 / 3, -4 / 3, 0.0, 5 / 3, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(batch, centred / torch.tensor([1.0, 0.0, 3.0, 7.0]).std(), atol=1e-6)
+    b = rl.RunningBaseline(momentum=0.5)
+    assert b.advantages(torch.tensor([1.0, nan, 3.0]), torch.tensor([True, False, True])).tolist() == [-1.0, 0.0, 1.0]
+    assert b.value == 2.0
+    assert b.advantages(torch.tensor([nan]), torch.tensor([False])).tolist() == [0.0] and b.value == 2.0
+
+    # against plain loops over random scores and random skips
+    torch.manual_seed(0)
+    r, keep = torch.randn(24), torch.rand(24) > 0.3
+    rloo, grpo = [], []
+    for i in range(24):
+        group = [j for j in range(i // 4 * 4, i // 4 * 4 + 4) if keep[j]]
+        others = [r[j].item() for j in group if j != i]
+        rloo.append(r[i].item() - sum(others) / len(others) if keep[i] and others else 0.0)
+        kept = torch.tensor([r[j].item() for j in group])
+        grpo.append((r[i].item() - kept.mean().item()) / (kept.std().item() + 1e-4)
+                    if keep[i] and len(group) > 1 else 0.0)
+    assert torch.allclose(rl.rloo_advantages(r, 4, keep), torch.tensor(rloo), atol=1e-6)
+    assert torch.allclose(rl.grpo_advantages(r, 4, "group", valid=keep), torch.tensor(grpo), atol=1e-5)
+
+
 def test_dpo_and_ipo_losses_hand_worked():
     pc, pr = torch.tensor([-1.0]), torch.tensor([-3.0])
     rc, rr = torch.tensor([-2.0]), torch.tensor([-2.0])

@@ -21,6 +21,7 @@ from llmrl.rl.ops import (
     masked_sum,
     masked_var,
     masked_whiten,
+    moments_stats,
     whiten_with_moments,
 )
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
@@ -56,5 +57,6 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "value_loss",
+    "moments_stats",
     "whiten_with_moments",
 ]

@@ -92,11 +92,14 @@ class RunningMeanStd:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
-        n = x.numel()
+        self.update_moments(masked_moments(x, torch.ones_like(x)))
+
+    def update_moments(self, moments: torch.Tensor) -> None:
+        """Adds a batch given as ``masked_moments`` (which may be summed over ranks: every rank then holds
+        the statistics of all)."""
+        n, batch_mean, batch_m2 = moments_stats(moments)
         if n == 0:
             return
-        batch_mean = x.mean().item()
-        batch_m2 = ((x - batch_mean) ** 2).sum().item()
         delta = batch_mean - self.mean
         total = self.count + n
         self.mean += delta * n / total
@@ -121,6 +124,15 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(3,) [sum, sum of squares, count] over the masked positions: summable across data-parallel ranks."""
     x = x.double()
     return torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.double().sum()])
+
+
+def moments_stats(moments: torch.Tensor) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations from the mean) of ``masked_moments``' [sum, squares, count]."""
+    total, total_sq, n = moments.tolist()
+    if n == 0:
+        return 0, 0.0, 0.0
+    mean = total / n
+    return int(n), mean, max(total_sq - n * mean * mean, 0.0)
 
 
 def whiten_with_moments(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, shift_mean: bool = True,
