@@ -66,6 +66,15 @@ def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         if cfg.prompt_column not in rows[0]:
             raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
                               f"set data.prompt_column")
+        for i, row in enumerate(rows):
+            prompt = row[cfg.prompt_column]
+            if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+                raise ConfigError(f"{name}: prompt {i} is a chat (a list of messages); llmrl takes text prompts: "
+                                  f"write each as text, e.g. tokenizer.apply_chat_template(messages, tokenize=False, "
+                                  f"add_generation_prompt=True)")
+            if not isinstance(prompt, str):
+                raise ConfigError(f"{name}: prompt {i} is {type(prompt).__name__} {str(prompt)[:60]!r}, not text: "
+                                  f"the {cfg.prompt_column!r} column must hold strings")
     if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
         pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
         evals = [evals[i] for i in sorted(pick)]

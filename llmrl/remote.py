@@ -34,6 +34,18 @@ class RemoteReward:
             if not self.token:
                 raise ConfigError(f"{key}: token_env = {token_env!r} is not set in the environment: export it")
         self.last_metrics: dict[str, float] = {}
+        self.key = key
+
+    def check_reachable(self) -> None:
+        """At start-up: a server answers at the URL (``GET /health``; any HTTP answer will do)."""
+        health = self.url[: -len("/score")] + "/health"
+        try:
+            urllib.request.urlopen(health, timeout=min(self.timeout or 10.0, 10.0)).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise ConfigError(f"{self.key} = {self.url!r}: no server answers there ({getattr(e, 'reason', e)}): "
+                              f"start it first (e.g. llmrl serve-reward) or fix the URL") from None
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list:
         body = json.dumps({"prompts": prompts, "completions": completions, "kwargs": jsonable(kwargs)}).encode()

@@ -169,6 +169,24 @@ class CombinedReward:
     def name(self) -> str:
         return "+".join(c.name for c in self.components)
 
+    def check_arguments(self, columns: set[str], source: str) -> None:
+        """At start-up: every argument a component requires is one llmrl passes. It passes prompts,
+        completions, completion_ids, the data's other ``columns`` and the component's own kwargs."""
+        for c in self.components:
+            try:
+                params = inspect.signature(c.fn).parameters.values()
+            except (TypeError, ValueError):  # no signature to read (some builtins): found out at the first call
+                continue
+            given = {"prompts", "completions", "completion_ids", *columns, *c.kwargs}
+            missing = [p.name for p in params if p.default is p.empty and p.name not in given
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if missing:
+                raise ConfigError(
+                    f"reward '{c.name}' requires {', '.join(map(repr, missing))}, but it is called with prompts, "
+                    f"completions, completion_ids and the other columns of data.source = {source!r} "
+                    f"({', '.join(sorted(columns)) or 'it has none'}): add such a column to the data, give a value "
+                    f"in the reward's kwargs, or take TRL's signature f(prompts, completions, **kwargs)")
+
     def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> RewardResult:
         n = len(completions)
         total = [0.0] * n
@@ -238,6 +256,7 @@ def build_component(cfg: RewardComponentConfig, key: str, device) -> Component:
 
         fn = RemoteReward(cfg.url, timeout=cfg.timeout, retries=cfg.retries, token_env=cfg.token_env,
                           key=f"{key}.url")
+        fn.check_reachable()
     # A remote reward enforces its own timeout per attempt; the call as a whole may take all retries.
     timeout = None if cfg.url else cfg.timeout
     return Component(name, fn, cfg.weight, timeout, dict(cfg.kwargs))

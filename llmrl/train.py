@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -25,12 +26,23 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+# What a run writes in run.output_dir; --overwrite deletes a folder only when it holds nothing else.
+RUN_ENTRY = re.compile(r"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
+                       r"\.(tmp|old)-.+)$")
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints.
 
     Reads only, so every rank can call it and reach the same verdict.
     """
     if overwrite:
+        foreign = sorted(p.name for p in run_dir.iterdir() if not RUN_ENTRY.match(p.name)) if run_dir.is_dir() else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"--overwrite: run.output_dir = {str(run_dir)!r} also holds {shown}, which llmrl "
+                              f"did not write there: --overwrite replaces a run folder only; choose another "
+                              f"run.output_dir or move those away")
         return None
     found = step_checkpoints(run_dir)
     if resume:
@@ -65,6 +77,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
     eval_reward = build_eval_reward(cfg.reward)
     train_rows, eval_rows = load_prompts(cfg.data)
+    columns = set(train_rows[0]) - {cfg.data.prompt_column}
+    for r in (reward, eval_reward):
+        if r is not None:
+            r.check_arguments(columns, cfg.data.source)
     if cfg.warm_start is None:
         check_model_path(cfg.model.name_or_path, "model.name_or_path")
     resume_from = check_run_dir(run_dir, resume, overwrite)

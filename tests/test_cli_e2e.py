@@ -160,6 +160,27 @@ def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, mess
     assert not (tmp_path / "run").exists()  # nothing was created, let alone trained
 
 
+def test_overwrite_replaces_a_run_folder_but_nothing_else(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "runs"
+    (run_dir / "step-000002").mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text('{"step": 2, "reward/mean": 0.5}\n')
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "other-run").mkdir()
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=1"]
+    out = run_ppo(REPO / "configs" / "tiny.yaml", *common, "--overwrite")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: --overwrite: run.output_dir = '{run_dir}' also holds notes.txt, other-run, which llmrl did not "
+        "write there: --overwrite replaces a run folder only; choose another run.output_dir or move those away"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl", "notes.txt", "other-run", "step-000002"]
+
+    (run_dir / "notes.txt").unlink()
+    (run_dir / "other-run").rmdir()
+    out = run_ppo(REPO / "configs" / "tiny.yaml", *common, "--overwrite")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (run_dir / "step-000002").exists() and [r["step"] for r in final_metrics(run_dir)[1]] == [1]
+
+
 def test_llmrl_command_lists_and_dispatches_its_subcommands():
     help_ = subprocess.run([sys.executable, "-m", "llmrl", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_.returncode == 0

@@ -99,6 +99,15 @@ def test_unreachable_and_slow_servers_fail_clearly():
         assert time.time() - start < 2
 
 
+def test_a_url_without_a_server_is_refused_at_start_up():
+    with Served(build_reward(RewardConfig(function="exact_match"))) as served:
+        build_reward(RewardConfig(components=[RewardComponentConfig(url=served.url)]))  # up: accepted
+        url = served.url
+    with pytest.raises(ConfigError, match=rf"reward.components\[0\].url = '{url}/score': no server answers "
+                                          r"there \(.*\): start it first"):
+        build_reward(RewardConfig(components=[RewardComponentConfig(url=url)]))
+
+
 def test_ppo_step_with_a_remote_reward(tiny_model_dir, tmp_path):
     from helpers import make_trainer, tiny_config
 

@@ -77,6 +77,16 @@ def test_prompt_file_other_columns_and_errors(tmp_path):
         load_prompts(DataConfig(source=str(path), prompt_column="text", eval_size=3))
     with pytest.raises(ConfigError, match=r"data.source = '.*missing.jsonl' does not exist"):
         load_prompts(DataConfig(source=str(tmp_path / "missing.jsonl")))
+    # these reached the tokenizer and failed there, inside transformers
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(5)))
+    with pytest.raises(ConfigError, match=r"data.source: prompt 0 is a chat \(a list of messages\); llmrl takes "
+                                          r"text prompts: write each as text, e.g. tokenizer.apply_chat_template"):
+        load_prompts(DataConfig(source=str(chat), eval_size=2))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"prompt": "q" if i else 7}) + "\n" for i in range(5)))
+    with pytest.raises(ConfigError, match=r"data.source: prompt 0 is int '7', not text"):
+        load_prompts(DataConfig(source=str(numbers), eval_size=2))
 
 
 def test_prompts_longer_than_the_limit_are_rejected(tiny_model_dir):
@@ -131,6 +141,21 @@ def test_a_sample_no_component_applies_to_is_an_error_or_skipped():
     cfg.on_error = "skip"
     result = build_reward(cfg)(["q", "q"], ["4", "4"], answer=[4, None])
     assert result.valid == [True, False] and result.metrics["reward/skipped"] == 1.0
+
+
+def test_a_reward_argument_the_data_lacks_is_found_at_start_up():
+    exact = build_reward(RewardConfig(function="exact_match"))
+    exact.check_arguments({"answer"}, "task:reverse")  # the column it needs is there
+    # it used to fail only at the first rollout, as "exact_match() missing 1 required positional argument"
+    with pytest.raises(ConfigError, match=r"reward 'exact_match' requires 'answer', but it is called with prompts, "
+                                          r"completions, completion_ids and the other columns of data.source = "
+                                          r"'p.jsonl' \(id\): add such a column"):
+        exact.check_arguments({"id"}, "p.jsonl")
+    # given in the component's kwargs instead, or not required (defaults, **kwargs): fine
+    with_kwargs = build_reward(RewardConfig(components=[RewardComponentConfig(function="exact_match",
+                                                                              kwargs={"answer": ["x"]})]))
+    with_kwargs.check_arguments(set(), "p.jsonl")
+    build_reward(RewardConfig(function="length_target")).check_arguments(set(), "p.jsonl")
 
 
 def test_async_reward_functions_work(tmp_path):

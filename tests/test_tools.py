@@ -33,6 +33,10 @@ def test_plot_writes_a_non_blank_png(tmp_path):
     assert len(colours) > 50  # curves, text and axes, not a blank canvas
     white = max(count for count, rgb in colours if rgb == (255, 255, 255))
     assert white < 0.97 * image.size[0] * image.size[1]
+    elsewhere = tmp_path / "plots" / "run.png"  # a folder that does not exist yet
+    out = subprocess.run([sys.executable, "-m", "llmrl", "plot", str(run), "--out", str(elsewhere)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and Image.open(elsewhere).size == (1500, 800), out.stderr[-2000:]
 
 
 def test_plot_of_a_folder_without_a_log_is_a_clear_error(tmp_path):
