@@ -152,6 +152,11 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
                                "choose sizes where it divides"),
     (["data.source=/no/prompts.jsonl"], "error: data.source = '/no/prompts.jsonl' does not exist: give a prompt "
                                       "file path or task:NAME"),
+    # the tiny recipe's exact_match on prompts without an answer column: it failed at the first rollout
+    (["data.source=configs/data/review_prompts.jsonl", "data.eval_size=8"],
+     "error: reward 'exact_match' requires 'answer', but it is called with prompts, completions, completion_ids "
+     "and the other columns of data.source = 'configs/data/review_prompts.jsonl' (it has none): add such a column "
+     "to the data, give a value in the reward's kwargs, or take TRL's signature f(prompts, completions, **kwargs)"),
 ])
 def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message):
     out = run_ppo(REPO / "configs" / "tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *overrides)
