@@ -289,7 +289,7 @@ class DeepSpeed(SingleProcess):
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
     def load_state(self, folder: Path, state: dict) -> None:
-        if not (folder / self.ENGINE_DIR).is_dir():  # DeepSpeed would skip the missing files with a warning only
+        if not (folder / self.ENGINE_DIR).is_dir():  # DeepSpeed fails on that with a bare AssertionError
             raise ConfigError(f"checkpoint {folder} was written by one plain process, not under DeepSpeed: resume "
                               f"it the same way (python launch/ppo.py ... --resume)")
         saved = state.get("world_size")
