@@ -3,6 +3,7 @@ checkpoints resume, LoRA under ZeRO-3 saves a non-empty adapter that exports; co
 work are refused at start-up."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,8 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
 
 
 # Rank 0 writes the trainer state that every rank reloads: statistics kept per rank would not survive it.
-@pytest.mark.parametrize("stage,micro,algorithm", [(1, 2, "reinforce"), (2, 2, "ppo"), (3, 4, "ppo")])
+# (ZeRO-1 shares ZeRO-2's optimizer code in DeepSpeed; it is left out to keep CI short.)
+@pytest.mark.parametrize("stage,micro,algorithm", [(2, 2, "reinforce"), (3, 4, "ppo")])
 def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro, algorithm):
     common = [f"model.name_or_path={warm}", f"algorithm={algorithm}", "reward.normalize=running",
               f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
@@ -259,14 +261,10 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
     assert abs(norm - expected) > 0.1 * expected, "ZeRO-3 accumulation now looks right: drop the guard"
 
 
-def test_a_single_process_checkpoint_is_not_resumed_under_deepspeed(warm, tmp_path):
+def test_a_single_process_checkpoint_is_not_resumed_under_deepspeed(equal_runs, warm, tmp_path):
     # DeepSpeed 0.19.8 failed with a bare AssertionError (len(self.ckpt_list) > 0) in its checkpoint loader.
-    common = [f"model.name_or_path={warm}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-              "ppo.micro_batch_size=4", "run.save_every=1", "run.eval_every=0", "run.progress=false",
-              "data.eval_size=16", "run.threads=1", "deepspeed.zero_stage=2"]
-    first = launch_ppo([*common, "ppo.total_steps=1", f"run.output_dir={tmp_path}"], ranks=0)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch_ppo([*common, "ppo.total_steps=2", f"run.output_dir={tmp_path}", "--resume"])
-    assert second.returncode != 0
-    assert "was written by one plain process, not under DeepSpeed: resume it the same way" in second.stderr + second.stdout
-    assert [r["step"] for r in training_rows(tmp_path)] == [1]
+    shutil.copytree(equal_runs / "single" / "final", tmp_path / "step-000003")  # a complete checkpoint
+    out = launch_ppo([*EQUAL, "ppo.total_steps=4", "deepspeed.zero_stage=2", "ppo.micro_batch_size=4",
+                      f"model.name_or_path={warm}", f"run.output_dir={tmp_path}", "--resume"])
+    assert out.returncode != 0
+    assert "was written by one plain process, not under DeepSpeed: resume it the same way" in out.stderr + out.stdout
