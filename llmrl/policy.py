@@ -116,14 +116,13 @@ def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if saved.get(key) != current.get(key):
             return f"{key} {saved.get(key)!r} != {current.get(key)!r}"
-    a, b = torch.tensor(saved["embedding_sample"]), torch.tensor(current["embedding_sample"])
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
-        return "the embedding weights differ"
     theirs, ours = saved.get("weight_samples", {}), current.get("weight_samples", {})
-    for name in sorted(theirs.keys() & ours.keys()):
-        a, b = torch.tensor(theirs[name]), torch.tensor(ours[name])
+    samples = [("the embedding weights", saved["embedding_sample"], current["embedding_sample"])]
+    samples += [(f"the weights of {name}", theirs[name], ours[name]) for name in sorted(theirs.keys() & ours.keys())]
+    for what, a, b in samples:
+        a, b = torch.tensor(a), torch.tensor(b)
         if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-2, atol=1e-3):
-            return f"the weights of {name} differ"
+            return f"{what} differ"
     return None
 
 
