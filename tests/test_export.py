@@ -2,6 +2,7 @@
 generations of base + adapter; bad input leaves no half-written folder."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import make_trainer, tiny_config
+from llmrl.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["abc>", "fedab>", "ba>", "ccdde>"]
@@ -161,8 +163,6 @@ def test_bad_input_leaves_no_folder_behind(trained, tmp_path, english_model_dir)
 
 def test_a_base_with_the_adapter_already_merged_in_is_refused(trained, tmp_path):
     # It has the base's shape and embeddings; merging the adapter into it again would apply it twice.
-    from llmrl.config import ConfigError
-
     _, checkpoint = trained
     assert export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "merged").returncode == 0
     twice = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "twice", "--base", tmp_path / "merged")
@@ -178,10 +178,6 @@ def test_a_base_with_the_adapter_already_merged_in_is_refused(trained, tmp_path)
 
 
 def test_a_damaged_trainer_state_is_named_with_the_way_out(trained, tmp_path):
-    import shutil
-
-    from llmrl.config import ConfigError
-
     trainer, checkpoint = trained
     damaged = tmp_path / "step-000002"
     shutil.copytree(checkpoint, damaged)
