@@ -7,34 +7,17 @@ their beginning (the end of a completion matters most) and are counted in ``last
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from llmrl.chat import content, is_conversation, plain_conversation
 from llmrl.config import ConfigError
+from llmrl.sources import resolve_model
 
 META_FILE = "llmrl_reward.json"  # written by launch/train_reward.py: how the model expects its text
-
-
-def resolve_model_path(spec: str, key: str) -> str:
-    """``pkg:PACKAGE/sub/folder`` -> that folder inside an installed package; other values are unchanged."""
-    if not spec.startswith("pkg:"):
-        from llmrl.policy import check_model_path
-
-        check_model_path(spec, key)
-        return spec
-    package, _, sub = spec[len("pkg:"):].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise ConfigError(f"{key} = {spec!r}: package {package!r} is not installed (pip install "
-                          f"{package.replace('_', '-')})")
-    path = Path(found.origin).parent / sub
-    if not path.exists():
-        raise ConfigError(f"{key} = {spec!r}: {path} does not exist inside the installed package")
-    return str(path)
 
 
 def load_text_fn(spec: str | None) -> Callable[[str, str], str] | None:
@@ -45,14 +28,27 @@ def load_text_fn(spec: str | None) -> Callable[[str, str], str] | None:
     return load_reward_function(spec, "text_fn")
 
 
-def format_texts(tokenizer, prompts: list[str], completions: list[str], text_fn=None) -> list[str]:
-    """What the reward model reads for each (prompt, completion) pair; training and scoring share this."""
+def format_texts(tokenizer, prompts: list, completions: list, text_fn=None) -> list[str]:
+    """What the reward model reads for each (prompt, completion) pair; training and scoring share this.
+
+    A prompt is a text or a conversation (TRL's list of messages); a completion is a text or TRL's list of
+    one assistant message. ``text_fn(prompt, completion_text)`` decides when given; otherwise the reward
+    model's own chat template renders the conversation with the completion as the assistant's turn (a text
+    prompt is one user message), and without a template the texts are joined (a conversation as
+    ``role: content`` lines).
+    """
+    texts = [content(c) for c in completions]
     if text_fn is not None:
-        return [text_fn(p, c) for p, c in zip(prompts, completions)]
-    if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                              tokenize=False) for p, c in zip(prompts, completions)]
-    return [p + c for p, c in zip(prompts, completions)]
+        return [text_fn(p, c) for p, c in zip(prompts, texts)]
+    out = []
+    for p, c in zip(prompts, texts):
+        messages = (p if is_conversation(p) else [{"role": "user", "content": str(p)}]) + \
+            [{"role": "assistant", "content": c}]
+        if getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            out.append(plain_conversation(messages) if is_conversation(p) else str(p) + c)
+    return out
 
 
 def load_reward_tokenizer(path: str):
@@ -77,7 +73,7 @@ class LearnedReward:
 
         from llmrl.policy import disable_dropout
 
-        path = resolve_model_path(model, key)
+        path = resolve_model(model, key)
         meta = Path(path) / META_FILE
         saved = json.loads(meta.read_text()) if meta.is_file() else {}
         self.text_fn = load_text_fn(text_fn or saved.get("text_fn"))
@@ -107,7 +103,7 @@ class LearnedReward:
         self.last_metrics: dict[str, float] = {}
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         texts = format_texts(self.tokenizer, prompts, completions, self.text_fn)
         scores, truncated = [], 0
         for start in range(0, len(texts), self.batch_size):

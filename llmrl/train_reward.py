@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmrl.chat import content, is_conversation
 from llmrl.checkpoint import write_atomically
 from llmrl.config import ConfigError, RewardTrainConfig, load_config
-from llmrl.reward_model import META_FILE, format_texts, load_reward_tokenizer, load_text_fn, resolve_model_path
+from llmrl.reward_model import META_FILE, format_texts, load_reward_tokenizer, load_text_fn
+from llmrl.sources import resolve_model
 from llmrl.tasks import is_held_out
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -42,9 +44,9 @@ def load_pairs(cfg: RewardTrainConfig) -> tuple[list[dict], list[dict]]:
 
 def pair_scores(model, tokenizer, pairs: list[dict], cfg: RewardTrainConfig, text_fn, device):
     """(r(chosen), r(rejected)), each (B,), in one forward pass."""
-    prompts = [str(p["prompt"]) for p in pairs]
-    texts = (format_texts(tokenizer, prompts, [str(p["chosen"]) for p in pairs], text_fn)
-             + format_texts(tokenizer, prompts, [str(p["rejected"]) for p in pairs], text_fn))
+    prompts = [p["prompt"] if is_conversation(p["prompt"]) else str(p["prompt"]) for p in pairs]
+    texts = (format_texts(tokenizer, prompts, [content(p["chosen"]) for p in pairs], text_fn)
+             + format_texts(tokenizer, prompts, [content(p["rejected"]) for p in pairs], text_fn))
     enc = tokenizer(texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt").to(device)
     rewards = model(**enc).logits[:, 0].float()
     return rewards[: len(pairs)], rewards[len(pairs):]
@@ -70,7 +72,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    path = resolve_model_path(cfg.model, "model")
+    path = resolve_model(cfg.model, "model")
     text_fn = load_text_fn(cfg.text_fn)
     train, evals = load_pairs(cfg)
     out = Path(cfg.output_dir)

