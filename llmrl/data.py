@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from llmrl.chat import message_problem, render_prompt
 from llmrl.config import ConfigError, DataConfig
 from llmrl.tasks import task_rows
 
@@ -67,14 +68,10 @@ def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
             raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
                               f"set data.prompt_column")
         for i, row in enumerate(rows):
-            prompt = row[cfg.prompt_column]
-            if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-                raise ConfigError(f"{name}: prompt {i} is a chat (a list of messages); llmrl takes text prompts: "
-                                  f"write each as text, e.g. tokenizer.apply_chat_template(messages, tokenize=False, "
-                                  f"add_generation_prompt=True)")
-            if not isinstance(prompt, str):
-                raise ConfigError(f"{name}: prompt {i} is {type(prompt).__name__} {str(prompt)[:60]!r}, not text: "
-                                  f"the {cfg.prompt_column!r} column must hold strings")
+            problem = message_problem(row[cfg.prompt_column])
+            if problem:
+                raise ConfigError(f"{name}: prompt {i} {problem}: the {cfg.prompt_column!r} column must hold "
+                                  f"text or conversations (lists of {{role, content}} messages, TRL's format)")
     if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
         pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
         evals = [evals[i] for i in sorted(pick)]
@@ -82,15 +79,17 @@ def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 
 
 def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_length: int,
-                         max_new_tokens: int, context: int | None) -> None:
-    """Fail before training when a prompt is too long for data.max_prompt_length or the model's context."""
+                         max_new_tokens: int, context: int | None, where: str = "data.source") -> None:
+    """Fail before training when a prompt (rendered with the chat template if it is a conversation) is too long
+    for data.max_prompt_length or the model's context."""
     limit = max_prompt_length
     if context is not None:
         limit = min(limit, context - max_new_tokens)
     for i, row in enumerate(rows):
-        n = len(tokenizer(row[column], add_special_tokens=False)["input_ids"])
+        text = render_prompt(tokenizer, row[column], f"{where}: prompt {i}")
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > limit:
             why = (f"data.max_prompt_length = {max_prompt_length}" if limit == max_prompt_length else
                    f"the model's context {context} minus generation.max_new_tokens = {max_new_tokens}")
-            raise ConfigError(f"prompt {i} has {n} tokens, more than {limit} ({why}): shorten it, raise the "
-                              f"limit or lower max_new_tokens. Prompt: {row[column][:80]!r}")
+            raise ConfigError(f"{where}: prompt {i} has {n} tokens, more than {limit} ({why}): shorten it, raise the "
+                              f"limit or lower max_new_tokens. Prompt: {text[:80]!r}")

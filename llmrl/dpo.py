@@ -10,6 +10,7 @@ import time
 import torch
 
 from llmrl import rl
+from llmrl.chat import content, is_conversation, message_problem, render_prompts
 from llmrl.config import ConfigError
 from llmrl.rollout import Experience, right_padded
 from llmrl.trainer import PPOTrainer
@@ -25,6 +26,10 @@ def load_pairs(source: str) -> list[dict]:
     if missing:
         raise ConfigError(f"dpo.data = {source!r} lacks column(s) {', '.join(missing)}: preference pairs need "
                           f"prompt, chosen and rejected (columns: {', '.join(rows[0])})")
+    for i, row in enumerate(rows):
+        problem = message_problem(row["prompt"]) if not isinstance(row["prompt"], (int, float)) else None
+        if problem:
+            raise ConfigError(f"dpo.data = {source!r}: pair {i}'s prompt {problem}")
     return rows
 
 
@@ -43,6 +48,8 @@ class DPOTrainer(PPOTrainer):
         if len(pairs) < self.cfg.dpo.batch_size:
             raise ConfigError(f"dpo.data has {len(pairs)} pairs, fewer than dpo.batch_size = {self.cfg.dpo.batch_size}")
         self.pairs = pairs
+        conversations = [p["prompt"] for p in pairs if is_conversation(p["prompt"])]
+        render_prompts(self.tokenizer, conversations[:1])  # a chat template is needed: say so before training
 
     def accumulation(self) -> tuple[int, int]:
         return 1, self.cfg.dpo.batch_size // self.strategy.world_size
@@ -67,9 +74,12 @@ class DPOTrainer(PPOTrainer):
     def train_step(self) -> dict:
         start = time.perf_counter()
         batch = self.pairs_for_step(self.step)
-        prompts = [str(p["prompt"]) for p in batch]
-        chosen = encode(self.tokenizer, prompts, [str(p["chosen"]) for p in batch], self.device)
-        rejected = encode(self.tokenizer, prompts, [str(p["rejected"]) for p in batch], self.device)
+        # A conversational pair (TRL's format): the prompt through the chat template, the answers as the
+        # content of their one assistant message, ending with EOS as a sampled turn does.
+        prompts = render_prompts(self.tokenizer, [p["prompt"] if is_conversation(p["prompt"]) else str(p["prompt"])
+                                                  for p in batch])
+        chosen = encode(self.tokenizer, prompts, [content(p["chosen"]) for p in batch], self.device)
+        rejected = encode(self.tokenizer, prompts, [content(p["rejected"]) for p in batch], self.device)
         with torch.no_grad(), self.policy.reference():
             self.policy.eval()
             ref_chosen, ref_rejected = self.sequence_logprobs(chosen), self.sequence_logprobs(rejected)

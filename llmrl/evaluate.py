@@ -32,7 +32,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     after_samples = trainer.last_eval_samples
 
     # KL(policy || base) on sampled completions of the policy: the mean over prompts of the summed k1.
-    prompts = [r[cfg.data.prompt_column] for r in eval_rows]
+    prompts = trainer.prompt_texts(eval_rows)
     kls = []
     for start in range(0, len(prompts), 64):
         exp = trainer.generate(prompts[start:start + 64])

@@ -18,11 +18,13 @@ import importlib
 import importlib.util
 import inspect
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmrl.chat import content
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
 
 RewardFn = Callable[..., list]
@@ -53,6 +55,11 @@ def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
         path = Path(target)
         if not path.is_file():
             raise ConfigError(f"{key} = {spec!r}: file {target!r} does not exist")
+        # Its folder goes on the import path, as for a script run from there: the file may import the modules
+        # beside it.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         module_spec = importlib.util.spec_from_file_location(f"llmrl_user_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
@@ -129,7 +136,7 @@ def check_scores(scores: Any, name: str, completions: list[str], invalid: list[i
             out.append(float(s))
             continue
         if invalid is None:
-            raise RewardError(f"reward {name!r} {problem}. Completion: {completions[i][:80]!r}")
+            raise RewardError(f"reward {name!r} {problem}. Completion: {content(completions[i])[:80]!r}")
         invalid.append(i)
         out.append(None)
     return out
@@ -180,6 +187,12 @@ class CombinedReward:
             given = {"prompts", "completions", "completion_ids", *columns, *c.kwargs}
             missing = [p.name for p in params if p.default is p.empty and p.name not in given
                        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            takes = {p.name for p in params} | {"**" for p in params if p.kind == p.VAR_KEYWORD}
+            if missing and not takes & {"completions", "completion_ids", "**"}:
+                raise ConfigError(
+                    f"reward '{c.name}' takes {', '.join(map(repr, missing))} but no completions: if it is a factory "
+                    f"that returns the reward (like trl.rewards:get_soft_overlong_punishment), give those arguments "
+                    f"in the component's factory_kwargs")
             if missing:
                 raise ConfigError(
                     f"reward '{c.name}' requires {', '.join(map(repr, missing))}, but it is called with prompts, "
@@ -220,10 +233,16 @@ class CombinedReward:
             for key, value in getattr(c.fn, "last_metrics", {}).items():
                 metrics[f"reward/{c.name}/{key}"] = value
         valid = [a and not f for a, f in zip(applied, failed)]
+        if not any(applied) and not any(failed):
+            raise RewardError(
+                f"reward {self.name!r} returned None for all {n} samples of a batch: None means 'does not apply' "
+                f"(TRL's convention), so there is nothing to train on. Check that the data holds what the reward "
+                f"reads (e.g. trl.rewards:accuracy_reward needs a 'solution' column it can parse), or add a "
+                f"component that scores these samples")
         if not all(applied) and not skip:
             i = applied.index(False)
             raise RewardError(f"no reward applies to sample {i} (every component returned None): return a score "
-                              f"for it, or set reward.on_error: skip. Completion: {completions[i][:80]!r}")
+                              f"for it, or set reward.on_error: skip. Completion: {content(completions[i])[:80]!r}")
         metrics["reward/skipped"] = float(n - sum(valid))
         return RewardResult([t if ok else 0.0 for t, ok in zip(total, valid)], valid, metrics)
 
@@ -244,8 +263,13 @@ def build_component(cfg: RewardComponentConfig, key: str, device) -> Component:
         raise ConfigError(f"{key} must set exactly one of function, model or url, got "
                           f"{', '.join(kinds) if kinds else 'none'}")
     name = component_name(cfg)
+    if cfg.factory_kwargs is not None and not cfg.function:
+        raise ConfigError(f"{key}.factory_kwargs is set without a function: it gives the arguments of a reward "
+                          f"factory named in {key}.function")
     if cfg.function:
         fn = load_reward_function(cfg.function, f"{key}.function")
+        if cfg.factory_kwargs is not None:
+            fn = build_from_factory(fn, cfg.function, cfg.factory_kwargs, key)
     elif cfg.model:
         from llmrl.reward_model import LearnedReward
 
@@ -260,6 +284,19 @@ def build_component(cfg: RewardComponentConfig, key: str, device) -> Component:
     # A remote reward enforces its own timeout per attempt; the call as a whole may take all retries.
     timeout = None if cfg.url else cfg.timeout
     return Component(name, fn, cfg.weight, timeout, dict(cfg.kwargs))
+
+
+def build_from_factory(factory: Callable, spec: str, kwargs: dict, key: str) -> RewardFn:
+    """The reward a factory returns, e.g. ``trl.rewards:get_soft_overlong_punishment(max_completion_len=...)``."""
+    try:
+        fn = factory(**kwargs)
+    except Exception as e:  # a wrong argument name or value: the factory's own message says which
+        raise ConfigError(f"{key}.function = {spec!r} called with factory_kwargs {kwargs} raised {e!r}: give the "
+                          f"arguments the factory takes") from e
+    if not callable(fn):
+        raise ConfigError(f"{key}.function = {spec!r} called with factory_kwargs returned {type(fn).__name__}, not a "
+                          f"reward function: factory_kwargs is for functions that return the reward")
+    return fn
 
 
 def build_reward(cfg: RewardConfig, device=None) -> CombinedReward:

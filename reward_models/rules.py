@@ -1,11 +1,14 @@
 """Rule-based rewards with TRL's signature ``(prompts, completions, **kwargs) -> list[float | None]``.
 
 Each is usable by its built-in name in a config (``function: exact_match``); options come from the
-component's ``kwargs`` and dataset columns (e.g. ``answer``) arrive as keyword arguments.
+component's ``kwargs`` and dataset columns (e.g. ``answer``) arrive as keyword arguments. Completions may be
+texts or, for conversational prompts, TRL's lists of one assistant message: each rule reads the text.
 """
 from __future__ import annotations
 
 import re
+
+from llmrl.chat import content
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -16,7 +19,7 @@ def exact_match(prompts, completions, answer, **kwargs):
     >>> exact_match(["abc>", "ab>"], ["cba", "ab"], answer=["cba", "ba"])
     [1.0, 0.0]
     """
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [float(content(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def numeric_match(prompts, completions, answer, tolerance=1e-6, **kwargs):
@@ -24,13 +27,15 @@ def numeric_match(prompts, completions, answer, tolerance=1e-6, **kwargs):
 
     >>> numeric_match(["2+2="] * 4, ["4", "it is 4.0", "5", "2+2=4"], answer=[4, "4", 4, None])
     [1.0, 1.0, 0.0, None]
+    >>> numeric_match([[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], answer=[4])
+    [1.0]
     """
     scores = []
     for completion, ref in zip(completions, answer):
         if ref is None:
             scores.append(None)  # no reference answer: this reward does not apply
             continue
-        found = _NUMBER.findall(completion)
+        found = _NUMBER.findall(content(completion))
         scores.append(float(bool(found) and abs(float(found[-1]) - float(ref)) <= tolerance))
     return scores
 
@@ -45,7 +50,7 @@ def regex_format(prompts, completions, pattern, full=True, **kwargs):
     """
     rx = re.compile(pattern, re.DOTALL)
     match = rx.fullmatch if full else rx.search
-    return [float(match(c.strip()) is not None) for c in completions]
+    return [float(match(content(c).strip()) is not None) for c in completions]
 
 
 def length_target(prompts, completions, target=50, tolerance=10, unit="words", **kwargs):
@@ -57,7 +62,7 @@ def length_target(prompts, completions, target=50, tolerance=10, unit="words", *
     [0.5]
     """
     scores = []
-    for c in completions:
+    for c in map(content, completions):
         n = len(c.split()) if unit == "words" else len(c)
         excess = max(0, abs(n - target) - tolerance)
         scores.append(max(0.0, 1.0 - excess / max(tolerance, 1)))
@@ -75,7 +80,7 @@ def keywords(prompts, completions, include=(), exclude=(), **kwargs):
 
     scores = []
     for c in completions:
-        text = c.lower()
+        text = content(c).lower()
         score = (share(include, text) if include else 0.0) - (share(exclude, text) if exclude else 0.0)
         scores.append(score)
     return scores
@@ -89,7 +94,7 @@ def repetition_penalty(prompts, completions, n=3, **kwargs):
     """
     scores = []
     for c in completions:
-        words = c.split()
+        words = content(c).split()
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         scores.append(len(set(grams)) / len(grams) - 1.0 if grams else 0.0)
     return scores
@@ -111,7 +116,7 @@ def positive_sentiment(prompts, completions, **kwargs):
     [-0.5773502691896258]
     """
     scores = []
-    for text in completions:
+    for text in map(content, completions):
         words = re.findall(r"[a-z']+", text.lower())
         raw = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
         scores.append(raw / (len(words) + 1) ** 0.5)

@@ -77,15 +77,20 @@ def test_prompt_file_other_columns_and_errors(tmp_path):
         load_prompts(DataConfig(source=str(path), prompt_column="text", eval_size=3))
     with pytest.raises(ConfigError, match=r"data.source = '.*missing.jsonl' does not exist"):
         load_prompts(DataConfig(source=str(tmp_path / "missing.jsonl")))
-    # these reached the tokenizer and failed there, inside transformers
+    # conversations in TRL's format load as they are (the chat template renders them later)
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(5)))
-    with pytest.raises(ConfigError, match=r"data.source: prompt 0 is a chat \(a list of messages\); llmrl takes "
-                                          r"text prompts: write each as text, e.g. tokenizer.apply_chat_template"):
-        load_prompts(DataConfig(source=str(chat), eval_size=2))
+    train, _ = load_prompts(DataConfig(source=str(chat), eval_size=2))
+    assert train[0]["prompt"] == [{"role": "user", "content": "q0"}]
+    broken = tmp_path / "broken_chat.jsonl"
+    broken.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": 5 if i == 1 else "q"}]}) + "\n"
+                              for i in range(5)))
+    with pytest.raises(ConfigError, match=r"data.source: prompt 1 has message 0 = .* each message needs a string "
+                                          r"role and a string content"):
+        load_prompts(DataConfig(source=str(broken), eval_size=2))
     numbers = tmp_path / "numbers.jsonl"
     numbers.write_text("".join(json.dumps({"prompt": "q" if i else 7}) + "\n" for i in range(5)))
-    with pytest.raises(ConfigError, match=r"data.source: prompt 0 is int '7', not text"):
+    with pytest.raises(ConfigError, match=r"data.source: prompt 0 is int '7', neither text nor a list of messages"):
         load_prompts(DataConfig(source=str(numbers), eval_size=2))
 
 
@@ -95,7 +100,7 @@ def test_prompts_longer_than_the_limit_are_rejected(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"prompt": "ab>"}, {"prompt": "abcdefabcdef>"}]
     check_prompt_lengths(rows[:1], "prompt", tok, max_prompt_length=8, max_new_tokens=4, context=32)
-    with pytest.raises(ConfigError, match=r"prompt 1 has 13 tokens, more than 8 \(data.max_prompt_length = 8\)"):
+    with pytest.raises(ConfigError, match=r"data.source: prompt 1 has 13 tokens, more than 8 \(data.max_prompt_length = 8\)"):
         check_prompt_lengths(rows, "prompt", tok, max_prompt_length=8, max_new_tokens=4, context=32)
     with pytest.raises(ConfigError, match=r"more than 10 \(the model's context 16 minus"):
         check_prompt_lengths(rows, "prompt", tok, max_prompt_length=64, max_new_tokens=6, context=16)
