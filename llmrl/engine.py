@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from llmrl.prompt_cache import cache_of, encode_prompts, plan_prompts
+
 
 @dataclass
 class Sampling:
@@ -80,11 +82,14 @@ class RolloutEngine:
     """Decodes up to ``max_new_tokens`` for a left-padded batch; see the module docstring."""
 
     def __init__(self, eos_token_id: int, pad_token_id: int, static: bool = False, compile: bool = False,
-                 sync_every: int | None = None):
+                 sync_every: int | None = None, share_prompts: bool = False):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.static = static or compile
         self.compile = compile
+        # The prefill encodes each distinct prompt and the common prefix once (llmrl.prompt_cache); not with a
+        # static cache, whose rows and positions are fixed up front.
+        self.share_prompts = share_prompts and not self.static
         self.sync_every = sync_every
         self._compiled: dict[int, Callable] = {}  # id(model) -> compiled one-token step
 
@@ -120,28 +125,35 @@ class RolloutEngine:
         """
         B, P = input_ids.shape
         device = input_ids.device
-        total = P + max_new_tokens
-        mask = torch.zeros(B, total, dtype=attention_mask.dtype, device=device)  # 1 where a key is real
-        mask[:, :P] = attention_mask
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        next_position = positions[:, -1] + 1
+        cache_kw, keeps_logits = forward_arguments(model)
+        plan = plan_prompts(input_ids, attention_mask) if self.share_prompts else None
+        encoded = encode_prompts(model, plan, cache_kw, keeps_logits) if plan is not None else None
+        if encoded is not None:  # the prompts' keys are laid out as prefix + padding + suffix: width K, not P
+            prompt_mask, next_position, cache = encoded.key_mask, encoded.lengths, encoded.cache
+            logits = encoded.last_logits
+        else:
+            prompt_mask = attention_mask
+            next_position = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -1] + 1
+            cache = self._new_cache(model, B, P + max_new_tokens, device)
+        K = prompt_mask.shape[1]
+        mask = torch.zeros(B, K + max_new_tokens, dtype=attention_mask.dtype, device=device)  # 1 where a key is real
+        mask[:, :K] = prompt_mask
         tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        cache_kw, keeps_logits = forward_arguments(model)
-        cache = self._new_cache(model, B, total, device)
         all_finished = all_finished or (lambda done: bool(done.all()))
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
 
-        # The prefill needs logits at the last position only: (B, V), not (B, P, V).
-        keep = {"logits_to_keep": last_positions(1, P, device)} if keeps_logits else {}
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, **{cache_kw: cache}, **keep,
-                    **({"cache_position": torch.arange(P, device=device)} if self.static else {}))
+        if encoded is None:  # the prefill needs logits at the last position only: (B, V), not (B, P, V)
+            keep = {"logits_to_keep": last_positions(1, P, device)} if keeps_logits else {}
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                        use_cache=True, **{cache_kw: cache}, **keep,
+                        **({"cache_position": torch.arange(P, device=device)} if self.static else {}))
+            logits, cache = out.logits[:, -1], cache_of(out)
         step = self._step_fn(model)
         n = 0
         while True:
-            logits = out.logits[:, -1]
             token, logprob = next_tokens(logits, sampling, generator)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens[:, n] = token
@@ -150,11 +162,11 @@ class RolloutEngine:
             n += 1
             if n == max_new_tokens or (n % sync_every == 0 and all_finished(finished)):
                 break
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            mask[:, P + n - 1] = 1  # the token fed now (a pad after the stop token, as generate feeds it)
-            extra = {"cache_position": torch.tensor([P + n - 1], device=device)} if self.static else {}
+            mask[:, K + n - 1] = 1  # the token fed now (a pad after the stop token, as generate feeds it)
+            extra = {"cache_position": torch.tensor([K + n - 1], device=device)} if self.static else {}
             # A static cache keeps every shape fixed: the whole mask, zeros ahead of the current token.
-            out = step(input_ids=token[:, None], attention_mask=mask if self.static else mask[:, :P + n],
+            out = step(input_ids=token[:, None], attention_mask=mask if self.static else mask[:, :K + n],
                        position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra)
+            logits, cache = out.logits[:, -1], cache_of(out)
             next_position = next_position + 1
         return tokens[:, :n], logprobs[:, :n]
