@@ -36,6 +36,9 @@ class ModelConfig:
     dtype: str = opt("float32", "Weights dtype of the trainable copy: float32, bfloat16 or float16.")
     quantization: str | None = opt(None, "Load the frozen base in '8bit' or '4bit' (bitsandbytes); null for none.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+    share_prompts: bool = opt(True, "Encode each distinct prompt of a batch, and the prefix all its prompts share "
+                                     "(e.g. a chat template's system prompt), once, in rollouts and in the log-prob "
+                                     "and update passes; the same numbers as encoding every row in full.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them: "
                                               "less memory for longer sequences, about a third more compute.")
 
@@ -100,6 +103,10 @@ class RewardComponentConfig:
     name: str | None = opt(None, "Name in metrics (reward/NAME/mean); defaults to the function, folder or 'remote'.")
     weight: float = opt(1.0, "Weight of this component in the summed score.")
     kwargs: dict = opt({}, "Extra keyword arguments passed to a function reward (e.g. {pattern: '^[a-f]+$'}).")
+    factory_kwargs: dict | None = opt(None, "function is a factory: call it once at start-up with these keyword "
+                                            "arguments and use the callable it returns as the reward (e.g. "
+                                            "trl.rewards:get_soft_overlong_punishment with {max_completion_len: 64, "
+                                            "soft_punish_cache: 16}).")
     timeout: float | None = opt(60.0, "Seconds one call may take (per attempt for a URL); null waits forever.")
     batch_size: int = opt(32, "Learned model: texts scored per forward pass.")
     max_length: int = opt(512, "Learned model: longer texts lose their beginning (counted in reward/NAME/truncated).")

@@ -38,13 +38,15 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmrl.policy import base_fingerprint, fingerprint_mismatch
+    from llmrl.sources import resolve_model
 
     checkpoint = Path(checkpoint)
     cfg = load_checkpoint_config(checkpoint)
     base = base or cfg.model.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base, "--base"), dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the base model {base!r} named by {checkpoint}/config.yaml: {e}. "
                           f"Pass --base with its current location") from e
@@ -55,7 +57,7 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
             raise ConfigError(f"the adapter in {checkpoint} was trained on another base than {base!r} ({why}): "
                               f"pass --base with the model it was trained on")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # the pad token added in training
+        model.resize_token_embeddings(len(tokenizer))  # a pad token added by llmrl before 0.2
     model.config.pad_token_id = tokenizer.pad_token_id
     try:
         model = PeftModel.from_pretrained(model, checkpoint / "adapter")
@@ -69,10 +71,11 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
 def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
     """Prompts to compare logits on: the run's held-out prompts when they load here, else fixed text."""
     try:
+        from llmrl.chat import render_prompts
         from llmrl.data import load_prompts
 
         _, evals = load_prompts(cfg.data)
-        prompts = [r[cfg.data.prompt_column] for r in evals[:n]]
+        prompts = render_prompts(tokenizer, [r[cfg.data.prompt_column] for r in evals[:n]])
         if prompts:
             return prompts
     except (ConfigError, OSError):

@@ -1,18 +1,16 @@
 """The policy: a causal LM with a LoRA adapter and a value head; the reference is the adapter switched off."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from llmrl import prompt_cache
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
 from llmrl.engine import forward_arguments, last_positions
+from llmrl.sources import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PAD_TOKEN = "<|pad|>"
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -27,37 +25,48 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def check_model_path(name_or_path: str, key: str) -> None:
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name_or_path
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ConfigError(f"{key} = {name_or_path!r} does not exist: point it at a model folder or a hub name")
+def choose_pad_token(tokenizer) -> None:
+    """Give ``tokenizer`` a pad token from its own vocabulary: its pad token, else its unknown token when that is
+    not EOS, else EOS itself.
+
+    No token is added, so a real model's embedding is never resized (peft would then save the whole embedding
+    with every adapter). The pad id only fills positions; every mask llmrl uses comes from lengths (the
+    tokenizer's attention mask, the response cut after the first EOS), never from comparing ids with the pad
+    id, so a pad equal to EOS cannot mask a real stop token out of the loss (Huang et al. 2024, detail 1;
+    tested with pad == EOS).
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The policy's tokenizer, left-padding, with a pad token distinct from EOS (one is added if needed)."""
+    """The policy's tokenizer, left-padding, with a pad token (see ``choose_pad_token``)."""
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer or cfg.name_or_path
-    check_model_path(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    name = resolve_model(cfg.tokenizer or cfg.name_or_path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"could not load a tokenizer from {name!r}: {e}. Check the name or folder "
-                          f"(offline runs need a local folder)") from e
+        raise ConfigError(f"could not load a tokenizer from {key} = {cfg.tokenizer or cfg.name_or_path!r}: {e}. "
+                          f"Check the name or folder (offline runs need a local folder)") from e
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name!r} has no EOS token: set one (tokenizer.eos_token) before training")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # A pad equal to EOS would mask real stop tokens out of the loss (Huang et al. 2024, detail 1).
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    choose_pad_token(tokenizer)
     return tokenizer
 
 
 def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
-    """The frozen base model, optionally quantized, with dropout disabled and room for an added pad token."""
+    """The frozen base model, optionally quantized, with dropout disabled."""
     from transformers import AutoModelForCausalLM
 
-    check_model_path(cfg.name_or_path, "model.name_or_path")
+    path = resolve_model(cfg.name_or_path, "model.name_or_path")
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantization is not None:
         from transformers import BitsAndBytesConfig
@@ -69,14 +78,12 @@ def load_base_model(cfg: ModelConfig, tokenizer, device: torch.device):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load model.name_or_path = {cfg.name_or_path!r}: {e}") from e
     if cfg.quantization is None:
         model.to(device)
-    model.llmrl_base_fingerprint = base_fingerprint(model)  # before the pad token resizes the embeddings
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    model.llmrl_base_fingerprint = base_fingerprint(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -157,10 +164,11 @@ class Policy(nn.Module):
     noise into the advantages; it is saved separately from the adapter and never exported with the model.
     """
 
-    def __init__(self, model, hidden_size: int, base_fingerprint: dict | None = None):
+    def __init__(self, model, hidden_size: int, base_fingerprint: dict | None = None, share_prompts: bool = True):
         super().__init__()
         self.model = model
         self.base_fingerprint = base_fingerprint
+        self.share_prompts = share_prompts  # encode each distinct prompt and the common prefix once (prompt_cache)
         self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -186,6 +194,32 @@ class Policy(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
 
+    def response_outputs(self, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                         response_mask: torch.Tensor, with_values: bool = True):
+        """(B, P) left-padded prompts and (B, T) responses -> logits (B, T, V) of the positions that predict
+        each response token, and values (B, T) there (None without ``with_values``).
+
+        Through ``llmrl.prompt_cache`` (each distinct prompt and the prefix all prompts share encoded once)
+        when that saves work, else one forward pass over prompt + response: the same numbers either way.
+        """
+        if self._keeps_logits is None:
+            self._keeps_logits = forward_arguments(self.model)[1]
+        recomputes = torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False)
+        if self.share_prompts and not recomputes:
+            out = prompt_cache.response_outputs(self.model, query, query_mask, response, response_mask,
+                                                forward_arguments(self.model)[0], self._keeps_logits, with_values)
+            if out is not None:
+                logits, hidden = out
+                values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1) if with_values else None
+                return logits, values
+        P, T = query.shape[1], response.shape[1]
+        # The logits at position i predict token i + 1: response token t is predicted at P - 1 + t, so only
+        # the last T + 1 positions need logits (all but the very last).
+        logits, values = self(torch.cat([query, response], 1),
+                              torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1), with_values,
+                              logits_to_keep=T + 1)
+        return logits[:, -(T + 1):-1], values[:, P - 1:-1] if with_values else None
+
     @contextmanager
     def reference(self):
         """The reference policy: the same base with the adapter disabled (no second copy of the weights)."""
@@ -204,6 +238,7 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.dev
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapter although the frozen embeddings need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint)
+    policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint,
+                    share_prompts=model_cfg.share_prompts)
     policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
     return policy, tokenizer

@@ -121,7 +121,83 @@ def write_preference_file(path: str, name: str = "reverse", alphabet: str = "abc
             f.write(json.dumps(pair) + "\n")
 
 
-if __name__ == "__main__":  # python -m llmrl.tasks configs/data/reverse_prefs.jsonl
+# ----------------------------------------------------------------------------------------------
+# Arithmetic for a pretrained chat model (configs/smollm2.yaml): conversations in TRL's format
+
+
+ARITHMETIC_TEMPLATES = ("What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?",
+                        "What is {a} {word} {b}?")
+ARITHMETIC_OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
+                  "*": ("times", lambda a, b: a * b)}
+
+
+def arithmetic_problems() -> list[tuple[int, str, int]]:
+    """(a, op, b): sums of 1..12 and 1..12, differences a - b with 1 <= b <= a <= 15, products of 2..9."""
+    problems = [(a, "+", b) for a in range(1, 13) for b in range(1, 13)]
+    problems += [(a, "-", b) for a in range(1, 16) for b in range(1, a + 1)]
+    problems += [(a, "*", b) for a in range(2, 10) for b in range(2, 10)]
+    return problems
+
+
+def arithmetic_rows(split: str, eval_fraction: float = 0.35) -> list[dict]:
+    """Rows {prompt: [one user message], answer, solution} of one split. Problems, not phrasings, are held out
+    (by hash): no held-out problem is trained on in any wording. Train: every phrasing of every train problem;
+    eval: each held-out problem once, in a phrasing chosen by hash."""
+    rows = []
+    for a, op, b in arithmetic_problems():
+        key = f"{a}{op}{b}"
+        if is_held_out(key, eval_fraction) != (split == "eval"):
+            continue
+        word, solve = ARITHMETIC_OPS[op]
+        templates = ARITHMETIC_TEMPLATES if split == "train" else \
+            [ARITHMETIC_TEMPLATES[zlib.crc32(key.encode()) % len(ARITHMETIC_TEMPLATES)]]
+        for template in templates:
+            question = template.format(a=a, b=b, op=op, word=word)
+            answer = solve(a, b)
+            rows.append({"prompt": [{"role": "user", "content": question}], "answer": answer,
+                         "solution": str(answer)})
+    return rows
+
+
+def arithmetic_preference_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """One {prompt, chosen, rejected} pair per row, in TRL's conversational form: a short right answer against a
+    wrong one (a wrong result in the same words, or the right one buried in a long answer that never ends)."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        question = row["prompt"][0]["content"]
+        right = row["answer"]
+        expression = question.removeprefix("What is ").removeprefix("Calculate ").rstrip("?.= ").strip()
+        wrong = right + rng.choice([-3, -2, -1, 1, 2, 10])
+        rejected = f"{expression} = {wrong}" if rng.random() < 0.7 else \
+            f"To solve {expression}, we need to think about what the numbers mean. First"
+        pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": f"{expression} = {right}"}],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
+    return pairs
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_arithmetic_files(folder: str) -> None:
+    """The shipped configs/data/arithmetic_{train,eval,prefs}.jsonl (preference pairs over train rows only)."""
+    from pathlib import Path
+
+    train = arithmetic_rows("train")
+    write_jsonl(str(Path(folder) / "arithmetic_train.jsonl"), train)
+    write_jsonl(str(Path(folder) / "arithmetic_eval.jsonl"), arithmetic_rows("eval"))
+    write_jsonl(str(Path(folder) / "arithmetic_prefs.jsonl"), arithmetic_preference_pairs(train))
+
+
+if __name__ == "__main__":  # python -m llmrl.tasks configs/data/reverse_prefs.jsonl | python -m llmrl.tasks arithmetic configs/data
     import sys
 
-    write_preference_file(sys.argv[1])
+    if sys.argv[1] == "arithmetic":
+        write_arithmetic_files(sys.argv[2])
+    else:
+        write_preference_file(sys.argv[1])

@@ -64,7 +64,8 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Train with PPO as ``cfg`` says; returns the summary written to run_dir/summary.json."""
-    from llmrl.policy import build_policy, check_model_path, context_length
+    from llmrl.policy import build_policy, context_length
+    from llmrl.sources import resolve_model
     from llmrl.sft import run_warm_start
     from llmrl.strategy import make_strategy
     from llmrl.trainer import PPOTrainer
@@ -82,7 +83,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if r is not None:
             r.check_arguments(columns, cfg.data.source)
     if cfg.warm_start is None:
-        check_model_path(cfg.model.name_or_path, "model.name_or_path")
+        resolve_model(cfg.model.name_or_path, "model.name_or_path")  # a GGUF converts now, once
     resume_from = check_run_dir(run_dir, resume, overwrite)
     strategy.barrier()  # every rank has read the run directory before the main rank changes it
     if main:
@@ -94,9 +95,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
     context = context_length(policy.model)
-    for rows in (train_rows, eval_rows):
+    for rows, where in ((train_rows, "data.source"), (eval_rows, "data.eval_source")):
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
-                             cfg.generation.max_new_tokens, context)
+                             cfg.generation.max_new_tokens, context, where)
 
     if cfg.algorithm == "dpo":
         from llmrl.dpo import DPOTrainer, load_pairs

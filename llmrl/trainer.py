@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from llmrl import rl
 from llmrl.algorithms import make_estimator
+from llmrl.chat import as_completions, content, render_prompts
 from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
 from llmrl.config import Config, ConfigError, save_config
 from llmrl.engine import RolloutEngine
@@ -43,7 +44,8 @@ def make_engine(cfg: Config, tokenizer, strategy, context: int | None = None):
     """The rollout decoder ``generation.engine`` names; None means transformers' ``model.generate``."""
     g = cfg.generation
     if g.engine == "fast":
-        return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile)
+        return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile,
+                             share_prompts=cfg.model.share_prompts)
     if g.engine == "vllm":
         return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + strategy.rank,
                           tokenizer.eos_token_id, tokenizer.pad_token_id, context, strategy.gathered)
@@ -119,16 +121,24 @@ class PPOTrainer:
         mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
         return [self.train_rows[i] for i in mine.tolist() for _ in range(k)]
 
+    def prompt_texts(self, rows: list[dict]) -> list[str]:
+        """The texts the policy continues: plain prompts, or conversations through the chat template."""
+        return render_prompts(self.tokenizer, [r[self.cfg.data.prompt_column] for r in rows])
+
     def score(self, rows: list[dict], exp: Experience, reward: CombinedReward | None = None
               ) -> tuple[list[str], RewardResult]:
-        """Completion texts and the (training) reward's scores; extra dataset columns go in as kwargs."""
+        """Completion texts and the (training) reward's scores; extra dataset columns go in as kwargs.
+
+        The reward gets the prompts as the data holds them and, for conversations, each completion as TRL's
+        list of one assistant message."""
         column = self.cfg.data.prompt_column
         prompts = [r[column] for r in rows]
         completions = decode_completions(self.tokenizer, exp)
         extra = {k: [r[k] for r in rows] for k in rows[0] if k != column}
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(exp.response, exp.response_mask)]
         reward = reward or self.reward
-        return completions, reward(prompts, completions, completion_ids=completion_ids, **extra)
+        return completions, reward(prompts, as_completions(prompts, completions), completion_ids=completion_ids,
+                                   **extra)
 
     @torch.no_grad()
     def fit_reward_normalizer(self) -> None:
@@ -136,7 +146,7 @@ class PPOTrainer:
         rows = self.rows_for_step(0)
         with self.policy.reference():
             self.policy.eval()
-            exp = self.generate([r[self.cfg.data.prompt_column] for r in rows])
+            exp = self.generate(self.prompt_texts(rows))
         _, result = self.score(rows, exp)
         scores, valid = (torch.tensor(x, device=self.device) for x in (result.scores, result.valid))
         moments = self.strategy.all_reduce_sum(rl.masked_moments(scores, valid.double()))
@@ -159,17 +169,13 @@ class PPOTrainer:
         The entropy is a metric unless it is in the loss (``entropy_grad``): then only is its (B', T, V)
         softmax kept for the backward pass.
         """
-        P, T = exp.query.shape[1], exp.response.shape[1]
-        # The logits at position i predict token i + 1: response token t is predicted at P - 1 + t, so only
-        # the last T + 1 positions need logits (all but the very last).
-        logits, values = self.policy(exp.input_ids, exp.attention_mask, with_values=with_values,
-                                     logits_to_keep=T + 1)
-        logits = logits[:, -(T + 1):-1].float()
+        logits, values = self.policy.response_outputs(exp.query, exp.query_mask, exp.response, exp.response_mask,
+                                                      with_values)
+        logits = logits.float()
         temperature = self.cfg.generation.temperature
         logprobs = rl.logprobs_from_logits(logits, exp.response, temperature)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = rl.entropy_from_logits(logits, temperature)
-        values = values[:, P - 1:-1] if with_values else None
         return logprobs, values, entropy
 
     @torch.no_grad()
@@ -195,8 +201,7 @@ class PPOTrainer:
         cfg = self.cfg
         self.policy.eval()
         t0 = time.perf_counter()
-        prompts = [r[cfg.data.prompt_column] for r in rows]
-        exp = self.generate(prompts)
+        exp = self.generate(self.prompt_texts(rows))
         t1 = time.perf_counter()
         _, result = self.score(rows, exp)
         t2 = time.perf_counter()
@@ -334,19 +339,19 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64) -> dict:
-        """Greedy completions of the held-out prompts; mean raw reward and a few samples."""
+        """Greedy completions of the held-out prompts; mean raw reward and a few samples (a conversation is shown
+        by its last message)."""
         self.policy.eval()
         scores, samples, skipped = [], [], 0
         for start in range(0, len(self.eval_rows), batch_size):
             rows = self.eval_rows[start:start + batch_size]
-            prompts = [r[self.cfg.data.prompt_column] for r in rows]
-            exp = self.generate(prompts, greedy=True)
+            exp = self.generate(self.prompt_texts(rows), greedy=True)
             completions, result = self.score(rows, exp, self.eval_reward)
             kept = [s for s, ok in zip(result.scores, result.valid) if ok]
             scores.extend(kept)
             skipped += len(rows) - len(kept)
-            samples.extend((p, c, s if ok else None)
-                           for p, c, s, ok in zip(prompts, completions, result.scores, result.valid))
+            samples.extend((content(r[self.cfg.data.prompt_column]), c, s if ok else None)
+                           for r, c, s, ok in zip(rows, completions, result.scores, result.valid))
         mean = sum(scores) / len(scores) if scores else math.nan
         self.last_eval_samples = samples
         return {"eval/reward": mean, "eval/skipped": skipped, "samples": samples[:5]}

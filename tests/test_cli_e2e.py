@@ -147,7 +147,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
 @pytest.mark.parametrize("overrides,message", [
     (["ppo.clip_rnage=0.1"], "error: unknown config key 'ppo.clip_rnage'; did you mean 'ppo.clip_range'?"),
     (["model.name_or_path=/no/such/model", "warm_start=null"], "error: model.name_or_path = '/no/such/model' does not exist: "
-                                          "point it at a model folder or a hub name"),
+                                          "point it at a model folder, a .gguf file, pkg:PACKAGE/sub/path or a hub name"),
     (["ppo.mini_batch_size=48"], "error: ppo.rollout_batch_size = 64 is not divisible by ppo.mini_batch_size = 48: "
                                "choose sizes where it divides"),
     (["data.source=/no/prompts.jsonl"], "error: data.source = '/no/prompts.jsonl' does not exist: give a prompt "

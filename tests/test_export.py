@@ -122,7 +122,6 @@ def test_bf16_and_adapter_only_exports(trained, tmp_path):
 
 
 def test_export_of_an_8bit_run_merges_into_an_unquantized_base(tiny_model_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
     trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "model.quantization=8bit", "ppo.lr=1e-2"))
     trainer.train_step()
     checkpoint = trainer.save_checkpoint(tmp_path / "run" / "final")

@@ -68,12 +68,42 @@ def test_trimmed_microbatch_gives_the_same_logprobs_and_values(tiny_model_dir, t
     assert torch.allclose(full_v[:, :T][mask], cut_v[mask], atol=1e-5)
 
 
-def test_pad_token_is_added_when_the_tokenizer_has_none(english_model_dir):
+def test_the_pad_token_comes_from_the_vocabulary_and_no_embedding_is_resized(english_model_dir):
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(english_model_dir)
+    assert fresh.pad_token is None  # like gpt2's
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(english_model_dir)))
-    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer) == len(fresh) and tokenizer.padding_side == "left"
     policy, tokenizer = build_policy(ModelConfig(name_or_path=str(english_model_dir)), LoraConfig(), CPU)
-    assert policy.model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert policy.model.get_input_embeddings().weight.shape[0] == len(fresh)
+
+
+def test_a_pad_equal_to_eos_keeps_the_stop_token_in_the_masks(english_model_dir, tmp_path):
+    """With no other token to pad with, EOS pads: every mask comes from lengths, so the real EOS still counts
+    (a mask built as ids != pad would drop it: Huang et al. 2024, detail 1)."""
+    import shutil
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from llmrl.dpo import encode
+
+    folder = tmp_path / "eos-only"
+    shutil.copytree(english_model_dir, folder)
+    bare = PreTrainedTokenizerFast(tokenizer_object=AutoTokenizer.from_pretrained(english_model_dir).backend_tokenizer,
+                                   eos_token="<eos>", unk_token="<eos>", bos_token="<eos>")
+    bare.save_pretrained(folder)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)))
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    response, mask, ended = truncate_at_eos(torch.tensor([[5, eos, 7, 8], [5, 6, 7, eos], [5, 6, 7, 8]]), eos, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]] and ended.tolist() == [True, True, False]
+    assert response.tolist()[0] == [5, eos, eos, eos]
+    exp = encode(tokenizer, ["a", "abc"], ["ab", "the film"], CPU)  # DPO's answers end with EOS, then EOS pads
+    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in ("ab", "the film")]
+    assert exp.response_mask.sum(1).tolist() == lengths and lengths[0] < lengths[1]
+    assert exp.response[0, lengths[0] - 1].item() == eos and exp.response_mask[0, lengths[0] - 1] == 1
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -132,7 +162,6 @@ def test_an_update_changes_only_adapter_and_value_head(tiny_model_dir, tmp_path,
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantized_base_trains_lora_on_cpu(tiny_model_dir, tmp_path, bits):
-    pytest.importorskip("bitsandbytes")
     trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"model.quantization={bits}"))
     import bitsandbytes as bnb
 
