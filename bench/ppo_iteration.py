@@ -3,6 +3,8 @@
     python bench/ppo_iteration.py                          # CPU: builds llmrl's tiny warm start first (0.5-2 min)
     python bench/ppo_iteration.py --iterations 3 --model /tmp/tiny   # keep the model in /tmp/tiny, reuse it later
     python bench/ppo_iteration.py --model-kind gpt2 --rollout 256 --micro 32 --new-tokens 128   # on a GPU
+    python bench/ppo_iteration.py --model ~/.cache/llmrl/models/SmolLM2-135M-Instruct.Q4_1-* --data arithmetic \
+        --rollout 16 --new-tokens 16 --threads 2    # SmolLM2 (converted by a first run of configs/smollm2.yaml)
 
 One iteration = one rollout of R completions (R / K prompts, K completions each, at most N new tokens)
 + E passes over it, each pass one optimizer step on all R completions (microbatches of M, gradient
@@ -23,6 +25,8 @@ accumulation R / M). Both contenders get, from the same command line:
 | reward | ``reward_models.rules.exact_match`` (the recipe's) | ``reward_funcs=[exact_match]``, dataset column ``answer`` as kwarg |
 | reward, random GPT-2 | ``reward.components`` = ``length_target`` with its kwargs | ``functools.partial(length_target, ...)`` |
 | prompts | llmrl's task rows {prompt, answer} | a ``datasets.Dataset`` of the same rows |
+| prompts, ``--data arithmetic`` | ``configs/data/arithmetic_train.jsonl`` (conversations, chat template) | the same rows, conversational (TRL applies the same template) |
+| reward, ``--data arithmetic`` | ``numeric_match`` (the SmolLM2 recipe's) | ``reward_models.rules.numeric_match``, column ``answer`` |
 | sampling | temperature 1, no top-k/top-p | ``temperature=1.0``, ``top_k=0``, ``top_p=1.0`` |
 
 Both trainers are built in-process in their own subprocess (the script re-invokes itself with ``--worker``),
@@ -141,6 +145,7 @@ def llmrl_overrides(spec: dict) -> list[str]:
         "generation.top_p=1.0",
         "generation.missing_eos_penalty=null",  # TRL's RLOO has no such penalty
         *reward_overrides(spec["reward"]),
+        *DATA[spec.get("data", "task")],
         "reward.normalize=none",
         "run.eval_every=0",
         "run.progress=false",
@@ -149,6 +154,19 @@ def llmrl_overrides(spec: dict) -> list[str]:
         f"run.output_dir={spec['run_dir']}",
         *spec["llmrl_set"],
     ]
+
+
+# Prompts: the tiny recipe's task (plain text), or the SmolLM2 recipe's conversational arithmetic.
+DATA = {"task": [], "arithmetic": ["data.source=configs/data/arithmetic_train.jsonl",
+                                   "data.eval_source=configs/data/arithmetic_eval.jsonl", "data.eval_size=125",
+                                   "data.max_prompt_length=64"]}
+
+
+def rendered(tokenizer, prompt) -> str:
+    """A prompt as the policy reads it: text, or a conversation through the chat template."""
+    from llmrl.chat import render_prompt
+
+    return render_prompt(tokenizer, prompt)
 
 
 def reward_overrides(reward: dict) -> list[str]:
@@ -351,8 +369,14 @@ def run_trl(spec: dict) -> dict:
     train_rows, _ = load_prompts(cfg.data)
     dataset = datasets.Dataset.from_list(train_rows)
     prompts = [r["prompt"] for r in train_rows[:64]]
-    prompt_ids_equal = (tokenizer(prompts)["input_ids"]
-                        == tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    if isinstance(prompts[0], list):  # conversations: TRL renders them with the template, llmrl too
+        prompt_ids_equal = ([tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"] for p in prompts]
+                            == tokenizer([rendered(tokenizer, p) for p in prompts],
+                                         add_special_tokens=False)["input_ids"])
+    else:
+        prompt_ids_equal = (tokenizer(prompts)["input_ids"]
+                            == tokenizer(prompts, add_special_tokens=False)["input_ids"])
     lora = cfg.lora
     peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                   target_modules=lora.target_modules or "all-linear", task_type="CAUSAL_LM")
@@ -542,7 +566,8 @@ def check_context(model_dir: Path, spec: dict) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows, _ = load_prompts(load_llmrl_config({**spec, "run_dir": "unused"}).data)
-    longest = max(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+    longest = max(len(tokenizer(rendered(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"])
+                  for r in rows)
     context = getattr(config.get_text_config(), "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is not None and longest + spec["N"] > context:
         raise SystemExit(f"{model_dir}: prompts of up to {longest} tokens + {spec['N']} new tokens exceed the "
@@ -642,9 +667,14 @@ def parse_args(argv=None):
     p.add_argument("--model-kind", choices=["tiny", "gpt2"], default=None,
                    help="what to build when no model folder exists: tiny (llmrl's warm start; default on CPU) or "
                         "gpt2 (GPT-2 124M, random weights; default on CUDA)")
-    p.add_argument("--reward", choices=["auto", "exact_match", "length"], default="auto",
-                   help="exact_match (the tiny recipe's, default), or length (reward_models.rules.length_target "
-                        "in characters; default for the random-weight GPT-2, which never matches an answer)")
+    p.add_argument("--reward", choices=["auto", "exact_match", "numeric_match", "length"], default="auto",
+                   help="exact_match (the tiny recipe's, default), numeric_match (default with --data arithmetic), "
+                        "or length (reward_models.rules.length_target in characters; default for the random-weight "
+                        "GPT-2, which never matches an answer). A pretrained model's completions nearly all fit "
+                        "the length reward's tolerance: every score ~1, zero advantages, no real update")
+    p.add_argument("--data", choices=list(DATA), default="task",
+                   help="task: the tiny recipe's plain-text prompts; arithmetic: the SmolLM2 recipe's "
+                        "conversations (for a pretrained chat model)")
     p.add_argument("--contenders", default="llmrl,trl", help="comma-separated subset of llmrl,trl")
     p.add_argument("--llmrl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra llmrl config override (repeatable), e.g. generation.engine=generate")
@@ -694,9 +724,11 @@ def main(argv=None) -> int:
         built = json.loads(mark.read_text())["kind"] if mark.is_file() else None
         model_name = {"gpt2": "gpt2-124M (random)", "tiny": "tiny warm start"}.get(built, model_dir.name)
         spec["model_dir"] = str(model_dir)
-        reward = args.reward if args.reward != "auto" else ("length" if built == "gpt2" else "exact_match")
+        spec["data"] = args.data
+        reward = args.reward if args.reward != "auto" else \
+            ("numeric_match" if args.data == "arithmetic" else "length" if built == "gpt2" else "exact_match")
         spec["reward"] = (length_reward(model_dir, N) if reward == "length"
-                          else {"function": "exact_match", "kwargs": {}})
+                          else {"function": reward, "kwargs": {}})
         model_info = check_context(model_dir, spec)
         rounds = {name: [] for name in contenders}
         for _ in range(args.rounds):  # alternating, so that a drift in the machine's speed reaches both alike
@@ -717,7 +749,8 @@ def main(argv=None) -> int:
         print(f"- {r['contender']}: {r['rollouts']} rollouts of {R}, {r['optimizer_steps']} optimizer steps; "
               f"completion length mean {statistics.fmean(lengths):.2f} (max {r['completion_max_length']}, "
               f"bound {N}); LoRA changed in {r['lora_tensors_changed']}/{r['lora_tensors']} tensors "
-              f"(max |delta| {r['lora_max_abs_change']:.2e}, first round); samples/s by round "
+              f"(max |delta| {r['lora_max_abs_change']:.2e}, first round); reward mean by iteration "
+              f"{', '.join(f'{x:.2f}' for x in r['reward_mean_per_iter'])}; samples/s by round "
               f"{', '.join(f'{x:.1f}' for x in r['samples_per_s_by_round'])}; timed seconds per iteration "
               f"{', '.join(f'{t:.3f}' for t in r['timed_seconds'])}")
     if "llmrl" in by_name and "trl" in by_name and \

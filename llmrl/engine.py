@@ -47,7 +47,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None):
-    """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,))."""
+    """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,), the
+    entropy of softmax(logits / temperature) (B,): the trainer's definitions, before top-k/top-p filtering)."""
     logits = logits.float()
     if sampling.greedy:
         tokens = logits.argmax(dim=-1)
@@ -56,8 +57,10 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         scaled = logits / sampling.temperature
         probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(dim=-1)
-    return tokens, logprobs
+    logz = scaled.logsumexp(dim=-1)
+    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - logz
+    entropy = logz - (scaled.softmax(dim=-1) * scaled).sum(-1)
+    return tokens, logprobs, entropy
 
 
 def forward_arguments(model) -> tuple[str, bool]:
@@ -116,12 +119,13 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  sampling: Sampling, generator: torch.Generator | None = None,
-                 all_finished: Callable[[torch.Tensor], bool] | None = None):
-        """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens.
+                 all_finished: Callable[[torch.Tensor], bool] | None = None, with_entropy: bool = False):
+        """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens, and with
+        ``with_entropy`` the entropy (B, N) of the distribution each token was sampled from.
 
-        Tokens after a sequence's stop token are the pad id (log-prob 0). ``all_finished(finished)`` decides
-        when to stop (default: every sequence of this batch has finished); under DeepSpeed without gathered
-        weights it must agree across ranks.
+        Tokens after a sequence's stop token are the pad id (log-prob and entropy 0). ``all_finished(finished)``
+        decides when to stop (default: every sequence of this batch has finished); under DeepSpeed without
+        gathered weights it must agree across ranks.
         """
         B, P = input_ids.shape
         device = input_ids.device
@@ -140,6 +144,7 @@ class RolloutEngine:
         mask[:, :K] = prompt_mask
         tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
+        entropies = torch.zeros(B, max_new_tokens, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         all_finished = all_finished or (lambda done: bool(done.all()))
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
@@ -154,10 +159,11 @@ class RolloutEngine:
         step = self._step_fn(model)
         n = 0
         while True:
-            token, logprob = next_tokens(logits, sampling, generator)
+            token, logprob, entropy = next_tokens(logits, sampling, generator)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens[:, n] = token
             logprobs[:, n] = logprob.masked_fill(finished, 0.0)
+            entropies[:, n] = entropy.masked_fill(finished, 0.0)
             finished |= token == self.eos_token_id
             n += 1
             if n == max_new_tokens or (n % sync_every == 0 and all_finished(finished)):
@@ -169,4 +175,6 @@ class RolloutEngine:
                        position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra)
             logits, cache = out.logits[:, -1], cache_of(out)
             next_position = next_position + 1
+        if with_entropy:
+            return tokens[:, :n], logprobs[:, :n], entropies[:, :n]
         return tokens[:, :n], logprobs[:, :n]

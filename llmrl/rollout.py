@@ -18,7 +18,8 @@ class Experience:
     response: torch.Tensor  # (B, T) sampled token ids, pad after the stop token
     response_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (the EOS included)
     ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
-    logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature
+    logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
+    entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
     ref_logprobs: torch.Tensor | None = None  # (B, T) log pi_ref(a_t|s_t), adapter disabled
     values: torch.Tensor | None = None  # (B, T) V(s_t) at rollout time
     scores: torch.Tensor | None = None  # (B,) sequence reward after EOS penalty and clipping
@@ -84,14 +85,21 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled).
 
     ``engine`` (llmrl's decode loop) when given, else ``model.generate``. ``synced_gpus``: every rank keeps
-    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward).
+    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward). With the engine and
+    sampling, ``logprobs`` and ``entropy`` hold log pi(a_t|s_t) of the sampled tokens and the entropy of the
+    distribution they were sampled from (logits / temperature; equal to a recomputed forward's within float
+    rounding: tested).
     """
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     greedy = greedy or not cfg.do_sample
+    sampled = None  # (log-probs, entropy) the engine recorded while sampling
     if engine is not None:
         sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        tokens, _ = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens, sampling,
-                                    all_finished=all_ranks_finished if synced_gpus else None)
+        tokens, *sampled = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens,
+                                           sampling, all_finished=all_ranks_finished if synced_gpus else None,
+                                           with_entropy=True)
+        if greedy or sampled[0] is None:  # greedy decoding scores the raw logits, not logits / temperature
+            sampled = None
     else:
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
@@ -101,8 +109,11 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
             **kwargs)
         tokens = out[:, enc["input_ids"].shape[1]:]
     response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return Experience(query=enc["input_ids"], query_mask=enc["attention_mask"],
-                      response=response, response_mask=response_mask, ended=ended)
+    exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
+                     response_mask=response_mask, ended=ended)
+    if sampled is not None:
+        exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
+    return exp
 
 
 def all_ranks_finished(finished: torch.Tensor) -> bool:

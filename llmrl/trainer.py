@@ -182,13 +182,21 @@ class PPOTrainer:
     def fill_logprobs(self, exp: Experience) -> torch.Tensor:
         """Set ``exp.logprobs``, ``.ref_logprobs`` and ``.values`` (zeros without a critic) of a rollout;
         returns its (B, T) entropy. Microbatches of similar lengths, each cut to its own longest row: less
-        padding to compute."""
-        exp.logprobs, exp.ref_logprobs, exp.values, entropy = (torch.zeros_like(exp.response_mask) for _ in range(4))
+        padding to compute.
+
+        Without a critic, the log-probs and entropies the rollout engine recorded while sampling are pi_old's,
+        so the policy pass is skipped (PPO runs it for the values anyway)."""
+        critic = self.estimator is not None and self.estimator.uses_critic
+        policy_pass = critic or exp.logprobs is None or exp.entropy is None
+        if policy_pass:
+            exp.logprobs, exp.entropy = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
+        exp.ref_logprobs, exp.values = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
+        entropy = exp.entropy
         order = torch.argsort(exp.lengths, stable=True)
         chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(self.cfg.ppo.micro_batch_size)]
-        for idx, chunk in chunks:
+        for idx, chunk in chunks if policy_pass else ():
             T = chunk.response.shape[1]
-            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, self.estimator.uses_critic)
+            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, critic)
             if v is not None:
                 exp.values[idx, :T] = v.float()
         with self.policy.reference():  # entered once: switching the adapter off walks the whole model

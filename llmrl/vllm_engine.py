@@ -165,9 +165,10 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 sampling: Sampling, generator=None, all_finished=None):
-        """(B, P) left-padded prompts -> (tokens (B, N), None): vLLM's log-probs are not used, and neither is
-        ``generator`` (see the module docstring) nor ``all_finished`` (each rank decodes on its own)."""
+                 sampling: Sampling, generator=None, all_finished=None, with_entropy: bool = False):
+        """(B, P) left-padded prompts -> (tokens (B, N), None): vLLM's log-probs are not used (the trainer
+        recomputes them), and neither is ``generator`` (see the module docstring) nor ``all_finished`` (each rank
+        decodes on its own); ``with_entropy`` is llmrl's engine's option (nothing to give here)."""
         from vllm import SamplingParams
 
         self.sync(model)

@@ -104,8 +104,9 @@ def test_engine_logprobs_equal_the_trainers_recomputed_ones(trainer):
     tok = trainer.tokenizer
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(5)
-    tokens, logprobs = RolloutEngine(tok.eos_token_id, tok.pad_token_id).generate(
-        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 8, Sampling(temperature=0.7))
+    tokens, logprobs, entropy = RolloutEngine(tok.eos_token_id, tok.pad_token_id).generate(
+        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 8, Sampling(temperature=0.7),
+        with_entropy=True)
     cfg = trainer.cfg.generation
     old = cfg.temperature
     cfg.temperature = 0.7
@@ -114,11 +115,43 @@ def test_engine_logprobs_equal_the_trainers_recomputed_ones(trainer):
         exp.response = tokens
         exp.response_mask = live(tokens, tok.eos_token_id).float()
         with torch.no_grad():
-            recomputed, _, _ = trainer.forward_logprobs(exp, with_values=False)
+            recomputed, _, recomputed_entropy = trainer.forward_logprobs(exp, with_values=False)
     finally:
         cfg.temperature = old
     keep = exp.response_mask.bool()
     assert torch.allclose(recomputed[keep], logprobs[keep], atol=1e-5)
+    assert torch.allclose(recomputed_entropy[keep], entropy[keep], atol=1e-5)
+    assert (entropy[keep] > 0).all() and (entropy[~keep] == 0).all()
+
+
+def test_critic_free_rollouts_keep_the_sampled_logprobs_and_skip_the_policy_pass(tiny_model_dir, tmp_path):
+    """GRPO/RLOO/REINFORCE: pi_old is what the engine sampled from, so make_experience runs the model only for
+    the reference (adapter off); PPO still runs the policy pass, for the values."""
+    for algorithm, passes in (("rloo", 1), ("ppo", 2)):
+        trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / algorithm, f"algorithm={algorithm}",
+                                           "critic_free.num_generations=2", "model.share_prompts=false"))
+        with torch.no_grad():
+            for name, p in trainer.policy.model.named_parameters():
+                if "lora_B" in name:  # an adapter that matters, so that policy and reference differ
+                    p.normal_(0, 0.2)
+        rows = trainer.rows_for_step(0)
+        exp = trainer.generate(trainer.prompt_texts(rows))
+        sampled = exp.logprobs.clone()
+        calls = []  # rows through the model after the rollout
+        hook = trainer.policy.model.get_base_model().get_input_embeddings().register_forward_hook(
+            lambda m, i, o: calls.append(i[0].shape[0]))
+        entropy_metric = trainer.fill_logprobs(exp)
+        hook.remove()
+        assert sum(calls) == passes * len(rows), (algorithm, calls)
+        if algorithm == "rloo":
+            assert torch.equal(exp.logprobs, sampled)
+        stats = {"objective/entropy": (entropy_metric * exp.response_mask).sum().item() / exp.response_mask.sum().item()}
+        with torch.no_grad():
+            recomputed, _, entropy = trainer.forward_logprobs(exp, with_values=False)
+        keep = exp.response_mask.bool()
+        assert torch.allclose(exp.logprobs[keep], recomputed[keep], atol=1e-5)
+        assert abs(stats["objective/entropy"] - (entropy * exp.response_mask).sum().item() / keep.sum().item()) < 1e-5
+        assert not torch.allclose(exp.logprobs[keep], exp.ref_logprobs[keep], atol=1e-3)
 
 
 def rows_with_a_common_stop(trainer):
