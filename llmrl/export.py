@@ -20,8 +20,9 @@ from llmrl.console import run_cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Max |logit difference| allowed between the reloaded export and base + adapter (computed in fp32).
-# fp32: merging only reorders float sums. bf16/fp16: the rounding of the stored weights themselves.
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
+# fp32: merging only reorders float sums; over SmolLM2's 30 layers (logits up to ~30) that reordering alone
+# measured 1.3e-4, a wrong merge is off by 1e-1 or more. bf16/fp16: the rounding of the stored weights themselves.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2.5e-1}
 
 
 def load_checkpoint_config(checkpoint: Path) -> Config:

@@ -82,13 +82,18 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     for r in (reward, eval_reward):
         if r is not None:
             r.check_arguments(columns, cfg.data.source)
-    if cfg.warm_start is None:
-        resolve_model(cfg.model.name_or_path, "model.name_or_path")  # a GGUF converts now, once
+    name = cfg.model.name_or_path
+    # warm_start builds the recipe's tiny model into a missing local folder; a package path or a GGUF file is
+    # never built, it must exist
+    builds = (cfg.warm_start is not None and not name.startswith("pkg:") and not name.endswith(".gguf")
+              and not Path(name).exists())
+    if not builds:
+        resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
     resume_from = check_run_dir(run_dir, resume, overwrite)
     strategy.barrier()  # every rank has read the run directory before the main rank changes it
     if main:
         make_run_dir(run_dir, overwrite)
-        if cfg.warm_start is not None and not Path(cfg.model.name_or_path).exists():
+        if builds:
             run_warm_start(cfg, progress=cfg.run.progress)
     strategy.barrier()
 

