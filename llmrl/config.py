@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message says how to fix it."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped for a reason the user can act on (divergence, a full disk, Ctrl-C); the message names the
+    step, the last good checkpoint and what to do."""
 
 
 def opt(default: Any, help: str):
@@ -111,8 +117,9 @@ class RewardComponentConfig:
     batch_size: int = opt(32, "Learned model: texts scored per forward pass.")
     max_length: int = opt(512, "Learned model: longer texts lose their beginning (counted in reward/NAME/truncated).")
     quantization: str | None = opt(None, "Learned model: '8bit' loads it with bitsandbytes.")
-    text_fn: str | None = opt(None, "Learned model: function (prompt, completion) -> text it reads; null: the one "
-                                    "saved by train_reward, else the model's chat template, else prompt + completion.")
+    text_fn: str | None = opt(None, "Learned model: function (prompt, completion) -> text it reads; 'saved': the one "
+                                    "train_reward saved in the model folder (imported only when asked for); null: "
+                                    "the model's chat template, else prompt + completion.")
     retries: int = opt(3, "URL: attempts after the first, with exponential backoff.")
     token_env: str | None = opt(None, "URL: environment variable holding a bearer token to send.")
 
@@ -364,6 +371,22 @@ class Config:
             (self.dpo.steps > 0, "dpo.steps", f"is {self.dpo.steps}: must be at least 1"),
             (self.dpo.batch_size > 0, "dpo.batch_size", f"is {self.dpo.batch_size}: must be at least 1"),
         ]
+        t = self.data.task
+        strings = sum(len(t.alphabet) ** n for n in range(max(t.min_len, 1), max(t.max_len, 0) + 1)) \
+            if self.data.source.startswith("task:") and t.max_len <= 64 else 0
+        checks += [
+            (self.ppo.kl_horizon > 0, "ppo.kl_horizon", f"is {self.ppo.kl_horizon}: must be > 0 (sequences; e.g. 10000)"),
+            (self.ppo.kl_target > 0, "ppo.kl_target", f"is {self.ppo.kl_target}: must be > 0 (e.g. 6)"),
+            (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"), "run.device",
+             f"is {self.run.device!r}: use auto, cpu, cuda or cuda:N"),
+            (self.reward.clip is None or self.reward.clip > 0, "reward.clip",
+             f"is {self.reward.clip}: must be > 0 (scores are clipped to [-clip, clip]), or null for no clipping"),
+            (not self.data.source.startswith("task:") or t.max_len <= 64 and strings <= 10**7, "data.task.max_len",
+             f"is {t.max_len}: the task would enumerate {'more than 10^7' if t.max_len > 64 else f'{strings:,}'} "
+             f"strings of alphabet {t.alphabet!r}; keep len(alphabet) ** max_len under 10^7 (e.g. max_len 8)"),
+        ]
+        for key, value in _floats(self):
+            checks.insert(0, (math.isfinite(value), key, f"is {value}: must be a finite number"))
         for ok, key, why in checks:
             if not ok:
                 raise ConfigError(f"{key} {why}")
@@ -371,6 +394,22 @@ class Config:
             if getattr(self.ppo, name) <= 0:
                 raise ConfigError(f"ppo.{name} is {getattr(self.ppo, name)}: must be a positive integer")
         self.sizes(1)
+
+
+def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float setting, nested sections and lists of sections included."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if isinstance(value, float):
+            out.append((key, value))
+        elif dataclasses.is_dataclass(value):
+            out += _floats(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    out += _floats(item, f"{key}[{i}].")
+    return out
 
 
 def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
@@ -462,7 +501,12 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"{dotted.strip()}='\"{raw}\"'") from None
     # YAML reads 1e-4 as a string; accept it as the number the user meant.
     if isinstance(value, str):
         try:

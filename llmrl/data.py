@@ -34,8 +34,16 @@ def read_table(source: str, key: str) -> list[dict]:
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise ConfigError(f"{key} = {source!r} does not exist: give a prompt file path or task:NAME")
-        if not path.read_bytes().strip():
+        data = path.read_bytes()
+        if not data.strip():
             raise ConfigError(f"{key} = {source!r} is an empty file: it needs at least one prompt")
+        if path.suffix != ".parquet":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = data[:e.start].count(b"\n") + 1
+                raise ConfigError(f"{key} = {source!r} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}): "
+                                  f"save it as UTF-8") from None
         try:
             ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # a malformed file: say which one
@@ -69,6 +77,8 @@ def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
                               f"set data.prompt_column")
         for i, row in enumerate(rows):
             problem = message_problem(row[cfg.prompt_column])
+            if problem is None and not row[cfg.prompt_column]:
+                problem = "is empty: a prompt needs at least one token to continue from"
             if problem:
                 raise ConfigError(f"{name}: prompt {i} {problem}: the {cfg.prompt_column!r} column must hold "
                                   f"text or conversations (lists of {{role, content}} messages, TRL's format)")
@@ -84,6 +94,9 @@ def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_le
     for data.max_prompt_length or the model's context."""
     limit = max_prompt_length
     if context is not None:
+        if max_new_tokens >= context:
+            raise ConfigError(f"generation.max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {context} tokens: lower it below {context}")
         limit = min(limit, context - max_new_tokens)
     for i, row in enumerate(rows):
         text = render_prompt(tokenizer, row[column], f"{where}: prompt {i}")

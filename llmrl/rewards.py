@@ -117,8 +117,9 @@ def check_scores(scores: Any, name: str, completions: list[str], invalid: list[i
     With an ``invalid`` list, a bad value (NaN, inf, a string) becomes None and its index is appended there
     instead of raising; a wrong count always raises.
     """
-    if isinstance(scores, (str, bytes)) or not hasattr(scores, "__len__"):
-        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of floats")
+    if isinstance(scores, (str, bytes, dict, set, frozenset)) or not hasattr(scores, "__len__"):
+        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of floats: return one "
+                          f"score (or None) per completion, in order")
     scores = list(scores)
     if len(scores) != len(completions):
         raise RewardError(f"reward {name!r} returned {len(scores)} values for {len(completions)} completions: "

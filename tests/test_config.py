@@ -109,10 +109,28 @@ def test_overrides_set_single_keys_and_are_checked(tmp_path):
     ("ppo", "gamma", 2.0, r"ppo.gamma is 2.0: must be in \(0, 1\]"),
     ("dpo", "batch_size", 0, "dpo.batch_size is 0: must be at least 1"),
     ("dpo", "steps", 0, "dpo.steps is 0: must be at least 1"),
+    # hardening audit: these passed validation and trained on with NaN, hung, or crashed later
+    ("ppo", "vf_coef", float("nan"), "ppo.vf_coef is nan: must be a finite number"),
+    ("ppo", "kl_target", float("nan"), "ppo.kl_target is nan: must be a finite number"),
+    ("ppo", "lr", float("inf"), "ppo.lr is inf: must be a finite number"),
+    ("ppo", "kl_horizon", 0.0, "ppo.kl_horizon is 0.0: must be > 0"),
+    ("run", "device", "tpu", "run.device is 'tpu': use auto, cpu, cuda or cuda:N"),
+    ("reward", "clip", -1.0, r"reward.clip is -1.0: must be > 0 \(scores are clipped to \[-clip, clip\]\)"),
+    ("reward", "clip", 0.0, "reward.clip is 0.0: must be > 0"),
 ])
 def test_invalid_values(tmp_path, section, key, value, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, base(**{section: {key: value}})))
+
+
+def test_a_component_float_and_a_huge_task_are_refused(tmp_path):
+    data = base(reward={"components": [{"function": "exact_match", "weight": float("nan")}]})
+    with pytest.raises(ConfigError, match=r"reward.components\[0\].weight is nan: must be a finite number"):
+        load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match=r"data.task.max_len is 100: the task would enumerate more than 10\^7"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.task.max_len=100"])
+    with pytest.raises(ConfigError, match=r"override 'reward.function=:': the value is not valid YAML"):
+        load_config(REPO / "configs" / "tiny.yaml", ["reward.function=:"])
 
 
 @pytest.mark.parametrize("cls", [Config, RewardTrainConfig])
