@@ -102,3 +102,28 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def load_state_file(path: Path, allowed: tuple = ()) -> dict:
+    """A ``.pt`` state file of a checkpoint (trainer state, RNG state), read with torch's safe loader.
+
+    ``weights_only=True`` rebuilds tensors, numbers, strings and containers only, so a tampered file cannot run
+    code (a pickled ``os.system`` call fails to load instead). Numpy arrays (the RNG state of checkpoints from
+    before the state was kept as tensors) are allowed too: rebuilding one runs no code of the file's choosing;
+    so are the plain data classes in ``allowed`` (DeepSpeed's enums and configs, see ``strategy.DeepSpeed``).
+    """
+    import numpy as np
+    import torch
+
+    multiarray = getattr(np, "_core", np.core).multiarray
+    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32")), *allowed]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file, or one holding objects of other classes (torch's message says to
+        # load it with weights_only=False: exactly what must not happen with a file from elsewhere)
+        from llmrl.config import ConfigError
+
+        raise ConfigError(f"checkpoint {Path(path).parent}: {Path(path).name} cannot be read as plain state (it is "
+                          f"damaged, or holds Python objects besides tensors and numbers, which llmrl never "
+                          f"unpickles): move this folder away to resume from the checkpoint before it") from None

@@ -11,16 +11,21 @@ import torch
 
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, out: str | Path | None = None,
-                        n_samples: int = 8, overrides: list[str] = ()) -> dict:
+                        n_samples: int = 8, overrides: list[str] = (), trust_checkpoint_code: bool = False) -> dict:
+    """``trust_checkpoint_code``: let the checkpoint's own config.yaml (read when ``config`` is None) run model
+    code from the hub and import the reward files and modules it names (see ``llmrl.trust``)."""
     from llmrl.config import ConfigError, load_config
     from llmrl.strategy import SingleProcess
     from llmrl.trainer import build_trainer
+    from llmrl.trust import check_checkpoint_config
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "adapter").is_dir():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
                           f"step-N/ folder")
     cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
+    if config is None:
+        check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code)
     trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
     trainer.load_weights(checkpoint)
     policy, eval_rows = trainer.policy, trainer.eval_rows
@@ -75,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
     parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
     parser.add_argument("--samples", type=int, default=8, help="generations shown in the table")
+    parser.add_argument("--trust-checkpoint-code", action="store_true",
+                        help="let the checkpoint's own config.yaml run model code from the hub and import the reward "
+                             "files and modules it names (refused otherwise)")
     args = parser.parse_intermixed_args(argv)
 
     def body():
-        r = evaluate_checkpoint(args.checkpoint, args.config, args.out, args.samples, args.overrides)
+        r = evaluate_checkpoint(args.checkpoint, args.config, args.out, args.samples, args.overrides,
+                                args.trust_checkpoint_code)
         print(f"reward {r['reward_before']:.4f} (base) -> {r['reward_after']:.4f} (trained), KL to base "
               f"{r['kl_to_base']:.4f}; wrote {Path(args.out) if args.out else Path(args.checkpoint) / 'eval'}")
 

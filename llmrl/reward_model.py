@@ -20,6 +20,26 @@ from llmrl.sources import resolve_model
 META_FILE = "llmrl_reward.json"  # written by launch/train_reward.py: how the model expects its text
 
 
+def chosen_text_fn(path: str, text_fn: str | None, key: str) -> str | None:
+    """The ``text_fn`` to import: the config's own. One saved in the model folder (by train_reward) is code named
+    by a folder, so it is used only when the config asks for it (``text_fn: saved``, or the same name)."""
+    meta = Path(path) / META_FILE
+    try:
+        saved = json.loads(meta.read_text()).get("text_fn") if meta.is_file() else None
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{key}: {meta} is not the JSON object train_reward writes ({e}): remove it or "
+                          f"retrain the reward model") from None
+    if text_fn == "saved":
+        if saved is None:
+            raise ConfigError(f"{key}: text_fn is 'saved' but {meta} names no text_fn")
+        return saved
+    if text_fn is None and saved is not None:
+        raise ConfigError(f"{key}: the reward model was trained reading texts through text_fn {saved!r} (saved in "
+                          f"{meta}); llmrl imports code a model folder names only when the config asks: set "
+                          f"text_fn: {saved} (or text_fn: saved) in this reward component")
+    return text_fn
+
+
 def load_text_fn(spec: str | None) -> Callable[[str, str], str] | None:
     if spec is None:
         return None
@@ -74,10 +94,18 @@ class LearnedReward:
         from llmrl.policy import disable_dropout
 
         path = resolve_model(model, key)
-        meta = Path(path) / META_FILE
-        saved = json.loads(meta.read_text()) if meta.is_file() else {}
-        self.text_fn = load_text_fn(text_fn or saved.get("text_fn"))
-        self.tokenizer = load_reward_tokenizer(path)
+        self.text_fn = load_text_fn(chosen_text_fn(path, text_fn, key))
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{key} = {model!r} is a folder without config.json: point it at a saved reward model "
+                              f"(launch/train_reward.py writes one)")
+        try:
+            self.tokenizer = load_reward_tokenizer(path)
+        except ConfigError:
+            raise
+        except Exception as e:  # transformers raises many types for a missing or damaged folder
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{key} = {model!r}: no tokenizer could be loaded from it ({first}): point it at a "
+                              f"reward model folder, or a hub name available offline") from None
         self.batch_size, self.max_length = batch_size, max_length
         self.device = device or torch.device("cpu")
         kwargs = {}
@@ -90,8 +118,10 @@ class LearnedReward:
                               f"or null")
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{key} = {model!r} could not be loaded as a sequence-classification model: {e}") from e
+        except Exception as e:  # a damaged config.json or weights file, an architecture without such a head
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{key} = {model!r} could not be loaded as a sequence-classification model "
+                              f"({first})") from None
         if self.model.config.num_labels != 1:
             raise ConfigError(f"{key} = {model!r} has num_labels = {self.model.config.num_labels}: a reward model "
                               f"outputs one score (train it with launch/train_reward.py)")

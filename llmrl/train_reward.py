@@ -137,7 +137,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict:
     write_atomically(out, write)
     print(json.dumps(metrics, indent=2))
     print(f"held-out pairwise accuracy {accuracy_before:.4f} -> {accuracy_after:.4f}; reward model saved to {out} "
-          f"(use it as reward: {{components: [{{model: {out}}}]}})", flush=True)
+          f"(use it as reward: {{components: [{{model: {out}"
+          f"{', text_fn: ' + cfg.text_fn if cfg.text_fn else ''}}}]}})", flush=True)
     return metrics
 
 

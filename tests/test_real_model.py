@@ -94,4 +94,4 @@ def test_conversations_with_trls_shipped_rewards_through_the_command_line(chat_m
     evaluated = llmrl("eval", "--checkpoint", run / "final", "--samples", 2)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((run / "final" / "eval" / "eval.json").read_text())["prompts"] == 4
-    assert torch.load(run / "final" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "final" / "trainer_state.pt", weights_only=True)["step"] == 2

@@ -102,7 +102,15 @@ def test_train_reward_model_in_process_learns_and_saves_a_usable_model(tiny_rewa
     assert metrics["steps"] == 60 and metrics["eval_pairs"] > 100
     assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
     assert json.loads((tmp_path / "rm" / "llmrl_reward.json").read_text())["text_fn"] == "reward_models.text:spaced_chars"
-    reward = build_reward(RewardConfig(components=[RewardComponentConfig(model=str(tmp_path / "rm"))]))
+    # the saved text_fn is code named by a model folder: imported only when the config asks for it
+    with pytest.raises(ConfigError, match=r"reward.components\[0\].model: the reward model was trained reading texts "
+                                          r"through text_fn 'reward_models.text:spaced_chars' .* set text_fn: "
+                                          r"reward_models.text:spaced_chars \(or text_fn: saved\)"):
+        build_reward(RewardConfig(components=[RewardComponentConfig(model=str(tmp_path / "rm"))]))
+    for text_fn in ("saved", "reward_models.text:spaced_chars"):
+        reward = build_reward(RewardConfig(components=[RewardComponentConfig(model=str(tmp_path / "rm"),
+                                                                             text_fn=text_fn)]))
+        assert reward.components[0].fn.text_fn("ab>", "ba") == "a b > b a"
     result = reward(["abc>", "abc>"], ["cba", "abc"])
     assert len(result.scores) == 2
     with pytest.raises(ConfigError, match="is not empty"):
@@ -141,7 +149,7 @@ def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
                           str(REPO / "configs" / "tiny_learned_reward.yaml"), f"model.name_or_path={tiny_model_dir}",
                           f"run.output_dir={tmp_path / 'run'}", "ppo.total_steps=2", "ppo.rollout_batch_size=16",
                           "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "data.eval_size=16", "run.progress=false",
-                          f"reward.components=[{{model: {rm_dir}}}]"],
+                          f"reward.components=[{{model: {rm_dir}, text_fn: saved}}]"],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "reward normalisation fitted on reference samples" in run.stdout
