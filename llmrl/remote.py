@@ -6,8 +6,11 @@ carry ``Authorization: Bearer TOKEN``. Only the standard library is used.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +19,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from llmrl.config import ConfigError
 
 MAX_BODY = 64 * 1024 * 1024
+MAX_CONNECTIONS = 64  # requests served at once; more get 503 at once instead of a thread each
+CONNECTION_SECONDS = 300.0  # a connection's whole life (slow headers, a slow body, the scoring) is bounded by this
+IDLE_SECONDS = 30.0  # a connection that sends nothing for this long is closed
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is an error: following it would send the request, and its bearer token, to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError with the 3xx code
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class RemoteReward:
@@ -40,12 +56,29 @@ class RemoteReward:
         """At start-up: a server answers at the URL (``GET /health``; any HTTP answer will do)."""
         health = self.url[: -len("/score")] + "/health"
         try:
-            urllib.request.urlopen(health, timeout=min(self.timeout or 10.0, 10.0)).close()
+            _OPENER.open(health, timeout=min(self.timeout or 10.0, 10.0)).close()
         except urllib.error.HTTPError:
             pass  # it answered
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise ConfigError(f"{self.key} = {self.url!r}: no server answers there ({getattr(e, 'reason', e)}): "
                               f"start it first (e.g. llmrl serve-reward) or fix the URL") from None
+
+    def _post(self, request) -> bytes:
+        """The answer's body, within ``timeout`` seconds in all: a server that answers slowly (a byte now and
+        then, each within the socket timeout) is cut off too."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with _OPENER.open(request, timeout=self.timeout) as response:
+            chunks, size = [], 0
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the answer took more than {self.timeout:g} s")
+                chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise RuntimeError(f"{self.url} answered with more than {MAX_BODY} bytes")
+                chunks.append(chunk)
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list:
         body = json.dumps({"prompts": prompts, "completions": completions, "kwargs": jsonable(kwargs)}).encode()
@@ -58,13 +91,17 @@ class RemoteReward:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
+                answer = json.loads(self._post(request))
                 self.last_metrics = {"attempts": float(attempt + 1)}
                 if not isinstance(answer, dict) or "scores" not in answer:
                     raise RuntimeError(f"{self.url} answered without a 'scores' list: {str(answer)[:200]}")
                 return answer["scores"]
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    raise RuntimeError(f"{self.url} answered with a redirect (HTTP {e.code} to "
+                                       f"{e.headers.get('Location')!r}): llmrl does not follow redirects, so that the "
+                                       f"request and its token go to this address only; set the final address as "
+                                       f"the reward's url") from None
                 detail = e.read()[:300].decode(errors="replace")
                 if e.code < 500:
                     raise RuntimeError(f"{self.url} refused the request: HTTP {e.code} {detail}") from None
@@ -91,6 +128,8 @@ def make_handler(reward, token: str | None):
     from llmrl.rewards import RewardCallFailed, RewardError
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_SECONDS  # socket timeout: a connection that sends nothing is closed
+
         def _send(self, code: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
             self.send_response(code)
@@ -100,7 +139,8 @@ def make_handler(reward, token: str | None):
             self.wfile.write(data)
 
         def _authorised(self) -> bool:
-            if token is None or self.headers.get("Authorization") == f"Bearer {token}":
+            given = self.headers.get("Authorization", "")
+            if token is None or hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return True
             self._send(401, {"error": "missing or wrong bearer token"})
             return False
@@ -119,18 +159,29 @@ def make_handler(reward, token: str | None):
             if self.path.rstrip("/") != "/score":
                 self._send(404, {"error": f"no route {self.path}: use POST /score"})
                 return
-            length = int(self.headers.get("Content-Length", 0))
+            raw_length = self.headers.get("Content-Length", "0")
+            if not raw_length.isdigit():
+                self._send(400, {"error": f"Content-Length {raw_length[:40]!r} is not a number of bytes"})
+                return
+            length = int(raw_length)
             if length > MAX_BODY:
                 self._send(413, {"error": f"body of {length} bytes is over {MAX_BODY}"})
                 return
             try:
                 request = json.loads(self.rfile.read(length))
+                if not isinstance(request, dict):
+                    raise ValueError("the body must be a JSON object {prompts, completions, kwargs}")
                 prompts, completions = request["prompts"], request["completions"]
                 kwargs = request.get("kwargs") or {}
                 if not isinstance(prompts, list) or not isinstance(completions, list) or len(prompts) != len(completions):
                     raise ValueError("prompts and completions must be lists of the same length")
+                if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                    raise ValueError("kwargs must be a JSON object of column name -> list of values")
+            except RecursionError:
+                self._send(400, {"error": "bad request: the JSON is nested too deeply"})
+                return
             except (ValueError, KeyError, TypeError) as e:
-                self._send(400, {"error": f"bad request: {e}"})
+                self._send(400, {"error": f"bad request: {str(e)[:300]}"})
                 return
             try:
                 result = reward(prompts, completions, **kwargs)
@@ -140,8 +191,8 @@ def make_handler(reward, token: str | None):
             except RewardError as e:  # a bad returned value: retrying would not help
                 self._send(422, {"error": str(e)})
                 return
-            except Exception as e:
-                self._send(500, {"error": repr(e)})
+            except Exception as e:  # the message only: a repr could show object addresses
+                self._send(500, {"error": f"the reward failed: {type(e).__name__}: {str(e)[:300]}"})
                 return
             self._send(200, {"scores": [s if ok else None for s, ok in zip(result.scores, result.valid)]})
 
@@ -151,9 +202,60 @@ def make_handler(reward, token: str | None):
     return Handler
 
 
-def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> ThreadingHTTPServer:
+class RewardServer(ThreadingHTTPServer):
+    """A thread per request, at most ``max_connections`` at once (more are answered 503 at once), each
+    connection closed after ``connection_seconds`` whatever it is doing, and a listen queue of 128 so that a
+    burst of connections waits instead of being reset."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS,
+                 connection_seconds: float = CONNECTION_SECONDS):
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.connection_seconds = connection_seconds
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            body = json.dumps({"error": f"more than {self.max_connections} connections at once: retry"}).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        # A watchdog shuts the socket down at the deadline: a blocked read then returns and the thread ends.
+        watchdog = threading.Timer(self.connection_seconds, _shut, args=(request,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            watchdog.cancel()
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        pass  # a client that went away (reset, timed out, cut off by the watchdog): nothing to print
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def make_server(reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                max_connections: int = MAX_CONNECTIONS, connection_seconds: float = CONNECTION_SECONDS
+                ) -> RewardServer:
     """A server for ``reward`` (a CombinedReward); port 0 picks a free port (``server.server_address``)."""
-    return ThreadingHTTPServer((host, port), make_handler(reward, token))
+    return RewardServer((host, port), make_handler(reward, token), max_connections, connection_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

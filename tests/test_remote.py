@@ -134,3 +134,163 @@ def test_serve_reward_command_line(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_client_does_not_follow_a_redirect_nor_send_its_token_elsewhere(monkeypatch):
+    """A 302 to another port: following it re-sent the bearer token there and trusted that server's scores."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"scores": [99.0]}')
+
+        def log_message(self, *a):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{other.server_address[1]}/score"
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+
+        do_GET = do_POST
+
+        def log_message(self, *a):
+            pass
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (other, redirecting):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RM_TOKEN", "s3cret")
+        client = RemoteReward(f"http://127.0.0.1:{redirecting.server_address[1]}", token_env="RM_TOKEN", retries=0)
+        with pytest.raises(RuntimeError, match=r"answered with a redirect \(HTTP 302 to '.*/score'\): llmrl does not "
+                                               r"follow redirects"):
+            client(["p"], ["c"])
+        assert seen == []  # nothing, and no token, reached the other address
+    finally:
+        for server in (other, redirecting):
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_server_that_answers_a_byte_at_a_time_cannot_hold_the_client():
+    """Headers, then one byte every 0.4 s: each read is within the socket timeout, the whole answer is not."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def drip():
+        while not stop.is_set():
+            try:
+                listener.settimeout(0.2)
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            try:
+                while not stop.is_set():
+                    conn.sendall(b" ")
+                    time.sleep(0.4)
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    client = RemoteReward(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0, retries=1, backoff=0.01)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not answer after 2 attempts .*more than 1 s"):
+        client(["p"], ["c"])
+    assert time.monotonic() - started < 6  # 2 attempts of about 1 s (+ one socket read) each, not forever
+    stop.set()
+    listener.close()
+
+
+def test_stalled_connections_are_capped_and_closed():
+    import socket
+
+    def handlers():
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    reward = build_reward(RewardConfig(function="exact_match"))
+    server = make_server(reward, "127.0.0.1", 0, token="s3cret", max_connections=4, connection_seconds=1.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        stalled = []
+        for _ in range(10):  # unfinished headers without a token: each held a thread (of 102) for 30 s and more
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(s)
+        time.sleep(0.5)
+        assert handlers() == 4
+        answered = [s for s in stalled if _read(s, 0.2).startswith(b"HTTP/1.1 503")]  # over the cap: 503 at once
+        assert len(answered) == 6
+        time.sleep(1.5)  # past the connection deadline: the 4 stalled ones were cut off, their slots are free
+        assert all(_read(s, 2) == b"" for s in stalled if s not in answered)
+        assert handlers() == 0
+        client = RemoteReward(f"http://127.0.0.1:{port}", retries=0)
+        client.token = "s3cret"
+        assert client(["a>"], ["a"], answer=["a"]) == [1.0]
+        client.token = "s3cre"  # compared with hmac.compare_digest, whatever the lengths
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            client(["a>"], ["a"], answer=["a"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _read(sock, timeout: float) -> bytes:
+    """What the server sent on ``sock`` (b"" when it closed it), or b"?" when nothing came in time."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(200)
+    except ConnectionError:
+        return b""
+    except OSError:
+        return b"?"
+
+
+def test_two_hundred_concurrent_requests_all_get_their_own_scores():
+    """The listen queue is 128 (the default 5 reset 89-103 of 200 concurrent requests here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def echo(prompts, completions, **kwargs):
+        return [float(c) for c in completions]
+
+    reward = CombinedReward([Component("echo", echo)])
+    with Served(reward) as served:
+        client = RemoteReward(served.url, timeout=30, retries=0)
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            results = list(pool.map(lambda i: client(["p"], [str(i)]), range(200)))
+    assert results == [[float(i)] for i in range(200)]
+
+
+@pytest.mark.parametrize("headers,body,status,message", [
+    ({"Content-Length": "abc"}, b"", 400, "Content-Length 'abc' is not a number of bytes"),
+    ({}, b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ({}, json.dumps({"prompts": ["p"], "completions": ["c"], "kwargs": [1, 2]}).encode(), 400,
+     "kwargs must be a JSON object"),
+    ({}, b"[1, 2]", 400, "the body must be a JSON object"),
+])
+def test_malformed_requests_get_a_4xx_with_a_plain_message(headers, body, status, message):
+    with Served(build_reward(RewardConfig(function="exact_match"))) as served:
+        request = urllib.request.Request(served.url + "/score", data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == status
+        answer = json.loads(e.value.read())["error"]
+        assert message in answer and " at 0x" not in answer
