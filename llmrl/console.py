@@ -25,18 +25,31 @@ def config_parser(description: str, config_help: str, required: bool = True,
 
 def run_cli(body: Callable[[], object]) -> int:
     """Run ``body``; a ConfigError or another user-facing error becomes 'error: ...' on stderr and exit code 2."""
-    from llmrl.config import ConfigError
+    from llmrl.config import ConfigError, RunStopped
     from llmrl.rewards import RewardError
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    user_errors = (ConfigError, RewardError, *_extra_user_errors())
+    user_errors = (ConfigError, RewardError, RunStopped, *_extra_user_errors())
     try:
         body()
     except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing after the last checkpoint was kept; pass --resume to continue from it",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a folder that cannot be written: the system's one line says which
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(text: str) -> str:
+    """A message quoting another library's (often several lines) on one line."""
+    return " ".join(text.split())
 
 
 def _extra_user_errors() -> tuple[type[Exception], ...]:

@@ -88,6 +88,7 @@ class DPOTrainer(PPOTrainer):
                                   ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
         self.strategy.backward(loss, boundary=True)
         grad_norm = self.strategy.step(boundary=True)
+        self.check_finite(self.step + 1, {"loss/dpo": loss.item(), "optim/grad_norm": grad_norm})
         self.step += 1
         out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
                "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,

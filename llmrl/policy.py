@@ -204,7 +204,10 @@ class Policy(nn.Module):
         """
         if self._keeps_logits is None:
             self._keeps_logits = forward_arguments(self.model)[1]
-        recomputes = torch.is_grad_enabled() and getattr(self.model, "is_gradient_checkpointing", False)
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers >= 5.20
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        recomputes = torch.is_grad_enabled() and checkpointing
         if self.share_prompts and not recomputes:
             out = prompt_cache.response_outputs(self.model, query, query_mask, response, response_mask,
                                                 forward_arguments(self.model)[0], self._keeps_logits, with_values)

@@ -37,11 +37,11 @@ class MetricsLogger:
                                 purge_step=None if resume_step is None else resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep the lines of steps <= ``step``: a resumed run rewrites the steps after its checkpoint."""
+        """Keep the lines of steps <= ``step``: a resumed run rewrites the steps after its checkpoint (and drops
+        a line a full disk or a kill left half-written)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [json.dumps(row) for row in read_log(self.path.parent) if row.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -92,6 +92,18 @@ def markdown_cell(text) -> str:
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    """Every line of log.jsonl: metric rows, and sample tables (rows with a "samples" key)."""
+    """Every line of log.jsonl: metric rows, and sample tables (rows with a "samples" key). A last line cut off
+    mid-write (a kill, a full disk) is left out; a damaged line anywhere else is an error naming it."""
     path = Path(run_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            from llmrl.config import ConfigError
+
+            raise ConfigError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}): remove it") from None
+    return rows

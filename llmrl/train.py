@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llmrl.checkpoint import latest_checkpoint, step_checkpoints, write_text_atomically
-from llmrl.config import Config, ConfigError, load_config, to_dict
+from llmrl.checkpoint import latest_checkpoint, write_text_atomically
+from llmrl.config import Config, RunStopped, load_config, to_dict
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import config_parser, run_cli
 from llmrl.rewards import build_eval_reward, build_reward
+from llmrl.run_dir import check_run_dir, make_run_dir, resume_changes
+from llmrl.tracking import read_log
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -24,42 +24,6 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run.output_dir first")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_intermixed_args(argv)
-
-
-# What a run writes in run.output_dir; --overwrite deletes a folder only when it holds nothing else.
-RUN_ENTRY = re.compile(r"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
-                       r"\.(tmp|old)-.+)$")
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints.
-
-    Reads only, so every rank can call it and reach the same verdict.
-    """
-    if overwrite:
-        foreign = sorted(p.name for p in run_dir.iterdir() if not RUN_ENTRY.match(p.name)) if run_dir.is_dir() else []
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise ConfigError(f"--overwrite: run.output_dir = {str(run_dir)!r} also holds {shown}, which llmrl "
-                              f"did not write there: --overwrite replaces a run folder only; choose another "
-                              f"run.output_dir or move those away")
-        return None
-    found = step_checkpoints(run_dir)
-    if resume:
-        if not found:
-            raise ConfigError(f"--resume: run.output_dir = {str(run_dir)!r} holds no complete checkpoint; "
-                              f"run without --resume to start")
-        return latest_checkpoint(run_dir)
-    if found or (run_dir / "final").exists():
-        raise ConfigError(f"run.output_dir = {str(run_dir)!r} already holds a run: pass --resume to continue it, "
-                          f"--overwrite to replace it, or choose another run.output_dir")
-    return None
-
-
-def make_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
@@ -90,6 +54,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     if not builds:
         resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
     resume_from = check_run_dir(run_dir, resume, overwrite)
+    changed = resume_changes(resume_from, cfg) if resume_from is not None else {}  # others are refused here
     strategy.barrier()  # every rank has read the run directory before the main rank changes it
     if main:
         make_run_dir(run_dir, overwrite)
@@ -111,9 +76,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                              pairs=load_pairs(cfg.dpo.data))
     else:
         trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
+    trainer.process_started = started
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-        say(main, f"resumed from {resume_from} at step {trainer.step}")
+        if "ppo.lr" in changed:
+            trainer.set_learning_rate(cfg.ppo.lr)
+        say(main, f"resumed from {resume_from} at step {trainer.step}" +
+            (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}" if changed else ""))
     elif cfg.reward.normalize == "reference":
         trainer.fit_reward_normalizer()
         say(main, f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
@@ -133,6 +102,52 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
                dynamic_ncols=True)
     stats, after = {}, None
+    try:
+        stats, after = train_loop(trainer, logger, bar, cfg)
+    except KeyboardInterrupt:
+        bar.close()
+        last = latest_checkpoint(run_dir)
+        raise Interrupted(f"interrupted (Ctrl-C) at step {trainer.step}: the last checkpoint is "
+                          f"{last or 'none yet'}; {'pass --resume to continue from it' if last else 'start again'}"
+                          ) from None
+    bar.close()
+
+    if after is None:  # resumed from the last step: nothing left to train, evaluate what is there
+        after = trainer.evaluate()
+        stats = last_training_row(run_dir) if main else {}
+    trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
+    final = trainer.save_checkpoint(run_dir / "final")
+    summary = {
+        "eval_reward_before": trainer.eval_reward_before,
+        "eval_reward_after": after["eval/reward"],
+        "steps": trainer.step,
+        "wall_seconds": round(trainer.wall_seconds(), 2),  # over every process of the run (resumes included)
+        "train_reward_last": stats.get("reward/mean"),
+        "kl_last": stats.get("objective/kl"),
+        "run_dir": str(run_dir),
+        "final_checkpoint": str(run_dir / "final"),
+        "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
+    }
+    logger.close()
+    if strategy.is_main:
+        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval_samples"}, indent=2), flush=True)
+        print(f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
+              f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
+    return summary
+
+
+class Interrupted(RunStopped):
+    """Ctrl-C: the command exits with 130, as a shell expects."""
+
+    exit_code = 130
+
+
+def train_loop(trainer, logger, bar, cfg: Config) -> tuple[dict, dict | None]:
+    """Steps until ``cfg.total_steps``, evaluating and checkpointing as the config says; returns the last step's
+    metrics and the last evaluation (None when no step was left to take)."""
+    total = cfg.total_steps
+    stats, after = {}, None
     while trainer.step < total:
         stats = trainer.train_step()
         step = trainer.step
@@ -148,30 +163,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             bar.set_postfix(loss=f"{stats['loss/dpo']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}", refresh=False)
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
             trainer.save_checkpoint(trainer.checkpoint_path(step))  # collective: every rank takes part
-    bar.close()
+    return stats, after
 
-    if after is None:  # resumed from the last step: nothing left to train, evaluate what is there
-        after = trainer.evaluate()
-    trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
-    final = trainer.save_checkpoint(run_dir / "final")
-    summary = {
-        "eval_reward_before": trainer.eval_reward_before,
-        "eval_reward_after": after["eval/reward"],
-        "steps": trainer.step,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "train_reward_last": stats.get("reward/mean"),
-        "kl_last": stats.get("objective/kl"),
-        "run_dir": str(run_dir),
-        "final_checkpoint": str(run_dir / "final"),
-        "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
-    }
-    logger.close()
-    if strategy.is_main:
-        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
-        print(json.dumps({k: v for k, v in summary.items() if k != "eval_samples"}, indent=2), flush=True)
-        print(f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
-              f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
-    return summary
+
+def last_training_row(run_dir: Path) -> dict:
+    """The last training step's metrics in log.jsonl (a run resumed at its last step takes none)."""
+    rows = [r for r in read_log(run_dir) if "reward/mean" in r or "loss/dpo" in r]
+    return rows[-1] if rows else {}
 
 
 def say(main: bool, text: str) -> None:

@@ -5,8 +5,10 @@ module owns the loop, the optimizer, checkpoints and metrics.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -18,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from llmrl import rl
 from llmrl.algorithms import make_estimator
 from llmrl.chat import as_completions, content, render_prompts
-from llmrl.checkpoint import COMPLETE_MARK, begin_checkpoint, commit_checkpoint, prune_checkpoints, step_dir_name
-from llmrl.config import Config, ConfigError, save_config
+from llmrl.checkpoint import (COMPLETE_MARK, begin_checkpoint, commit_checkpoint, load_state_file, prune_checkpoints,
+                              step_dir_name)
+from llmrl.config import Config, ConfigError, RunStopped, save_config
 from llmrl.engine import RolloutEngine
 from llmrl.policy import context_length, fingerprint_mismatch
 from llmrl.rewards import CombinedReward, RewardError, RewardResult
@@ -83,6 +86,8 @@ class PPOTrainer:
         self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
         self.engine = make_engine(cfg, tokenizer, strategy, context_length(policy.model))
         self.step = 0
+        self.process_started = time.perf_counter()  # the run command sets its own start
+        self.wall_seconds_before = 0.0  # spent by the processes this run was resumed from
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
 
@@ -337,10 +342,28 @@ class PPOTrainer:
         stats["time/step"] = time.perf_counter() - t0
         stats["memory/peak_gib"] = self.strategy.peak_memory_gib()
         stats = self.strategy.all_reduce_mean(stats)  # before the KL update: every rank moves beta alike
+        self.check_finite(self.step + 1, stats)
         if self.estimator.kl_in_reward:
             self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
         self.step += 1
         return stats
+
+    def check_finite(self, step: int, stats: dict) -> None:
+        """Stop the run (every rank alike) when the update left a non-finite trainable weight: nothing of this
+        step is saved, and the last checkpoint stays the good one."""
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        with self.strategy.gathered(trainable):
+            bad = sum(int(not torch.isfinite(p).all()) for p in trainable)
+        if self.strategy.all_reduce_sum(torch.tensor(float(bad), device=self.device)).item() == 0:
+            return
+        from llmrl.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(self.run_dir)
+        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "optim/grad_norm")
+                          if isinstance(stats.get(k), float))
+        raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
+                         f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower ppo.lr (or clip "
+                         f"harder with ppo.max_grad_norm) and {'pass --resume' if last else 'start again'}")
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -370,45 +393,111 @@ class PPOTrainer:
     def save_checkpoint(self, target: Path) -> Path:
         """Every rank calls this: the adapter and value head (gathered under ZeRO-3) from the main rank, the
         optimizer state from the strategy (sharded under DeepSpeed), an RNG state per rank; written into a
-        temporary folder that the main rank renames into place once everything is there."""
+        temporary folder that the main rank renames into place once everything is there.
+
+        A write that fails (a full disk) on any rank stops the run on every rank: the temporary folder is removed,
+        the checkpoints already there stay as they were."""
         s = self.strategy
         target = Path(target)
         tmp = target.parent / f".tmp-{target.name}"
+        failure: list[BaseException] = []
+
+        def attempt(write, collective: bool = False) -> None:
+            if not failure or collective:  # a collective write runs on every rank, or the others would wait
+                try:
+                    write()
+                except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                    failure.append(e)
+
+        def write_weights() -> None:
+            self.policy.model.save_pretrained(tmp / "adapter")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      tmp / "value_head.safetensors")
+
+        def write_rest() -> None:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            save_config(self.cfg, tmp / "config.yaml")
+            (tmp / "base_fingerprint.json").write_text(json.dumps(self.policy.base_fingerprint))
+
+        engine_state: dict = {}
         if s.is_main:
-            begin_checkpoint(tmp)
+            attempt(lambda: begin_checkpoint(tmp))
         s.barrier()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         with s.gathered(trainable):
             if s.is_main:
-                self.policy.model.save_pretrained(tmp / "adapter")
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                          tmp / "value_head.safetensors")
+                attempt(write_weights)
         if s.is_main:
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            save_config(self.cfg, tmp / "config.yaml")
-            (tmp / "base_fingerprint.json").write_text(json.dumps(self.policy.base_fingerprint))
-        engine_state = s.save_state(tmp)
-        torch.save(s.rng_state(), tmp / f"rng_rank{s.rank}.pt")
-        s.barrier()
+            attempt(write_rest)
+        attempt(lambda: engine_state.update(s.save_state(tmp)), collective=True)
+        attempt(lambda: torch.save(s.rng_state(), tmp / f"rng_rank{s.rank}.pt"))
+        self._stop_if_a_write_failed(failure, target, tmp)
         if s.is_main:
-            torch.save({  # written last: its presence marks a complete checkpoint
+            attempt(lambda: torch.save({  # written last: its presence marks a complete checkpoint
                 "step": self.step,
                 **engine_state,
                 "kl_ctl": self.kl_ctl.state_dict(),
                 "eval_reward_before": self.eval_reward_before,
                 "reward_norm": self.reward_norm.state_dict(),
                 "estimator": self.estimator.state_dict() if self.estimator else {},
-            }, tmp / COMPLETE_MARK)
-            commit_checkpoint(tmp, target)
-            prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
-        s.barrier()
+                "wall_seconds": self.wall_seconds(),
+            }, tmp / COMPLETE_MARK))
+            attempt(lambda: commit_checkpoint(tmp, target))
+            if not failure:
+                prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
+        self._stop_if_a_write_failed(failure, target, tmp)
         return target
+
+    def _stop_if_a_write_failed(self, failure: list, target: Path, tmp: Path) -> None:
+        """Agree over the ranks whether a checkpoint write failed; if one did, clean up and stop them all."""
+        failed = self.strategy.all_reduce_sum(torch.tensor(float(bool(failure)), device=self.device)).item()
+        self.strategy.barrier()
+        if not failed:
+            return
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        from llmrl.checkpoint import latest_checkpoint
+
+        try:
+            free_bytes = shutil.disk_usage(target.parent).free
+            free = f"{free_bytes / 2**20:,.1f} MB free there"
+        except OSError:
+            free_bytes, free = None, "free space unknown"
+        if not failure:
+            why = "another rank could not write its part"
+        elif getattr(failure[0], "errno", None) == errno.ENOSPC or (free_bytes is not None and free_bytes < 2**20):
+            why = "no space left on the device"  # torch.save says "enforce fail at inline_container.cc"
+        else:
+            why = (str(failure[0]).strip().splitlines() or [type(failure[0]).__name__])[0][:160]
+        last = latest_checkpoint(self.run_dir)
+        raise RunStopped(f"step {self.step}: could not write checkpoint {target} ({why}; {free}): nothing was "
+                         f"replaced and the half-written folder was removed. Last good checkpoint: "
+                         f"{last or 'none yet'}. Free some space (or choose another run.output_dir) and "
+                         f"{'pass --resume' if last else 'start again'}")
+
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run: earlier processes (saved in checkpoints) plus this one."""
+        return self.wall_seconds_before + time.perf_counter() - self.process_started
+
+    def set_learning_rate(self, lr: float) -> None:
+        """A new base learning rate from the current step on (``ppo.lr`` changed on resume): the schedule's factor
+        stays where the run is."""
+        self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+        factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["initial_lr"], group["lr"] = lr, lr * factor
 
     def check_base(self, path: Path) -> None:
         """Refuses checkpoint ``path`` when its adapter was trained on another base than this policy's."""
         saved = Path(path) / "base_fingerprint.json"
         if saved.is_file() and self.policy.base_fingerprint is not None:
-            why = fingerprint_mismatch(json.loads(saved.read_text()), self.policy.base_fingerprint)
+            try:
+                fingerprint = json.loads(saved.read_text())
+                why = fingerprint_mismatch(fingerprint, self.policy.base_fingerprint)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"checkpoint {path}: base_fingerprint.json is damaged ({type(e).__name__}: "
+                                  f"{str(e)[:100]}): move this folder away to resume from the checkpoint before it"
+                                  ) from None
             if why:
                 raise ConfigError(f"checkpoint {path} was trained on another base than model.name_or_path = "
                                   f"{self.cfg.model.name_or_path!r} ({why}): point model.name_or_path at the base "
@@ -420,20 +509,20 @@ class PPOTrainer:
 
         path = Path(path)
         self.check_base(path)
-        adapter = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        adapter = read_weights(path / "adapter" / "adapter_model.safetensors", self.device)
         result = set_peft_model_state_dict(self.policy.model, adapter)
         if getattr(result, "unexpected_keys", None):
             raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
                               f"{result.unexpected_keys[:3]}): use the config it was trained with")
-        self.policy.value_head.load_state_dict(load_file(path / "value_head.safetensors", device=str(self.device)))
+        try:
+            self.policy.value_head.load_state_dict(read_weights(path / "value_head.safetensors", self.device))
+        except RuntimeError as e:  # wrong shapes
+            raise ConfigError(f"checkpoint {path}: value_head.safetensors does not fit this model "
+                              f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
 
     def load_checkpoint(self, path: Path) -> None:
         path = Path(path)
-        try:
-            state = torch.load(path / COMPLETE_MARK, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged file (the rename makes a half-written one impossible)
-            raise ConfigError(f"checkpoint {path}: {COMPLETE_MARK} cannot be read ({str(e).splitlines()[0]}): move "
-                              f"this folder away to resume from the checkpoint before it") from e
+        state = load_state_file(path / COMPLETE_MARK)
         if self.strategy.loads_module_weights:
             self.check_base(path)
         else:
@@ -441,11 +530,12 @@ class PPOTrainer:
         self.strategy.load_state(path, state)
         rng = path / f"rng_rank{self.strategy.rank}.pt"
         if rng.is_file() and state.get("world_size", 1) == self.strategy.world_size:
-            self.strategy.set_rng_state(torch.load(rng, weights_only=False))
+            self.strategy.set_rng_state(load_state_file(rng))
         else:  # another number of ranks: the run continues, but cannot repeat the original's samples
             self.strategy.seed_everything(self.cfg.run.seed + 7919 * state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step = state["step"]
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         self.eval_reward_before = state["eval_reward_before"]
         self.reward_norm.load_state_dict(state["reward_norm"])
         if self.estimator:
@@ -453,6 +543,24 @@ class PPOTrainer:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)
+
+
+def read_weights(path: Path, device) -> dict:
+    """A checkpoint's safetensors file, or a ConfigError naming it (missing, truncated, not finite)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path.parent.parent if path.parent.name == 'adapter' else path.parent}: "
+                          f"{path.name} is missing: move this folder away to resume from the checkpoint before it")
+    try:
+        weights = load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise ConfigError(f"checkpoint file {path} is damaged ({str(e).splitlines()[0][:120]}): move its "
+                          f"checkpoint folder away to resume from the one before it") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"checkpoint file {path} holds NaN or inf ({bad[0]}): the run had diverged when it was "
+                          f"written; move its checkpoint folder away to resume from the one before it")
+    return weights
 
 
 __all__ = ["PPOTrainer", "RewardError"]

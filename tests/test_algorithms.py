@@ -61,6 +61,16 @@ def test_a_skipped_sample_stays_out_of_its_siblings_baseline(tiny_model_dir, tmp
     assert torch.equal(exp.advantages, torch.zeros_like(exp.advantages))
 
 
+def test_ppo_trains_on_when_the_reward_skips_a_sample(tiny_model_dir, tmp_path):
+    # PPO (the default) crashed here in compute_token_rewards: "responses [...] have no tokens"
+    (tmp_path / "rw.py").write_text("def third_fails(prompts, completions, **kwargs):\n"
+                                    "    return [float('nan') if i == 2 else 1.0 for i in range(len(completions))]\n")
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", f"reward.function={tmp_path / 'rw.py'}:third_fails",
+                                       "reward.on_error=skip"))
+    stats = trainer.train_step()
+    assert stats["reward/skipped"] == 1.0 and math.isfinite(stats["loss/policy"]) and math.isfinite(stats["loss/value"])
+
+
 def test_rloo_and_grpo_need_two_generations(tiny_model_dir, tmp_path):
     for algorithm in ("rloo", "grpo"):  # GRPO's advantages were NaN with one (the std of one score)
         with pytest.raises(ConfigError, match=f"{algorithm.upper()} needs at least 2"):

@@ -77,6 +77,17 @@ def test_token_rewards_hand_worked():
     assert torch.allclose(rewards, torch.tensor([[-0.05, 2.1, 0.0]]))
 
 
+def test_token_rewards_leave_a_skipped_sample_without_reward():
+    # row 1 has no token (reward.on_error: skip zeroes its mask): no score anywhere, no error; row 0 as above
+    scores = torch.tensor([2.0, 5.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -9.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    rewards, kl = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 2.1, 0.0], [0.0, 0.0, 0.0]]))
+    assert kl[1].abs().sum() == 0
+
+
 def test_gae_hand_worked():
     rewards = torch.tensor([[0.5, 1.0, 7.0]])
     values = torch.tensor([[0.2, 0.4, 9.0]])

@@ -28,12 +28,14 @@ def compute_token_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards r_t = -beta * KL_t, with the sequence score added at the last response token.
 
-    Returns (rewards, kl), both (B, T) and zero on masked positions (Ziegler et al. 2019, eq. 2).
+    Returns (rewards, kl), both (B, T) and zero on masked positions (Ziegler et al. 2019, eq. 2). A row with no
+    response token (a sample the reward skipped, whose mask is all zero) gets no reward at all.
     """
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
     rewards = -kl_coef * kl
-    last = last_token_index(mask)
-    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    rows = torch.nonzero(mask.sum(dim=1) > 0).flatten()
+    last = last_token_index(mask[rows])
+    rewards[rows, last] += scores[rows].to(rewards.dtype)
     return rewards, kl
 
 
