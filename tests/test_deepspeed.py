@@ -135,6 +135,36 @@ def test_quantized_base_with_zero2_on_two_ranks(warm, tmp_path, quantization):
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
 
 
+def test_the_deepspeed_json_is_merged_section_by_section():
+    """config.update replaced whole sections: zero2_offload.json (as the README documents it) died with
+    'ZeRO-Offload with a client provided optimizer', and offload_optimizer: true with zero2.json lost the offload
+    while still building DeepSpeed's CPU Adam."""
+    from llmrl.config import DeepSpeedConfig
+    from llmrl.strategy import DeepSpeed
+
+    strategy = DeepSpeed.__new__(DeepSpeed)  # only its config logic: no process group needed
+    for file, offload, expected in (("zero2.json", True, True), ("zero2_offload.json", False, True),
+                                    ("zero2.json", False, False), ("zero3_offload.json", False, True)):
+        strategy.ds_cfg = DeepSpeedConfig(zero_stage=3 if "zero3" in file else 2, offload_optimizer=offload,
+                                          config_file=str(REPO / "configs" / "deepspeed" / file))
+        strategy.dtype = "float32"
+        config = strategy.config_dict(1.0, 2, 4)
+        assert strategy.offloads_optimizer(config) is expected, file
+        assert config["zero_optimization"]["stage"] == strategy.ds_cfg.zero_stage
+        assert config["gradient_clipping"] == 1.0 and config["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("file", sorted(p.name for p in (REPO / "configs" / "deepspeed").glob("*.json")))
+def test_every_shipped_deepspeed_json_starts_a_run(warm, tmp_path, file):
+    stage = json.loads((REPO / "configs" / "deepspeed" / file).read_text())["zero_optimization"]["stage"]
+    out = launch_ppo([f"model.name_or_path={warm}", f"deepspeed.config_file=configs/deepspeed/{file}",
+                      f"deepspeed.zero_stage={stage}", "ppo.total_steps=1", "ppo.rollout_batch_size=8",
+                      "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "data.eval_size=8",
+                      "run.progress=false", "run.eval_every=0", f"run.output_dir={tmp_path / 'run'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(training_rows(tmp_path / "run")) == 1
+
+
 def test_impossible_combinations_fail_at_start_up(tmp_path, monkeypatch):
     from llmrl.strategy import make_strategy
 
