@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 import yaml
 
-from llmrl.checkpoint import COMPLETE_MARK, write_atomically
+from llmrl.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
 from llmrl.config import Config, ConfigError, from_dict
 from llmrl.console import run_cli
 
@@ -33,21 +34,25 @@ def load_checkpoint_config(checkpoint: Path) -> Config:
     return from_dict(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()))
 
 
-def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.dtype = torch.float32):
-    """(peft model of base + adapter in ``dtype``, unquantized; tokenizer; config) from a checkpoint."""
+def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.dtype = torch.float32,
+                       trust_checkpoint_code: bool = False):
+    """(peft model of base + adapter in ``dtype``, unquantized; tokenizer; config) from a checkpoint. Model code
+    from the hub (the checkpoint config's ``model.trust_remote_code``) runs only with ``trust_checkpoint_code``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmrl.policy import base_fingerprint, fingerprint_mismatch
     from llmrl.sources import resolve_model
+    from llmrl.trust import check_checkpoint_config
 
     checkpoint = Path(checkpoint)
     cfg = load_checkpoint_config(checkpoint)
+    check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code, rewards=False)
     base = base or cfg.model.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(base, "--base"), dtype=dtype,
-                                                     trust_remote_code=cfg.model.trust_remote_code)
+                                                     trust_remote_code=cfg.model.trust_remote_code)  # checked above
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the base model {base!r} named by {checkpoint}/config.yaml: {e}. "
                           f"Pass --base with its current location") from e
@@ -95,41 +100,58 @@ def logits_of(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch
     return logits, mask.bool()
 
 
-def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float) -> str:
-    state = torch.load(checkpoint / COMPLETE_MARK, map_location="cpu", weights_only=False)
+def reward_description(cfg: Config) -> str:
+    """The reward as the config names it: the function, or each component with its weight."""
+    r = cfg.reward
+    if not r.components:
+        return f"`{r.function}`"
+    parts = [f"`{c.function or c.model or c.url}` x {c.weight:g}" for c in r.components]
+    return " + ".join(parts) + (f" (evaluated by `{r.eval_function}`)" if r.eval_function else "")
+
+
+def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float,
+               adapter_only: bool = False) -> str:
+    from llmrl.tracking import read_log
+
+    state = load_state_file(checkpoint / COMPLETE_MARK)
     metrics = {}
-    log = checkpoint.parent / "log.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("step", 0) <= state["step"]:
+    if (checkpoint.parent / "log.jsonl").is_file():
+        for row in read_log(checkpoint.parent):
+            if row.get("step", 0) <= state["step"] and "samples" not in row:
                 metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
-    p = cfg.ppo
+    p, algorithm = cfg.ppo, cfg.algorithm.upper()
+    how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
+           if adapter_only else "merged into the base here. Loads with `transformers` alone: "
+           "`AutoModelForCausalLM.from_pretrained(this_folder)`")
     lines = [
-        "---", "library_name: transformers", "tags: [llmrl, rlhf, ppo, lora-merged]", "---", "",
-        f"# PPO fine-tune of `{cfg.model.name_or_path}`", "",
-        "Trained with llmrl (PPO on a LoRA adapter, merged into the base here). "
-        "Loads with `transformers` alone: `AutoModelForCausalLM.from_pretrained(this_folder)`.", "",
+        "---", "library_name: " + ("peft" if adapter_only else "transformers"),
+        f"tags: [llmrl, rlhf, {cfg.algorithm}, {'lora' if adapter_only else 'lora-merged'}]", "---", "",
+        f"# {algorithm} fine-tune of `{cfg.model.name_or_path}`", "",
+        f"Trained with llmrl ({algorithm} on a LoRA adapter); {how}.", "",
         "| | |", "|---|---|",
         f"| base model | `{cfg.model.name_or_path}` (trained with quantization: {cfg.model.quantization}) |",
-        f"| reward | `{cfg.reward.function}` |",
+        f"| algorithm | {cfg.algorithm} |",
+        f"| reward | {reward_description(cfg)} |",
         f"| prompts | `{cfg.data.source}` |",
-        f"| PPO steps | {state['step']} |",
+        f"| steps | {state['step']} |",
         f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
-        f"| PPO | lr={p.lr}, rollout={p.rollout_batch_size}, minibatch={p.mini_batch_size}, epochs={p.ppo_epochs}, "
-        f"clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
+        f"| optimisation | lr={p.lr}, rollout={p.rollout_batch_size}, minibatch={p.mini_batch_size}, "
+        f"epochs={p.ppo_epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
         f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
         f"final beta={state['kl_ctl']['value']:.4g} |",
         f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
-        f"| exported dtype | {dtype}; max logit difference to base + adapter {max_diff:.3g} (tolerance {tolerance:g}) |",
-        "", "## Final metrics", "",
     ]
+    if not adapter_only:
+        lines.append(f"| exported dtype | {dtype}; max logit difference to base + adapter {max_diff:.3g} "
+                     f"(tolerance {tolerance:g}) |")
+    lines += ["", "## Final metrics", ""]
     lines += [f"- `{k}`: {v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     return "\n".join(lines) + "\n"
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False,
-           overwrite: bool = False, base: str | None = None, tolerance: float | None = None) -> float:
+           overwrite: bool = False, base: str | None = None, tolerance: float | None = None,
+           trust_checkpoint_code: bool = False) -> float:
     """Write the merged (or adapter-only) model to ``out``; returns the verified max logit difference."""
     checkpoint, out = Path(checkpoint), Path(out)
     if dtype not in DTYPES:
@@ -140,13 +162,17 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"--tolerance {tolerance} must be a finite number >= 0 (the default for {dtype} is "
+                          f"{TOLERANCE[dtype]:g})")
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=4, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
     try:
         bar.set_postfix_str("loading base + adapter")
-        reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32)
+        reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32, trust_checkpoint_code)
+        base_location = base_model_location(base or cfg.model.name_or_path)
         prompts = sample_inputs(cfg, tokenizer)
         ref_logits, mask = logits_of(reference, tokenizer, prompts)
         bar.update(1)
@@ -156,6 +182,12 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
             if adapter_only:
                 reference.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
+                # peft records the base as it was loaded (often a path relative to where training ran):
+                # point it at the resolved base, so the adapter loads from any folder.
+                adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+                adapter_config["base_model_name_or_path"] = base_location
+                (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+                (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, tolerance, adapter_only=True))
                 result["max_diff"] = 0.0
                 return
             bar.set_postfix_str("merging")
@@ -173,7 +205,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
             bar.set_postfix_str("verifying with plain transformers")
             result["max_diff"] = verify(tmp, tokenizer, prompts, ref_logits, mask)
             bar.update(1)
-            if result["max_diff"] > tolerance:
+            if not math.isfinite(result["max_diff"]) or result["max_diff"] > tolerance:
                 raise ExportVerificationError(
                     f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
                     f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
@@ -190,6 +222,15 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     finally:
         bar.close()
     return result["max_diff"]
+
+
+def base_model_location(spec: str) -> str:
+    """Where the base loads from anywhere: an absolute folder (a GGUF's conversion in the cache), else the hub
+    name as given."""
+    from llmrl.sources import resolve_model
+
+    path = resolve_model(spec, "--base", progress=False)
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 class ExportVerificationError(RuntimeError):
@@ -216,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=None,
                         help=f"max logit difference allowed (default per dtype: {TOLERANCE})")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--trust-checkpoint-code", action="store_true",
+                        help="let the checkpoint's config.yaml run model code from the hub (model.trust_remote_code)")
     args = parser.parse_args(argv)
 
     def body():
         diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
-                      args.tolerance)
+                      args.tolerance, args.trust_checkpoint_code)
         what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
         print(f"exported {what} to {args.out}; max logit difference to base + adapter: {diff:.3g}")
 

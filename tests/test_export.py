@@ -85,7 +85,7 @@ def test_merged_export_loads_without_llmrl_or_peft_and_matches(trained, tmp_path
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and not [k for k in keys if "value_head" in k or "lora" in k]
-    assert "PPO steps | 2" in (out / "README.md").read_text()
+    assert "| steps | 2 |" in (out / "README.md").read_text()
     assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == trainer.tokenizer.pad_token_id
 
     plain = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), json.dumps(PROMPTS)], capture_output=True,
@@ -117,8 +117,37 @@ def test_bf16_and_adapter_only_exports(trained, tmp_path):
                             timeout=300, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exported adapter to" in result.stdout
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "adapter" / "README.md").read_text()  # llmrl's card, not peft's empty one
+    assert "# PPO fine-tune of" in card and "| reward | `exact_match` |" in card and "library_name: peft" in card
+    merged_card = (tmp_path / "bf16" / "README.md").read_text()
+    assert "# PPO fine-tune of" in merged_card and "| algorithm | ppo |" in merged_card
+
+
+def test_an_adapter_only_export_names_its_base_so_that_it_loads_from_anywhere(trained, tmp_path):
+    """A run that named its base relative to where it trained (as configs/tiny.yaml does): peft recorded that
+    relative path and AutoPeftModelForCausalLM failed from any other folder."""
+    import yaml
+
+    trainer, checkpoint = trained
+    work = tmp_path / "work"
+    shutil.copytree(Path(trainer.cfg.model.name_or_path), work / "models" / "base")
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"]["name_or_path"] = "models/base"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "llmrl", "export", "--checkpoint", str(copy), "--out",
+                             str(tmp_path / "adapter"), "--adapter-only"], capture_output=True, text=True,
+                            timeout=300, cwd=work, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((work / "models" / "base").resolve())
+    script = ("from peft import AutoPeftModelForCausalLM\n"
+              f"m = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / 'adapter')!r})\nprint('loaded')\n")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr[-2000:]
 
 
 def test_export_of_an_8bit_run_merges_into_an_unquantized_base(tiny_model_dir, tmp_path):
@@ -181,6 +210,6 @@ def test_a_damaged_trainer_state_is_named_with_the_way_out(trained, tmp_path):
     damaged = tmp_path / "step-000002"
     shutil.copytree(checkpoint, damaged)
     (damaged / "trainer_state.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ConfigError, match=r"step-000002: trainer_state.pt cannot be read \(.*\): move this folder "
-                                          r"away to resume from the checkpoint before it"):
+    with pytest.raises(ConfigError, match=r"step-000002: trainer_state.pt cannot be read as plain state \(.*\): move "
+                                          r"this folder away to resume from the checkpoint before it"):
         trainer.load_checkpoint(damaged)
