@@ -213,3 +213,20 @@ def test_a_damaged_trainer_state_is_named_with_the_way_out(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"step-000002: trainer_state.pt cannot be read as plain state \(.*\): move "
                                           r"this folder away to resume from the checkpoint before it"):
         trainer.load_checkpoint(damaged)
+
+
+def test_the_card_names_the_algorithm_and_every_reward_component(trained):
+    """The merged card said "PPO" for every algorithm and showed an empty reward for reward.components."""
+    from llmrl.config import RewardComponentConfig
+    from llmrl.export import load_checkpoint_config, model_card
+
+    _, checkpoint = trained
+    cfg = load_checkpoint_config(checkpoint)
+    cfg.algorithm = "grpo"
+    cfg.reward.function = None
+    cfg.reward.components = [RewardComponentConfig(function="llmrl.rules:exact_match", weight=1.0),
+                             RewardComponentConfig(model="runs/rm", weight=0.5)]
+    card = model_card(cfg, checkpoint, "fp32", 0.0, 1e-3)
+    assert "# GRPO fine-tune of" in card and "| algorithm | grpo |" in card and "PPO" not in card
+    assert "| reward | `llmrl.rules:exact_match` x 1 + `runs/rm` x 0.5 |" in card
+    assert "| steps | 2 |" in card
