@@ -105,11 +105,16 @@ class SingleProcess:
         """Optimizer and scheduler state, returned for trainer_state.pt."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state(self, folder: Path, state: dict) -> None:
+    def check_resumable(self, folder: Path, state: dict) -> None:
+        """One line when this strategy cannot reload the checkpoint at ``folder`` (``state``: its trainer state);
+        checked before the settings of a resume are compared, as the more basic mismatch."""
         if "optimizer" not in state:  # DeepSpeed keeps it in its own files, partitioned over the ranks
             raise ConfigError(f"checkpoint {folder} was written under DeepSpeed (ZeRO-{state.get('zero_stage')}, "
                               f"{state.get('world_size')} ranks): resume it under the deepspeed launcher "
                               f"(deepspeed --num_gpus N launch/ppo.py ... --resume)")
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        self.check_resumable(folder, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -305,7 +310,7 @@ class DeepSpeed(SingleProcess):
         self.engine.save_checkpoint(str(folder / self.ENGINE_DIR), tag="state", exclude_frozen_parameters=True)
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
-    def load_state(self, folder: Path, state: dict) -> None:
+    def check_resumable(self, folder: Path, state: dict) -> None:
         if not (folder / self.ENGINE_DIR).is_dir():  # DeepSpeed fails on that with a bare AssertionError
             raise ConfigError(f"checkpoint {folder} was written by one plain process, not under DeepSpeed: resume "
                               f"it the same way (python launch/ppo.py ... --resume)")
@@ -316,6 +321,9 @@ class DeepSpeed(SingleProcess):
             raise ConfigError(f"checkpoint {folder} was written by {saved} ranks, this run has {self.world_size}: "
                               f"DeepSpeed reloads ZeRO-{self.zero_stage} optimizer state only on as many ranks "
                               f"(ZeRO-0 checkpoints can change the count)")
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        self.check_resumable(folder, state)
         self.check_engine_files(folder / self.ENGINE_DIR)
         self.engine.load_checkpoint(str(folder / self.ENGINE_DIR), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True, load_module_strict=False)  # no frozen base

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llmrl.checkpoint import latest_checkpoint, write_text_atomically
+from llmrl.checkpoint import COMPLETE_MARK, latest_checkpoint, load_state_file, write_text_atomically
 from llmrl.config import Config, RunStopped, load_config, to_dict
 from llmrl.data import check_prompt_lengths, load_prompts
 from llmrl.console import config_parser, run_cli
@@ -54,7 +54,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     if not builds:
         resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
     resume_from = check_run_dir(run_dir, resume, overwrite)
-    changed = resume_changes(resume_from, cfg) if resume_from is not None else {}  # others are refused here
+    changed = {}
+    if resume_from is not None:
+        strategy.check_resumable(resume_from, load_state_file(resume_from / COMPLETE_MARK))  # plain vs DeepSpeed
+        changed = resume_changes(resume_from, cfg)  # settings a resume may not change are refused here
     strategy.barrier()  # every rank has read the run directory before the main rank changes it
     if main:
         make_run_dir(run_dir, overwrite)

@@ -121,15 +121,18 @@ def test_missing_config_is_one_clear_line(tmp_path):
 
 
 def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path, tiny_model_dir):
-    reward = tmp_path / "flaky.py"
-    # Fails on its 4th call (step 4), after the checkpoints of steps 2 (and the eval before training).
-    reward.write_text("calls = 0\n"
+    reward, offline = tmp_path / "flaky.py", tmp_path / "offline"
+    # Fails on its 4th call (step 3, after the eval before training and the checkpoint of step 2) while the
+    # scorer is "offline" (a marker file), and works again once it is back.
+    reward.write_text("import pathlib\n"
+                      "calls = 0\n"
                       "def flaky(prompts, completions, **kwargs):\n"
                       "    global calls\n"
                       "    calls += 1\n"
-                      "    if calls == 4:\n"
+                      f"    if calls >= 4 and pathlib.Path({str(offline)!r}).exists():\n"
                       "        raise RuntimeError('scorer offline')\n"
                       "    return [float(len(c)) for c in completions]\n")
+    offline.touch()
     run_dir = tmp_path / "run"
     common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=5",
               "run.save_every=2"]
@@ -138,8 +141,8 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
     assert "error: reward 'flaky' raised RuntimeError('scorer offline')" in out.stderr
     assert [s for s, _ in step_checkpoints(run_dir)] == [2]
     assert not [p for p in run_dir.iterdir() if p.name.startswith((".tmp", ".old"))]
-    resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, "reward.function=reward_models.rules:exact_match",
-                      "--resume")
+    offline.unlink()  # the scorer is back: the run resumes with the same settings (a new reward is refused)
+    resumed = run_ppo(REPO / "configs" / "tiny.yaml", *common, f"reward.function={reward}:flaky", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
 
