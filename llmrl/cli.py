@@ -8,7 +8,7 @@ COMMANDS = {
     "sft": ("llmrl.sft", "the supervised warm start of a recipe (same as launch/sft.py)"),
     "export": ("llmrl.export", "a checkpoint as a plain transformers model (same as launch/export.py)"),
     "train-reward": ("llmrl.train_reward", "a Bradley-Terry reward model (same as launch/train_reward.py)"),
-    "serve-reward": ("llmrl.remote", "a config's reward over HTTP (same as launch/serve_reward.py)"),
+    "serve-reward": ("llmrl.reward_server", "a config's reward over HTTP (same as launch/serve_reward.py)"),
     "eval": ("llmrl.evaluate", "reward and KL to the base on held-out prompts, samples before and after"),
     "plot": ("llmrl.plot", "PNG curves of a run's metrics"),
 }

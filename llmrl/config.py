@@ -18,14 +18,9 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message says how to fix it."""
+from llmrl.errors import ConfigError, RunStopped  # noqa: F401 (raised here, imported from here by many)
 
 
-class RunStopped(RuntimeError):
-    """A run stopped for a reason the user can act on (divergence, a full disk, Ctrl-C); the message names the
-    step, the last good checkpoint and what to do."""
 
 
 def opt(default: Any, help: str):

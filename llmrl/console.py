@@ -25,17 +25,15 @@ def config_parser(description: str, config_help: str, required: bool = True,
 
 def run_cli(body: Callable[[], object]) -> int:
     """Run ``body``; a ConfigError or another user-facing error becomes 'error: ...' on stderr and exit code 2."""
-    from llmrl.config import ConfigError, RunStopped
-    from llmrl.rewards import RewardError
+    from llmrl.errors import UserError
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    user_errors = (ConfigError, RewardError, RunStopped, *_extra_user_errors())
     try:
         body()
-    except user_errors as e:
+    except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): nothing after the last checkpoint was kept; pass --resume to continue from it",
               file=sys.stderr)
@@ -51,8 +49,3 @@ def one_line(text: str) -> str:
     """A message quoting another library's (often several lines) on one line."""
     return " ".join(text.split())
 
-
-def _extra_user_errors() -> tuple[type[Exception], ...]:
-    from llmrl.export import ExportVerificationError
-
-    return (ExportVerificationError,)

@@ -18,6 +18,7 @@ import yaml
 from llmrl.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
 from llmrl.config import Config, ConfigError, from_dict
 from llmrl.console import run_cli
+from llmrl.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Max |logit difference| allowed between the reloaded export and base + adapter (computed in fp32).
@@ -233,8 +234,8 @@ def base_model_location(spec: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-class ExportVerificationError(RuntimeError):
-    pass
+class ExportVerificationError(UserError, RuntimeError):
+    """The reloaded export's logits differ from base + adapter by more than the tolerance."""
 
 
 def verify(folder: Path, tokenizer, prompts: list[str], ref_logits: torch.Tensor, mask: torch.Tensor) -> float:

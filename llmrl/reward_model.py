@@ -43,7 +43,7 @@ def chosen_text_fn(path: str, text_fn: str | None, key: str) -> str | None:
 def load_text_fn(spec: str | None) -> Callable[[str, str], str] | None:
     if spec is None:
         return None
-    from llmrl.rewards import load_reward_function  # same import rules: module:function or file.py:function
+    from llmrl.user_functions import load_reward_function  # same import rules: module:function or file.py:function
 
     return load_reward_function(spec, "text_fn")
 

@@ -14,11 +14,8 @@ Nothing is silently turned into 0.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,56 +23,10 @@ from typing import Any, Callable
 
 from llmrl.chat import content
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
+from llmrl.errors import RewardCallFailed, RewardError  # noqa: F401 (imported from here too)
+from llmrl.user_functions import BUILTIN, load_reward_function  # noqa: F401 (imported from here too)
 
 RewardFn = Callable[..., list]
-
-BUILTIN = {
-    name: f"reward_models.rules:{name}"
-    for name in ("exact_match", "numeric_match", "regex_format", "length_target", "keywords",
-                 "repetition_penalty", "positive_sentiment")
-}
-
-
-class RewardError(RuntimeError):
-    """A reward raised, hung or returned something unusable; the message names the reward and the sample."""
-
-
-class RewardCallFailed(RewardError):
-    """The reward raised or hung: possibly passing (a busy service), unlike a bad returned value."""
-
-
-def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
-    """Import ``spec`` once at start-up, so that a wrong path fails before any training."""
-    spec = BUILTIN.get(spec, spec)
-    if ":" not in spec:
-        raise ConfigError(f"{key} = {spec!r} must be a built-in name ({', '.join(BUILTIN)}), "
-                          f"'package.module:function' or 'path/to/file.py:function'")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ConfigError(f"{key} = {spec!r}: file {target!r} does not exist")
-        # Its folder goes on the import path, as for a script run from there: the file may import the modules
-        # beside it.
-        folder = str(path.resolve().parent)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        module_spec = importlib.util.spec_from_file_location(f"llmrl_user_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ConfigError(f"{key} = {spec!r}: importing {target!r} failed: {e!r}") from e
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ConfigError(f"{key} = {spec!r}: cannot import {target!r}: {e}") from e
-    fn = getattr(module, name, None)
-    if fn is None or not callable(fn):
-        raise ConfigError(f"{key} = {spec!r}: {target!r} has no callable named {name!r}")
-    return fn
-
 
 def call_with_timeout(fn: RewardFn, name: str, timeout: float | None, **kwargs) -> Any:
     """Call ``fn(**kwargs)`` (awaiting it if async); a call that outlives ``timeout`` seconds is an error.

@@ -16,7 +16,7 @@ FLAG = "--trust-checkpoint-code"
 
 
 def safe_function(spec: str | None) -> bool:
-    from llmrl.rewards import BUILTIN
+    from llmrl.user_functions import BUILTIN
 
     if not spec or spec in BUILTIN:
         return True

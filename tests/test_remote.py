@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
-from llmrl.remote import RemoteReward, make_server
+from llmrl.remote import RemoteReward
+from llmrl.reward_server import make_server
 from llmrl.rewards import Component, CombinedReward, RewardError, build_reward
 
 REPO = Path(__file__).resolve().parent.parent

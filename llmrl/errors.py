@@ -1,0 +1,28 @@
+"""The errors a user can cause and fix. The command line (``llmrl.console.run_cli``) prints their message on one
+line, ``error: ...``, and exits with their ``exit_code``; any other exception is a bug and keeps its traceback.
+
+This module imports nothing, so that every part of llmrl can raise these without importing another part.
+"""
+
+
+class UserError(Exception):
+    """A failure the message tells the user how to fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message says how to fix it."""
+
+
+class RunStopped(UserError, RuntimeError):
+    """A run stopped for a reason the user can act on (divergence, a full disk, Ctrl-C); the message names the
+    step, the last good checkpoint and what to do."""
+
+
+class RewardError(UserError, RuntimeError):
+    """A reward raised, hung or returned something unusable; the message names the reward and the sample."""
+
+
+class RewardCallFailed(RewardError):
+    """The reward raised or hung: possibly passing (a busy service), unlike a bad returned value."""

@@ -1,0 +1,103 @@
+"""The package's import graph: no module imports itself back through others (an import circle), counting the
+imports inside functions, which hide circles from Python until one of them runs first."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "llmrl"
+
+
+def module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, for every import statement anywhere in the module."""
+    files = {module_name(p, package): p for p in sorted(package.rglob("*.py"))}
+    graph = {name: set() for name in files}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from .x import y, from .. import z
+                    base = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module
+                targets = [module, *(f"{module}.{a.name}" for a in node.names)]  # a name may be a submodule
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:  # llmrl.rl.ops.masked_mean -> llmrl.rl.ops
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, circles = {}, {}, set(), [], []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, successors = work[-1]
+            for nxt in successors:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        circles.append(sorted(component))
+    return circles
+
+
+def test_the_circle_finder_on_hand_built_graphs():
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert import_circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    # two circles joined by a one-way edge stay two: {a, b, c} and {d, e}
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}}
+    assert sorted(import_circles(graph)) == [["a", "b", "c"], ["d", "e"]]
+
+
+def test_the_graph_reads_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "llmrl"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from llmrl.sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("from ..a import f\nimport torch\n")
+    graph = import_graph(pkg)
+    assert graph["llmrl.a"] == {"llmrl.sub", "llmrl.sub.b"} and graph["llmrl.sub.b"] == {"llmrl.a"}
+    assert import_circles(graph) == [["llmrl.a", "llmrl.sub.b"]]
+
+
+def test_llmrl_has_no_import_circles():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 20  # the whole package was read
+    circles = import_circles(graph)
+    assert circles == [], "import circles: " + "; ".join(
+        " <-> ".join(f"{m} (imports {sorted(graph[m] & set(c))})" for m in c) for c in circles)
