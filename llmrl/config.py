@@ -163,12 +163,16 @@ class PPOConfig:
 
 @dataclass
 class CriticFreeConfig:
-    num_generations: int = opt(4, "GRPO/RLOO/REINFORCE: completions sampled per prompt (ppo.rollout_batch_size "
-                                  "counts completions).")
+    num_generations: int = opt(4, "Completions sampled per prompt (ppo.rollout_batch_size counts completions).")
     scale: str = opt("group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or "
                               "not at all (none).")
-    kl_coef: float = opt(0.04, "GRPO: weight of the k3 KL to the reference in the loss; 0 disables.")
+    kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
+                               "disables.")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
+    clip_range_high: float = opt(0.28, "DAPO: the token ratio's upper clip is 1 + this (clip-higher); the lower "
+                                       "stays 1 - ppo.clip_range.")
+    sequence_clip_low: float = opt(3e-4, "GSPO: the sequence ratio's lower clip is 1 - this.")
+    sequence_clip_high: float = opt(4e-4, "GSPO: the sequence ratio's upper clip is 1 + this.")
 
 
 @dataclass
@@ -265,15 +269,16 @@ class Sizes:
 
 @dataclass
 class Config:
-    algorithm: str = opt("ppo", "ppo (critic + GAE), grpo, rloo, reinforce (critic-free, see critic_free) or dpo "
-                                "(offline, from preference pairs, see dpo).")
+    algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo (critic-free, see "
+                                "critic_free); dpo (offline, from preference pairs, see dpo); or an Estimator "
+                                "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig = opt(LoraConfig(), "The trained LoRA adapter.")
     data: DataConfig = opt(DataConfig(), "Prompts.")
     generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
     ppo: PPOConfig = opt(PPOConfig(), "PPO hyper-parameters (the optimisation ones apply to every algorithm).")
-    critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "GRPO, RLOO and REINFORCE settings.")
+    critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO settings, used under the deepspeed launcher.")
@@ -282,8 +287,11 @@ class Config:
 
     @property
     def group_size(self) -> int:
-        """Completions per prompt: 1 for PPO, critic_free.num_generations for the critic-free estimators."""
-        return self.critic_free.num_generations if self.algorithm in ("grpo", "rloo", "reinforce") else 1
+        """Completions per prompt, as the estimator says: 1 for PPO and DPO, critic_free.num_generations for the
+        critic-free estimators."""
+        from llmrl.algorithms import OFFLINE, estimator_class
+
+        return 1 if self.algorithm in OFFLINE else estimator_class(self.algorithm).completions_per_prompt(self)
 
     def sizes(self, world_size: int = 1) -> Sizes:
         p = self.ppo
@@ -303,14 +311,13 @@ class Config:
 
     def validate(self) -> None:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""
+        from llmrl.algorithms import OFFLINE, estimator_class
+
+        estimator_checks = [] if self.algorithm in OFFLINE else estimator_class(self.algorithm).config_checks(self)
         checks = [
-            (self.algorithm in ("ppo", "grpo", "rloo", "reinforce", "dpo"), "algorithm",
-             f"is {self.algorithm!r}: use ppo, grpo, rloo, reinforce or dpo"),
+            *estimator_checks,
             (self.critic_free.scale in ("group", "batch", "none"), "critic_free.scale",
              f"is {self.critic_free.scale!r}: use group, batch or none"),
-            (self.algorithm not in ("rloo", "grpo") or self.critic_free.num_generations >= 2,
-             "critic_free.num_generations", f"is {self.critic_free.num_generations}: {self.algorithm.upper()} needs "
-             "at least 2 completions per prompt (it compares each with the others of its prompt)"),
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
             (self.run.strategy in ("auto", "single", "deepspeed"), "run.strategy",

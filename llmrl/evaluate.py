@@ -17,12 +17,14 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     from llmrl.config import ConfigError, load_config
     from llmrl.strategy import SingleProcess
     from llmrl.trainer import build_trainer
-    from llmrl.trust import check_checkpoint_config
+    from llmrl.trust import check_checkpoint_algorithm, check_checkpoint_config
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "adapter").is_dir():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
                           f"step-N/ folder")
+    if config is None:
+        check_checkpoint_algorithm(checkpoint / "config.yaml", list(overrides), trust_checkpoint_code)
     cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
     if config is None:
         check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code)

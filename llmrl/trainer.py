@@ -235,12 +235,15 @@ class PPOTrainer:
 
         entropy = self.fill_logprobs(exp)
         exp.scores = scores
-        # Skipped samples (reward.on_error: skip) keep their tokens out of every baseline, loss and statistic.
-        exp.response_mask = mask = exp.response_mask * valid.unsqueeze(1).float()
+        # Skipped samples (reward.on_error: skip) keep their tokens out of every baseline, loss and statistic;
+        # samples the estimator does not train on (DAPO's uninformative groups) out of the update.
+        scored = exp.response_mask * valid.unsqueeze(1).float()
+        trained = self.estimator.keep(scores, valid)
+        exp.response_mask = mask = exp.response_mask * trained.unsqueeze(1).float()
 
-        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * mask
+        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * scored
         advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
-                                                            mask, self.kl_ctl.value, valid)
+                                                            mask, self.kl_ctl.value, trained)
         if self.estimator.uses_critic and self.strategy.all_reduce_sum(mask.sum()) >= 2:  # critic-free: scaled
             exp.advantages = self.whiten(advantages, mask)
         else:
@@ -256,11 +259,12 @@ class PPOTrainer:
             **result.metrics,
             "objective/kl": seq_kl.mean().item() if len(kept) else 0.0,
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": rl.masked_mean(entropy, mask).item(),
+            "objective/entropy": rl.masked_mean(entropy, scored).item(),
             "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item() if len(kept) else 0.0,
-            "response/length": exp.response_mask.sum(1)[valid].mean().item() if len(kept) else 0.0,
+            "response/length": scored.sum(1)[valid].mean().item() if len(kept) else 0.0,
             "response/eos_rate": eos.float().mean().item(),
             "value/mean": rl.masked_mean(exp.values, mask).item(),
+            "train/kept": trained.float().sum().item() / max(valid.float().sum().item(), 1.0),
             "time/generate": t1 - t0,
             "time/reward": t2 - t1,
             "time/forward": t3 - t2,
@@ -294,8 +298,8 @@ class PPOTrainer:
                     mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size]).trimmed()
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
-                    pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                       cfg.clip_range, num_tokens)
+                    pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
+                                                                   mb.response_mask, num_tokens, local_mini)
                     ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
                     loss = pg_loss - cfg.ent_coef * ent
                     if critic:

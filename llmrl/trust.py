@@ -52,3 +52,21 @@ def check_checkpoint_config(cfg: Config, checkpoint: Path, trusted: bool, reward
         raise ConfigError(f"{Path(checkpoint) / 'config.yaml'} asks for {'; '.join(found)}: code and servers named "
                           f"by a checkpoint are used only when you allow it: pass {FLAG} if you trust this "
                           f"checkpoint, or --config with a config of your own")
+
+
+def check_checkpoint_algorithm(config_path: Path, overrides: list[str] | tuple[str, ...], trusted: bool) -> None:
+    """Refuse, before the config is loaded (loading imports the estimator it names), a checkpoint's
+    ``algorithm: file.py:Class`` or ``module:Class`` outside llmrl, unless the user allowed it or set the
+    algorithm on the command line."""
+    import yaml
+
+    if trusted or any(o.split("=", 1)[0].strip() == "algorithm" for o in overrides):
+        return
+    try:
+        algorithm = (yaml.safe_load(Path(config_path).read_text()) or {}).get("algorithm")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # load_config names the problem
+    if isinstance(algorithm, str) and ":" in algorithm and not safe_function(algorithm):
+        raise ConfigError(f"{config_path} asks for algorithm = {algorithm!r} (an estimator's code): code named by "
+                          f"a checkpoint is used only when you allow it: pass {FLAG} if you trust this checkpoint, "
+                          f"or --config with a config of your own")

@@ -25,6 +25,12 @@ def load_reward_function(spec: str, key: str = "reward.function") -> Callable:
     if ":" not in spec:
         raise ConfigError(f"{key} = {spec!r} must be a built-in name ({', '.join(BUILTIN)}), "
                           f"'package.module:function' or 'path/to/file.py:function'")
+    return load_named(spec, key)
+
+
+def load_named(spec: str, key: str) -> Callable:
+    """The callable (a function or a class) ``spec`` names: ``package.module:name`` or ``path/to/file.py:name``.
+    A file's folder goes on the import path, so that it may import the modules beside it."""
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)

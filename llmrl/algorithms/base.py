@@ -1,0 +1,112 @@
+"""The estimator interface: how a rollout's scores become per-token advantages, and the policy loss they feed.
+
+An estimator is one class. The trainer owns everything else (rollouts, rewards, the reference KL, the
+optimizer, checkpoints) and asks the estimator only what differs between algorithms:
+
+- ``completions_per_prompt(cfg)``: 1, or the group size of a group-relative method;
+- ``config_checks(cfg)``: (ok, key, message) rows, checked with the rest of the config;
+- ``uses_critic`` (a value head is trained), ``kl_in_reward`` (-beta * KL enters the reward, and the adaptive
+  controller moves beta) and ``loss_kl_coef`` (a k3 KL term in the loss instead);
+- ``keep(scores, valid)``: the samples to train on (DAPO drops groups that carry no signal);
+- ``advantages(...)`` and ``policy_loss(...)``.
+
+Built-in estimators register themselves by name (``register``); ``algorithm: path/to/file.py:Class`` or
+``package.module:Class`` names one defined anywhere (``llmrl.algorithms.estimator_class``). Imports only
+torch and ``llmrl.rl``.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmrl import rl
+
+ESTIMATORS: dict[str, type["Estimator"]] = {}
+
+
+def register(cls: type["Estimator"]) -> type["Estimator"]:
+    """Class decorator: ``algorithm: NAME`` selects ``cls`` (``cls.name``)."""
+    ESTIMATORS[cls.name] = cls
+    return cls
+
+
+class Estimator:
+    """Base class of every estimator; the defaults are PPO's token-level clipped loss on one completion per
+    prompt, with the KL in the reward."""
+
+    name = ""
+    uses_critic, kl_in_reward, loss_kl_coef = False, True, 0.0
+
+    def __init__(self, cfg, all_reduce_sum=lambda x: x):
+        """``all_reduce_sum`` sums a tensor over the data-parallel ranks (the strategy's), for batch statistics."""
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.all_reduce_sum = all_reduce_sum
+        self.group_size = self.completions_per_prompt(cfg)
+
+    @classmethod
+    def completions_per_prompt(cls, cfg) -> int:
+        return 1
+
+    @classmethod
+    def config_checks(cls, cfg) -> list[tuple[bool, str, str]]:
+        """(ok, dotted key, 'is VALUE: what to do') rows; a failing one stops the config from loading."""
+        return []
+
+    def keep(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the scored samples to train on (all of them by default)."""
+        return valid
+
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
+        """(advantages (B, T), returns (B, T) or None without a critic)."""
+        raise NotImplementedError
+
+    def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
+        """(loss, detached stats with clipfrac, approx_kl and ratio) of one microbatch. ``num_tokens`` and
+        ``num_sequences``: the token and sequence counts of its whole minibatch (per rank), the divisors that
+        make accumulated microbatches equal one pass over the minibatch."""
+        return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SequenceEstimator(Estimator):
+    """Critic-free: one advantage per completion, spread over its tokens; ``critic_free.num_generations``
+    completions per prompt, consecutive in the batch."""
+
+    @classmethod
+    def completions_per_prompt(cls, cfg) -> int:
+        return cfg.critic_free.num_generations
+
+    @classmethod
+    def config_checks(cls, cfg):
+        n = cfg.critic_free.num_generations
+        return [(n >= 1, "critic_free.num_generations", f"is {n}: must be >= 1")]
+
+    def batch_stats(self, scores, valid) -> tuple[int, float, float]:
+        """(count, mean, Bessel-corrected std) of the scored samples of every rank."""
+        n, mean, m2 = rl.moments_stats(self.all_reduce_sum(rl.masked_moments(scores, valid.to(scores.dtype))))
+        return n, mean, (m2 / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+    def sequence_scores(self, scores, logprobs, ref_logprobs, mask, kl_coef):
+        if not self.kl_in_reward:
+            return scores
+        kl = rl.kl_penalty(logprobs, ref_logprobs, self.ppo.kl_estimator) * mask
+        return scores - kl_coef * kl.sum(1)
+
+    def sequence_advantages(self, scores, valid):
+        """(B,) advantages of the (B,) sequence scores."""
+        raise NotImplementedError
+
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
+        seq = self.sequence_advantages(self.sequence_scores(scores, logprobs, ref_logprobs, mask, kl_coef), valid)
+        return seq.unsqueeze(1) * mask, None
+
+
+def needs_groups(cls, cfg, least: int = 2) -> list[tuple[bool, str, str]]:
+    """The check of a group-relative method: at least ``least`` completions per prompt to compare."""
+    n = cfg.critic_free.num_generations
+    return [(n >= least, "critic_free.num_generations",
+             f"is {n}: {cls.name.upper()} needs at least {least} completions per prompt to compare")]

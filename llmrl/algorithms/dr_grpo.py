@@ -1,0 +1,30 @@
+"""Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", section 3.1):
+GRPO without its two biases. Scores are only centred in their group (no division by the group's std, which
+favours prompts that are nearly always or never solved), and the loss sums over tokens and divides by a
+constant, minibatch sequences x ``generation.max_new_tokens``, instead of by the tokens generated (which gives
+long wrong answers a smaller per-token penalty than short ones)."""
+from __future__ import annotations
+
+from llmrl import rl
+from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+
+
+@register
+class DrGRPOEstimator(SequenceEstimator):
+    name, kl_in_reward = "dr_grpo", False
+
+    def __init__(self, cfg, all_reduce_sum=lambda x: x):
+        super().__init__(cfg, all_reduce_sum)
+        self.loss_kl_coef = cfg.critic_free.kl_coef
+        self.max_tokens = cfg.generation.max_new_tokens
+
+    @classmethod
+    def config_checks(cls, cfg):
+        return needs_groups(cls, cfg)
+
+    def sequence_advantages(self, scores, valid):
+        return rl.grpo_advantages(scores, self.group_size, "none", valid=valid)
+
+    def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
+        return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range,
+                              num_sequences * self.max_tokens)

@@ -1,0 +1,25 @@
+"""GRPO's estimator: group-normalised scores, the KL to the reference as a loss term (Shao et al. 2024)."""
+from __future__ import annotations
+
+from llmrl import rl
+from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+
+
+@register
+class GRPOEstimator(SequenceEstimator):
+    """Group-normalised scores; KL to the reference (k3) as a loss term, not in the reward."""
+
+    name, kl_in_reward = "grpo", False
+
+    def __init__(self, cfg, all_reduce_sum=lambda x: x):
+        super().__init__(cfg, all_reduce_sum)
+        self.scale = cfg.critic_free.scale
+        self.loss_kl_coef = cfg.critic_free.kl_coef
+
+    @classmethod
+    def config_checks(cls, cfg):
+        return needs_groups(cls, cfg)
+
+    def sequence_advantages(self, scores, valid):
+        batch_std = self.batch_stats(scores, valid)[2] if self.scale == "batch" else None
+        return rl.grpo_advantages(scores, self.group_size, self.scale, valid=valid, batch_std=batch_std)

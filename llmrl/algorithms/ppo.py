@@ -1,0 +1,19 @@
+"""PPO's estimator: GAE over per-token rewards, a trained critic (Schulman et al. 2017; Ouyang et al. 2022)."""
+from __future__ import annotations
+
+from llmrl import rl
+from llmrl.algorithms.base import Estimator, register
+
+
+@register
+class PPOEstimator(Estimator):
+    """GAE over per-token rewards (score at the last token, -beta * KL on every token), critic trained."""
+
+    name, uses_critic = "ppo", True
+
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
+        # A skipped sample (``valid`` False) has an all-zero ``mask``: no reward, no advantage, no return.
+        rewards, _ = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, self.ppo.kl_estimator)
+        if self.ppo.whiten_rewards:
+            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+        return rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
