@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -81,11 +82,13 @@ def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device: torch.device,
-             greedy: bool = False, synced_gpus: bool = False, engine: RolloutEngine | None = None) -> Experience:
+             greedy: bool = False, synced_gpus: bool = False, engine: RolloutEngine | None = None,
+             all_finished: Callable[[torch.Tensor], bool] | None = None) -> Experience:
     """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled).
 
     ``engine`` (llmrl's decode loop) when given, else ``model.generate``. ``synced_gpus``: every rank keeps
-    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward). With the engine and
+    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward), which
+    ``all_finished`` (the strategy's ``all_ranks_finished``) tells the engine. With the engine and
     sampling, ``logprobs`` and ``entropy`` hold log pi(a_t|s_t) of the sampled tokens and the entropy of the
     distribution they were sampled from (logits / temperature; equal to a recomputed forward's within float
     rounding: tested).
@@ -96,7 +99,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     if engine is not None:
         sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         tokens, *sampled = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens,
-                                           sampling, all_finished=all_ranks_finished if synced_gpus else None,
+                                           sampling, all_finished=all_finished if synced_gpus else None,
                                            with_entropy=True)
         if greedy or sampled[0] is None:  # greedy decoding scores the raw logits, not logits / temperature
             sampled = None
@@ -114,13 +117,6 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     if sampled is not None:
         exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
     return exp
-
-
-def all_ranks_finished(finished: torch.Tensor) -> bool:
-    """Whether every sequence on every rank has finished (one all-reduce)."""
-    unfinished = (~finished).sum().reshape(1).float()
-    torch.distributed.all_reduce(unfinished)
-    return unfinished.item() == 0
 
 
 def decode_completions(tokenizer, exp: Experience) -> list[str]:

@@ -48,10 +48,12 @@ class SingleProcess:
         torch.manual_seed(s)
 
     def prepare(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum_steps: int,
-                micro_batch_size: int) -> None:
+                micro_batch_size: int) -> tuple:
+        """Sets up the optimizer step; returns the (optimizer, scheduler) to use from then on."""
         self.optimizer, self.scheduler = optimizer, scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
+        return self.optimizer, self.scheduler
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         loss.backward()
@@ -86,6 +88,10 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def all_ranks_finished(self, finished: torch.Tensor) -> bool:
+        """Whether every sequence on every rank has finished (one all-reduce)."""
+        return self.all_reduce_sum((~finished).sum().reshape(1).float()).item() == 0
 
     # --- parameters ---
     def generation_context(self, model):
@@ -213,7 +219,8 @@ class DeepSpeed(SingleProcess):
         return offload.get("device", "none") in ("cpu", "nvme")
 
     def prepare(self, model, optimizer, scheduler, max_grad_norm: float, grad_accum_steps: int,
-                micro_batch_size: int) -> None:
+                micro_batch_size: int) -> tuple:
+        """DeepSpeed wraps the model and the optimizer (ZeRO-Offload replaces it with DeepSpeed's CPU Adam)."""
         import deepspeed
 
         config = self.config_dict(max_grad_norm, grad_accum_steps, micro_batch_size)
@@ -228,6 +235,7 @@ class DeepSpeed(SingleProcess):
         super().prepare(model, optimizer, scheduler, max_grad_norm, grad_accum_steps, micro_batch_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        return self.optimizer, self.scheduler
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         # The trainer owns the accumulation: ZeRO reduces gradients across ranks only at the boundary
@@ -293,7 +301,7 @@ class DeepSpeed(SingleProcess):
         # Without gathering, ZeRO-3 fetches weights with collectives inside every forward: all ranks must
         # run the same number of decoding steps even when one rank's sequences have all finished.
         if self.zero_stage == 3 and not self.ds_cfg.gather_for_generation:
-            return {"synced_gpus": True}
+            return {"synced_gpus": True, "all_finished": self.all_ranks_finished}
         return {}
 
     def gathered(self, params):

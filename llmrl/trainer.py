@@ -80,8 +80,9 @@ class PPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
         accum, micro = self.accumulation()
-        strategy.prepare(policy, self.optimizer, self.scheduler, p.max_grad_norm, accum, micro)
-        self.optimizer, self.scheduler = strategy.optimizer, strategy.scheduler  # DeepSpeed wraps the optimizer
+        # DeepSpeed wraps the optimizer (or replaces it): train with what the strategy returns
+        self.optimizer, self.scheduler = strategy.prepare(policy, self.optimizer, self.scheduler, p.max_grad_norm,
+                                                          accum, micro)
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
         self.engine = make_engine(cfg, tokenizer, strategy, context_length(policy.model))
@@ -280,8 +281,11 @@ class PPOTrainer:
         self.policy.train()
         B = exp.query.shape[0]
         local_mini = cfg.mini_batch_size // sizes.world_size
-        sums: dict[str, float] = defaultdict(float)
-        total_tokens = 0.0
+        # Detached statistics accumulate on the device and are read once, after the last microbatch: an .item()
+        # per statistic and microbatch would wait for the device each time.
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: zero.clone())
+        total_tokens = zero.clone()
         grad_norms = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, device=self.device)
@@ -310,27 +314,28 @@ class PPOTrainer:
                         kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.response_mask,
                                                  num_tokens)
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
-                        sums["loss/kl"] += kl_loss.item() * num_tokens.item()
+                        sums["loss/kl"] += kl_loss.detach().double() * num_tokens.double()
                     boundary = j == len(starts) - 1
                     self.strategy.backward(loss, boundary)
                     grad_norm = self.strategy.step(boundary)
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)
 
-                    n = mb.response_mask.sum().item()
+                    n = mb.response_mask.sum().double()
                     total_tokens += n
                     # pg_loss etc. are already scaled by n / num_tokens; the *_stats are microbatch means.
-                    sums["loss/policy"] += pg_loss.item() * num_tokens.item()
+                    scale = num_tokens.double()
+                    sums["loss/policy"] += pg_loss.detach().double() * scale
                     if critic:
-                        sums["loss/value"] += vf_loss.item() * num_tokens.item()
-                        sums["value/clipfrac"] += vf_stats["clipfrac"].item() * n
-                    sums["policy/entropy"] += ent.item() * num_tokens.item()
-                    sums["policy/clipfrac"] += pg_stats["clipfrac"].item() * n
-                    sums["policy/approx_kl"] += pg_stats["approx_kl"].item() * n
-                    sums["policy/ratio"] += pg_stats["ratio"].item() * n
+                        sums["loss/value"] += vf_loss.detach().double() * scale
+                        sums["value/clipfrac"] += vf_stats["clipfrac"].double() * n
+                    sums["policy/entropy"] += ent.detach().double() * scale
+                    sums["policy/clipfrac"] += pg_stats["clipfrac"].double() * n
+                    sums["policy/approx_kl"] += pg_stats["approx_kl"].double() * n
+                    sums["policy/ratio"] += pg_stats["ratio"].double() * n
         # Token-weighted over all ranks: sums and counts are reduced separately.
         keys = sorted(sums)
-        reduced = self.strategy.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [total_tokens]))
+        reduced = self.strategy.all_reduce_sum(torch.stack([sums[k] for k in keys] + [total_tokens]))
         total = max(reduced[-1].item(), 1.0)
         stats = {k: v / total for k, v in zip(keys, reduced[:-1].tolist())}
         stats["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
