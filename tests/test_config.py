@@ -1,4 +1,5 @@
 """Config loading: every shipped YAML loads; bad keys, types and sizes fail with a message that says how to fix."""
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,23 @@ def test_shipped_deepspeed_configs_agree_with_their_stage(path):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={other}"])
     with pytest.raises(ConfigError, match=f"sets ZeRO stage {stage} but deepspeed.zero_stage is {other}"):
         check_config_file(cfg.deepspeed)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage is 5: use 0, 1, 2 or 3"),
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage is True: use 0, 1, 2 or 3"),  # True == 1 in Python
+    ("model.quantization=16bit", "model.quantization is '16bit': use 8bit, 4bit or null"),
+    ("critic_free.scale=std", "critic_free.scale is 'std': use group, batch or none"),
+    ("generation.engine=vlm", "generation.engine is 'vlm': use fast, generate or vllm"),
+    ("reward.on_error=ignore", "reward.on_error is 'ignore': use raise or skip"),
+])
+def test_choices_are_checked_once_at_load_from_their_literal_type(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
+
+
+def test_the_config_reference_lists_the_choices():
+    rows = {key: text for key, _, text in help_text()}
+    assert rows["deepspeed.zero_stage"].endswith("One of: `0`, `1`, `2`, `3`.")
+    assert rows["model.quantization"].endswith("One of: `8bit`, `4bit`.")
