@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmrl.tasks import SEPARATOR  # noqa: E402
-from llmrl.tiny import char_tokenizer, tiny_gpt2  # noqa: E402
+from llmrl.data.tasks import SEPARATOR  # noqa: E402
+from llmrl.demo.tiny import char_tokenizer, tiny_gpt2  # noqa: E402
 
 SIZES = {  # name -> GPT-2 shape; vocab None: just the task's characters
     # almost no arithmetic: what remains is the per-token overhead that dominates a GPU's decode (a CPU proxy)

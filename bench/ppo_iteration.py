@@ -164,7 +164,7 @@ DATA = {"task": [], "arithmetic": ["data.source=configs/data/arithmetic_train.js
 
 def rendered(tokenizer, prompt) -> str:
     """A prompt as the policy reads it: text, or a conversation through the chat template."""
-    from llmrl.chat import render_prompt
+    from llmrl.data.chat import render_prompt
 
     return render_prompt(tokenizer, prompt)
 
@@ -291,8 +291,8 @@ def sync(device: str) -> None:
 
 
 def run_llmrl(spec: dict) -> dict:
-    from llmrl.strategy import SingleProcess
-    from llmrl.trainer import build_trainer
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.trainers.online import build_trainer
 
     device = spec["device"]
     memory = Memory(device)
@@ -357,8 +357,8 @@ def run_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from llmrl.data import load_prompts
-    from llmrl.policy import load_base_model, load_tokenizer
+    from llmrl.data.prompts import load_prompts
+    from llmrl.models.policy import load_base_model, load_tokenizer
 
     device = spec["device"]
     memory = Memory(device)
@@ -561,7 +561,7 @@ def check_context(model_dir: Path, spec: dict) -> dict:
     """Fail early when the longest prompt plus N new tokens does not fit the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmrl.data import load_prompts
+    from llmrl.data.prompts import load_prompts
 
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

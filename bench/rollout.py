@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_models import SIZES, build as build_model, median_seconds  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
-from llmrl.engine import RolloutEngine, Sampling  # noqa: E402
-from llmrl.policy import add_lora  # noqa: E402
+from llmrl.rollout.engine import RolloutEngine, Sampling  # noqa: E402
+from llmrl.models.policy import add_lora  # noqa: E402
 
 
 def build(name: str, dtype: torch.dtype, device: torch.device, save_to: Path | None = None):
@@ -79,7 +79,7 @@ def contenders(model, tokenizer, new_tokens: int, compile_: bool, vllm_engine=No
 
 def make_vllm_engine(folder: Path, dtype: torch.dtype, prompt_length: int, new_tokens: int, pad_token_id: int):
     from llmrl.config import GenerationConfig, ModelConfig
-    from llmrl.vllm_engine import VLLMEngine
+    from llmrl.rollout.vllm_engine import VLLMEngine
 
     no_stop = -1
     return VLLMEngine(ModelConfig(name_or_path=str(folder), dtype=str(dtype).removeprefix("torch.")),

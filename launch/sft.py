@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, uninstalled
 
-from llmrl.sft import main  # noqa: E402
+from llmrl.cli.sft import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,7 +65,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("", "Prompts: 'task:NAME' (built-in, see llmrl.tasks), a .jsonl/.json/.csv/.parquet file, "
+    source: str = opt("", "Prompts: 'task:NAME' (built-in, see llmrl.data.tasks), a .jsonl/.json/.csv/.parquet file, "
                           "or a datasets name.")
     prompt_column: str = opt("prompt", "Column holding the prompt text; other columns reach the reward as kwargs.")
     eval_source: str | None = opt(None, "Held-out prompts (same forms as source); null: the task's held-out "

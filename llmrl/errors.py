@@ -1,4 +1,4 @@
-"""The errors a user can cause and fix. The command line (``llmrl.console.run_cli``) prints their message on one
+"""The errors a user can cause and fix. The command line (``llmrl.cli.console.run_cli``) prints their message on one
 line, ``error: ...``, and exits with their ``exit_code``; any other exception is a bug and keeps its traceback.
 
 This module imports nothing, so that every part of llmrl can raise these without importing another part.

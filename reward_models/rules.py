@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from llmrl.chat import content
+from llmrl.data.chat import content
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 

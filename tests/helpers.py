@@ -20,8 +20,8 @@ def tiny_config(model_dir, run_dir, *overrides):
 
 
 def make_trainer(cfg, strategy=None):
-    from llmrl.strategy import SingleProcess
-    from llmrl.trainer import build_trainer
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.trainers.online import build_trainer
 
     return build_trainer(cfg, strategy or SingleProcess("cpu"))
 

@@ -80,16 +80,16 @@ def test_rloo_and_grpo_need_two_generations(tiny_model_dir, tmp_path):
 
 
 def test_dpo_starts_at_log_2_and_learns_the_preferences(tiny_model_dir, tmp_path):
-    from llmrl.dpo import DPOTrainer, load_pairs
-    from llmrl.rewards import build_eval_reward, build_reward
-    from llmrl.strategy import SingleProcess
+    from llmrl.trainers.dpo import DPOTrainer, load_pairs
+    from llmrl.rewards.base import build_eval_reward, build_reward
+    from llmrl.distributed.strategy import SingleProcess
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dpo", "dpo.batch_size=8", "ppo.lr=1e-2",
                       "dpo.beta=1.0")
     base = make_trainer(cfg)  # for its policy and rows
-    trainer = DPOTrainer(cfg, base.policy, base.tokenizer, build_reward(cfg.reward), base.train_rows,
-                         base.eval_rows, SingleProcess("cpu"), tmp_path / "run", build_eval_reward(cfg.reward),
-                         pairs=load_pairs(str(REPO / "configs/data/reverse_prefs.jsonl")))
+    trainer = DPOTrainer(cfg, base.policy, base.tokenizer, load_pairs(str(REPO / "configs/data/reverse_prefs.jsonl")),
+                         base.eval_rows, SingleProcess("cpu"), tmp_path / "run",
+                         build_eval_reward(cfg.reward) or build_reward(cfg.reward))
     first = trainer.train_step()
     assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     for _ in range(15):
@@ -98,7 +98,7 @@ def test_dpo_starts_at_log_2_and_learns_the_preferences(tiny_model_dir, tmp_path
 
 
 def test_dpo_pairs_need_their_columns(tmp_path):
-    from llmrl.dpo import load_pairs
+    from llmrl.trainers.dpo import load_pairs
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")

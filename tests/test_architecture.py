@@ -101,3 +101,34 @@ def test_llmrl_has_no_import_circles():
     circles = import_circles(graph)
     assert circles == [], "import circles: " + "; ".join(
         " <-> ".join(f"{m} (imports {sorted(graph[m] & set(c))})" for m in c) for c in circles)
+
+
+def part_of(module: str) -> str:
+    """'cli' (commands and console helpers), 'demo' (the embedded default's tiny model and warm start) or
+    'library' (everything a user's own program builds on)."""
+    if module == "llmrl.__main__" or module == "llmrl.cli" or module.startswith("llmrl.cli."):
+        return "cli"
+    if module == "llmrl.demo" or module.startswith("llmrl.demo."):
+        return "demo"
+    return "library"
+
+
+ALLOWED = {"cli": {"cli", "demo", "library"}, "demo": {"demo", "library"}, "library": {"library"}}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that point up the layers: the library importing a command or the demo, the demo a command."""
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                  if part_of(t) not in ALLOWED[part_of(m)])
+
+
+def test_the_layer_check_on_a_hand_built_graph():
+    graph = {"llmrl.cli.train": {"llmrl.demo.tiny", "llmrl.config"}, "llmrl.demo.tiny": {"llmrl.config"},
+             "llmrl.config": set(), "llmrl.trainers.reward": {"llmrl.demo.tiny"}, "llmrl.demo.x": {"llmrl.cli"}}
+    assert layer_violations(graph) == ["llmrl.demo.x -> llmrl.cli", "llmrl.trainers.reward -> llmrl.demo.tiny"]
+
+
+def test_the_library_imports_no_command_and_no_demo_module():
+    graph = import_graph(PACKAGE)
+    assert {part_of(m) for m in graph} == {"cli", "demo", "library"}
+    assert layer_violations(graph) == []

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import make_trainer, tiny_config
 
-from llmrl.chat import as_completions, render_prompt
+from llmrl.data.chat import as_completions, render_prompt
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
-from llmrl.data import check_prompt_lengths
-from llmrl.rewards import RewardError, build_reward
+from llmrl.data.prompts import check_prompt_lengths
+from llmrl.rewards.base import RewardError, build_reward
 
 QUESTIONS = [f"What is {a} + {b}?" for a in range(1, 5) for b in range(1, 5)]
 
@@ -70,7 +70,7 @@ def test_trls_shipped_rewards_run_unchanged(chat_model_dir, tmp_path):
     completions = ["<think>4</think> $\\boxed{" + r["solution"] + "}$" for r in rows[:2]] + ["no", "$\\boxed{0}$"]
     ids = [trainer.tokenizer(c, add_special_tokens=False)["input_ids"] + [trainer.tokenizer.eos_token_id]
            for c in completions]
-    from llmrl.rollout import right_padded
+    from llmrl.rollout.experience import right_padded
 
     exp.response, exp.response_mask = right_padded(ids, trainer.tokenizer.pad_token_id)
     texts, result = trainer.score(rows, exp)
@@ -130,7 +130,7 @@ def test_a_conversation_for_a_tokenizer_without_a_chat_template_is_refused(tiny_
 def test_a_learned_reward_model_reads_conversations_with_its_own_chat_template(tmp_path):
     from conftest import CHAT_TEMPLATE, build_tiny_reward_model
 
-    from llmrl.reward_model import LearnedReward, format_texts
+    from llmrl.models.reward_model import LearnedReward, format_texts
 
     path = build_tiny_reward_model(tmp_path / "rm", chat_template=CHAT_TEMPLATE)
     reward = LearnedReward(str(path))
@@ -153,15 +153,15 @@ def test_dpo_encodes_conversational_pairs_as_a_rollout_would(chat_model_dir, tmp
                                 "rejected": [{"role": "assistant", "content": "7"}]}) + "\n")
     cfg = chat_config(chat_model_dir, tmp_path, "algorithm=dpo", f"dpo.data={pairs}", "dpo.batch_size=4",
                       "reward.function=exact_match")
-    from llmrl.data import load_prompts
-    from llmrl.dpo import DPOTrainer, encode, load_pairs
-    from llmrl.policy import build_policy
-    from llmrl.strategy import SingleProcess
+    from llmrl.data.prompts import load_prompts
+    from llmrl.trainers.dpo import DPOTrainer, encode, load_pairs
+    from llmrl.models.policy import build_policy
+    from llmrl.distributed.strategy import SingleProcess
 
     policy, tokenizer = build_policy(cfg.model, cfg.lora, torch.device("cpu"))
     train_rows, eval_rows = load_prompts(cfg.data)
-    trainer = DPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward), train_rows, eval_rows,
-                         SingleProcess("cpu"), tmp_path / "run", pairs=load_pairs(str(pairs)))
+    trainer = DPOTrainer(cfg, policy, tokenizer, load_pairs(str(pairs)), eval_rows, SingleProcess("cpu"),
+                         tmp_path / "run", build_reward(cfg.reward))
     stats = trainer.train_step()
     assert torch.isfinite(torch.tensor(stats["loss/dpo"]))
     tok = trainer.tokenizer

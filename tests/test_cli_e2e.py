@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmrl.checkpoint import step_checkpoints
+from llmrl.distributed.checkpoint import step_checkpoints
 from llmrl.tracking import read_log
 
 from helpers import launch_ppo, ppo_command, subprocess_env

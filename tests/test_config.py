@@ -146,7 +146,7 @@ def test_every_field_has_help(cls):
 def test_shipped_deepspeed_configs_agree_with_their_stage(path):
     import json
 
-    from llmrl.strategy import check_config_file
+    from llmrl.distributed.strategy import check_config_file
 
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])

@@ -140,7 +140,7 @@ def test_the_deepspeed_json_is_merged_section_by_section():
     'ZeRO-Offload with a client provided optimizer', and offload_optimizer: true with zero2.json lost the offload
     while still building DeepSpeed's CPU Adam."""
     from llmrl.config import DeepSpeedConfig
-    from llmrl.strategy import DeepSpeed
+    from llmrl.distributed.strategy import DeepSpeed
 
     strategy = DeepSpeed.__new__(DeepSpeed)  # only its config logic: no process group needed
     for file, offload, expected in (("zero2.json", True, True), ("zero2_offload.json", False, True),
@@ -166,7 +166,7 @@ def test_every_shipped_deepspeed_json_starts_a_run(warm, tmp_path, file):
 
 
 def test_impossible_combinations_fail_at_start_up(tmp_path, monkeypatch):
-    from llmrl.strategy import make_strategy
+    from llmrl.distributed.strategy import make_strategy
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["run.strategy=deepspeed", "model.quantization=8bit",
@@ -199,7 +199,7 @@ for name in ("all_gather_into_tensor", "all_gather", "broadcast", "all_reduce", 
 tests_dir, model_dir, run_dir = sys.argv[-3:]  # after the launcher's --local_rank
 sys.path.insert(0, tests_dir)
 from helpers import make_trainer, tiny_config
-from llmrl.strategy import make_strategy
+from llmrl.distributed.strategy import make_strategy
 
 cfg = tiny_config(model_dir, run_dir, "run.strategy=deepspeed", "deepspeed.zero_stage=3",
                   "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2",
@@ -254,7 +254,7 @@ def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, t
 
 def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
     """The reason for the ZeRO-3 accumulation guard, kept honest: if a DeepSpeed upgrade fixes it, this
-    test fails and the guard in llmrl/strategy.py can go."""
+    test fails and the guard in llmrl/distributed/strategy.py can go."""
     script = tmp_path / "accum.py"
     script.write_text(
         "import torch, deepspeed\n"
@@ -273,7 +273,7 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
         "if rank == 0:\n"
         "    print('NORM', float(engine.get_global_grad_norm()), flush=True)\n"
         "torch.distributed.barrier()\n"
-        "from llmrl.strategy import unlink_cpu_allreduce_buffer\n"
+        "from llmrl.distributed.strategy import unlink_cpu_allreduce_buffer\n"
         "unlink_cpu_allreduce_buffer(rank)  # plain DeepSpeed leaves it in /dev/shm\n"
         "torch.distributed.destroy_process_group()\n")
     out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),

@@ -5,8 +5,8 @@ import torch
 from helpers import make_trainer, tiny_config
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from llmrl.engine import RolloutEngine, Sampling, filter_logits
-from llmrl.rollout import generate
+from llmrl.rollout.engine import RolloutEngine, Sampling, filter_logits
+from llmrl.rollout.experience import generate
 
 PROMPTS = ["abc>", "abcde>", "fa>", "bbbb>", "edcba>", "ff>"]  # different lengths: left padding matters
 

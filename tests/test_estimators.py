@@ -180,7 +180,7 @@ def test_eval_refuses_an_estimator_named_by_a_checkpoint(tiny_model_dir, tmp_pat
     import yaml
 
     from llmrl.config import save_config
-    from llmrl.evaluate import evaluate_checkpoint
+    from llmrl.trainers.evaluate import evaluate_checkpoint
 
     marker = tmp_path / "imported"
     (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n" + EXTERNAL)

@@ -5,8 +5,8 @@ import torch
 
 from helpers import make_trainer, tiny_config
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
-from llmrl.policy import build_policy, load_tokenizer
-from llmrl.rollout import generate, truncate_at_eos
+from llmrl.models.policy import build_policy, load_tokenizer
+from llmrl.rollout.experience import generate, truncate_at_eos
 
 CPU = torch.device("cpu")
 
@@ -87,7 +87,7 @@ def test_a_pad_equal_to_eos_keeps_the_stop_token_in_the_masks(english_model_dir,
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from llmrl.dpo import encode
+    from llmrl.trainers.dpo import encode
 
     folder = tmp_path / "eos-only"
     shutil.copytree(english_model_dir, folder)

@@ -1,4 +1,4 @@
-"""Shared prompts (llmrl.prompt_cache): each distinct prompt and the common prefix encoded once must give the
+"""Shared prompts (llmrl.models.prompt_cache): each distinct prompt and the common prefix encoded once must give the
 logits, values, gradients and rollouts of encoding every row in full, on GPT-2 and Llama, with left padding,
 repeated prompts and ragged responses."""
 import pytest
@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from llmrl.engine import RolloutEngine, Sampling
-from llmrl.policy import Policy
-from llmrl.prompt_cache import plan_prompts
+from llmrl.rollout.engine import RolloutEngine, Sampling
+from llmrl.models.policy import Policy
+from llmrl.models.prompt_cache import plan_prompts
 
 V = 40
 

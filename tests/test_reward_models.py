@@ -11,9 +11,9 @@ import torch
 
 from conftest import build_tiny_reward_model
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig, RewardTrainConfig
-from llmrl.reward_model import LearnedReward
-from llmrl.rewards import build_reward
-from llmrl.sources import resolve_model
+from llmrl.models.reward_model import LearnedReward
+from llmrl.rewards.base import build_reward
+from llmrl.models.sources import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_learned_reward_as_a_ppo_component_with_a_different_tokenizer(tiny_model
 
 
 def test_shipped_preference_data_is_what_the_project_generates(tmp_path):
-    from llmrl.tasks import write_preference_file
+    from llmrl.data.tasks import write_preference_file
 
     write_preference_file(str(tmp_path / "prefs.jsonl"))
     assert (tmp_path / "prefs.jsonl").read_text() == (REPO / "configs" / "data" / "reverse_prefs.jsonl").read_text()
@@ -92,7 +92,7 @@ def test_shipped_preference_data_is_what_the_project_generates(tmp_path):
 
 
 def test_train_reward_model_in_process_learns_and_saves_a_usable_model(tiny_reward_model_dir, tmp_path):
-    from llmrl.train_reward import train_reward_model
+    from llmrl.trainers.reward import train_reward_model
 
     cfg = RewardTrainConfig(model=str(tiny_reward_model_dir), data=str(REPO / "configs/data/reverse_prefs.jsonl"),
                             text_fn="reward_models.text:spaced_chars", max_length=24, batch_size=32, max_steps=60, epochs=2,
@@ -119,7 +119,7 @@ def test_train_reward_model_in_process_learns_and_saves_a_usable_model(tiny_rewa
 
 def test_train_reward_with_lora(tiny_reward_model_dir, tmp_path):
     from llmrl.config import LoraConfig
-    from llmrl.train_reward import train_reward_model
+    from llmrl.trainers.reward import train_reward_model
 
     cfg = RewardTrainConfig(model=str(tiny_reward_model_dir), data=str(REPO / "configs/data/reverse_prefs.jsonl"),
                             max_steps=3, batch_size=8, output_dir=str(tmp_path / "rm"), progress=False,
@@ -188,7 +188,7 @@ def test_reference_normalisation_is_fitted_once_and_checkpointed(tiny_model_dir,
 
 def test_reference_normalisation_refuses_scores_without_spread(tiny_model_dir, tmp_path):
     from helpers import make_trainer, tiny_config
-    from llmrl.rewards import RewardError
+    from llmrl.rewards.base import RewardError
 
     (tmp_path / "rw.py").write_text("def never(prompts, completions, **kwargs):\n"
                                     "    return [0.0] * len(completions)\n")

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from llmrl.config import ConfigError, DataConfig, RewardComponentConfig, RewardConfig
-from llmrl.data import check_prompt_lengths, load_prompts
-from llmrl.rewards import RewardError, build_reward, call_reward, load_reward_function
-from llmrl.tasks import task_rows
+from llmrl.data.prompts import check_prompt_lengths, load_prompts
+from llmrl.rewards.base import RewardError, build_reward, call_reward, load_reward_function
+from llmrl.data.tasks import task_rows
 
 
 def test_reward_from_module_path():

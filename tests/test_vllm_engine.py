@@ -11,10 +11,10 @@ import torch
 from helpers import EQUAL, launch_ppo, make_trainer, tiny_config, training_rows
 
 from llmrl.config import ConfigError, LoraConfig
-from llmrl.engine import RolloutEngine, Sampling
-from llmrl.policy import add_lora
-from llmrl.rollout import right_padded, truncate_at_eos
-from llmrl.vllm_engine import max_model_len, merged_lora_weights, prompt_token_ids, sampling_arguments
+from llmrl.rollout.engine import RolloutEngine, Sampling
+from llmrl.models.policy import add_lora
+from llmrl.rollout.experience import right_padded, truncate_at_eos
+from llmrl.rollout.vllm_engine import max_model_len, merged_lora_weights, prompt_token_ids, sampling_arguments
 
 # On a CPU vLLM reserves this share of the machine's memory for its KV cache; two engines (the in-process
 # test's and the command line's) must fit beside each other.
@@ -147,8 +147,8 @@ def save_vllm_model(path, kind: str):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmrl.tasks import SEPARATOR
-    from llmrl.tiny import char_tokenizer, tiny_gpt2
+    from llmrl.data.tasks import SEPARATOR
+    from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
 
     tokenizer = char_tokenizer("abcdef" + SEPARATOR)
     if kind == "gpt2":
@@ -178,7 +178,7 @@ def test_vllm_greedy_tokens_follow_the_adapter(tmp_path):
     """A Llama with q and v adapted (the usual choice): vLLM's fused q/k/v matrix must still get k right.
     One engine per test process (vLLM's CPU memory accounting counts an earlier engine's memory against the
     next); GPT-2 with every linear layer adapted is the ZeRO-3 test's model."""
-    from llmrl.strategy import SingleProcess
+    from llmrl.distributed.strategy import SingleProcess
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tiny_config(save_vllm_model(tmp_path / "model", "llama"), tmp_path / "run", "generation.engine=vllm",

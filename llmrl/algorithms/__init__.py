@@ -2,7 +2,7 @@
 
 Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo (critic-free; see each module's
 docstring). ``algorithm: path/to/file.py:Class`` or ``package.module:Class`` selects an ``Estimator``
-subclass defined anywhere, loaded like a reward function. DPO is offline and lives in ``llmrl.dpo``.
+subclass defined anywhere, loaded like a reward function. DPO is offline and lives in ``llmrl.trainers.dpo``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,31 @@
+"""``llmrl export`` / ``python launch/export.py --checkpoint RUN/final --out FOLDER``."""
+from __future__ import annotations
+
+import argparse
+
+from llmrl.cli.console import run_cli
+from llmrl.models.export import DTYPES, TOLERANCE, export
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export an llmrl checkpoint as a plain transformers model.")
+    parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--adapter-only", action="store_true", help="save the peft adapter instead of merging")
+    parser.add_argument("--base", default=None, help="base model location, if it moved since training")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help=f"max logit difference allowed (default per dtype: {TOLERANCE})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--trust-checkpoint-code", action="store_true",
+                        help="let the checkpoint's config.yaml run model code from the hub (model.trust_remote_code)")
+    args = parser.parse_args(argv)
+
+    def body():
+        diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
+                      args.tolerance, args.trust_checkpoint_code)
+        what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
+        print(f"exported {what} to {args.out}; max logit difference to base + adapter: {diff:.3g}")
+
+    return run_cli(body)
+

@@ -1,0 +1,108 @@
+"""Prompt datasets: a built-in task, a local file (.jsonl/.json/.csv/.parquet) or a `datasets` name.
+
+Rows are plain dicts; the prompt column is required and every other column reaches the reward as a
+keyword argument (e.g. a reference answer).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from llmrl.data.chat import message_problem, render_prompt
+from llmrl.config import ConfigError, DataConfig
+from llmrl.data.tasks import task_rows
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]:
+    if source.startswith("task:"):
+        t = cfg.task
+        try:
+            return task_rows(source[len("task:"):], t.alphabet, t.min_len, t.max_len, t.eval_fraction, split,
+                             t.max_per_length)
+        except ValueError as e:
+            raise ConfigError(f"{key} = {source!r}: {e}") from e
+    return read_table(source, key)
+
+
+def read_table(source: str, key: str) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv/.parquet file or of a `datasets` name (its train split)."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise ConfigError(f"{key} = {source!r} does not exist: give a prompt file path or task:NAME")
+        data = path.read_bytes()
+        if not data.strip():
+            raise ConfigError(f"{key} = {source!r} is an empty file: it needs at least one prompt")
+        if path.suffix != ".parquet":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = data[:e.start].count(b"\n") + 1
+                raise ConfigError(f"{key} = {source!r} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}): "
+                                  f"save it as UTF-8") from None
+        try:
+            ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # a malformed file: say which one
+            raise ConfigError(f"{key} = {source!r} could not be read as {path.suffix}: {e}") from e
+    else:
+        try:
+            ds = datasets.load_dataset(source, split="train")
+        except Exception as e:  # datasets raises many types for a missing name
+            raise ConfigError(f"{key} = {source!r} is neither a task:NAME, a prompt file "
+                              f"({', '.join(FILE_FORMATS)}) nor a loadable dataset: {e}") from e
+    return [dict(row) for row in ds]
+
+
+def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), each a list of dicts holding at least ``cfg.prompt_column``."""
+    train = _load_rows(cfg.source, cfg, "train", "data.source")
+    if cfg.eval_source is not None:
+        evals = _load_rows(cfg.eval_source, cfg, "eval", "data.eval_source")
+    elif cfg.source.startswith("task:"):
+        evals = _load_rows(cfg.source, cfg, "eval", "data.source")
+    else:  # hold out the last rows of the file
+        if len(train) <= cfg.eval_size:
+            raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than "
+                              f"data.eval_size = {cfg.eval_size}: lower eval_size or set data.eval_source")
+        train, evals = train[: -cfg.eval_size], train[-cfg.eval_size:]
+    for name, rows in (("data.source", train), ("data.eval_source", evals)):
+        if not rows:
+            raise ConfigError(f"{name} gave an empty dataset: it needs at least one prompt")
+        if cfg.prompt_column not in rows[0]:
+            raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
+                              f"set data.prompt_column")
+        for i, row in enumerate(rows):
+            problem = message_problem(row[cfg.prompt_column])
+            if problem is None and not row[cfg.prompt_column]:
+                problem = "is empty: a prompt needs at least one token to continue from"
+            if problem:
+                raise ConfigError(f"{name}: prompt {i} {problem}: the {cfg.prompt_column!r} column must hold "
+                                  f"text or conversations (lists of {{role, content}} messages, TRL's format)")
+    if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
+        pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
+        evals = [evals[i] for i in sorted(pick)]
+    return train, evals
+
+
+def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_length: int,
+                         max_new_tokens: int, context: int | None, where: str = "data.source") -> None:
+    """Fail before training when a prompt (rendered with the chat template if it is a conversation) is too long
+    for data.max_prompt_length or the model's context."""
+    limit = max_prompt_length
+    if context is not None:
+        if max_new_tokens >= context:
+            raise ConfigError(f"generation.max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {context} tokens: lower it below {context}")
+        limit = min(limit, context - max_new_tokens)
+    for i, row in enumerate(rows):
+        text = render_prompt(tokenizer, row[column], f"{where}: prompt {i}")
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            why = (f"data.max_prompt_length = {max_prompt_length}" if limit == max_prompt_length else
+                   f"the model's context {context} minus generation.max_new_tokens = {max_new_tokens}")
+            raise ConfigError(f"{where}: prompt {i} has {n} tokens, more than {limit} ({why}): shorten it, raise the "
+                              f"limit or lower max_new_tokens. Prompt: {text[:80]!r}")

@@ -1,0 +1,77 @@
+"""Supervised warm start of the embedded default: a tiny GPT-2 built from scratch learns a task from an
+imperfect teacher, so that PPO starts from a model that often makes the teacher's mistake.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmrl.distributed.checkpoint import write_atomically
+from llmrl.config import Config, ConfigError
+from llmrl.data.tasks import SEPARATOR, task_rows, teacher_demonstrations
+from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
+
+
+def supervised_batch(tokenizer, pairs: list[tuple[str, str]]):
+    """(input_ids, attention_mask, labels): prompt + completion + EOS, loss on the completion and EOS only."""
+    seqs, prompt_lens = [], []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(p + c)
+        prompt_lens.append(len(p))
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), tokenizer.pad_token_id)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100)
+    for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, n:len(s)] = torch.tensor(s[n:])
+    return ids, mask, labels
+
+
+def run_warm_start(cfg: Config, progress: bool = True) -> Path:
+    """Train the tiny model of ``cfg.warm_start`` and save it (atomically) at ``cfg.model.name_or_path``."""
+    ws = cfg.warm_start
+    if ws is None:
+        raise ConfigError("this config has no warm_start section: add one, or point model.name_or_path at a model")
+    if not cfg.data.source.startswith("task:"):
+        raise ConfigError(f"warm_start trains on a built-in task, but data.source = {cfg.data.source!r}: "
+                          f"use task:NAME or remove warm_start")
+    task_name, t = cfg.data.source[len("task:"):], cfg.data.task
+    rows = task_rows(task_name, t.alphabet, t.min_len, t.max_len, t.eval_fraction, "train",
+                      t.max_per_length)
+    tokenizer = char_tokenizer(t.alphabet + SEPARATOR)
+    model = tiny_gpt2(tokenizer, ws.n_layer, ws.n_embd, ws.n_head, ws.n_positions, seed=cfg.run.seed)
+    if t.max_len + 1 + cfg.generation.max_new_tokens > ws.n_positions:
+        raise ConfigError(f"warm_start.n_positions = {ws.n_positions} is too short for prompts of "
+                          f"{t.max_len + 1} tokens plus generation.max_new_tokens = {cfg.generation.max_new_tokens}")
+    rng = random.Random(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(ws.steps), desc="warm start (SFT)", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        pairs = teacher_demonstrations(task_name, rows, ws.teacher_accuracy, rng, ws.batch_size)
+        ids, mask, labels = supervised_batch(tokenizer, pairs)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    target = Path(cfg.model.name_or_path)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(target, write)
+    print(f"warm start: {ws.steps} supervised steps in {time.perf_counter() - start:.1f}s -> {target}", flush=True)
+    return target

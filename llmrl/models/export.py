@@ -1,0 +1,247 @@
+"""``python launch/export.py --checkpoint RUN/final --out DIR``: a plain model that loads with transformers alone.
+
+The LoRA adapter is merged into a full-precision copy of the base (reloaded unquantized even when training
+used an 8-bit or 4-bit base). The value head is never exported. Everything is written to a temporary folder,
+verified there (the merged model, reloaded with plain ``AutoModelForCausalLM``, must give the logits of
+base + adapter within a stated tolerance), and only then renamed to DIR.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
+from llmrl.config import Config, ConfigError, from_dict
+from llmrl.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Max |logit difference| allowed between the reloaded export and base + adapter (computed in fp32).
+# fp32: merging only reorders float sums; over SmolLM2's 30 layers (logits up to ~30) that reordering alone
+# measured 1.3e-4, a wrong merge is off by 1e-1 or more. bf16/fp16: the rounding of the stored weights themselves.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2.5e-1}
+
+
+def load_checkpoint_config(checkpoint: Path) -> Config:
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "adapter" / "adapter_config.json").is_file() or not (checkpoint / "config.yaml").is_file():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint (no adapter/ and "
+                          f"config.yaml inside): pass a run's final/ or step-N/ folder")
+    return from_dict(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()))
+
+
+def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.dtype = torch.float32,
+                       trust_checkpoint_code: bool = False):
+    """(peft model of base + adapter in ``dtype``, unquantized; tokenizer; config) from a checkpoint. Model code
+    from the hub (the checkpoint config's ``model.trust_remote_code``) runs only with ``trust_checkpoint_code``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmrl.models.policy import base_fingerprint, fingerprint_mismatch
+    from llmrl.models.sources import resolve_model
+    from llmrl.trust import check_checkpoint_config
+
+    checkpoint = Path(checkpoint)
+    cfg = load_checkpoint_config(checkpoint)
+    check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code, rewards=False)
+    base = base or cfg.model.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base, "--base"), dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code)  # checked above
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the base model {base!r} named by {checkpoint}/config.yaml: {e}. "
+                          f"Pass --base with its current location") from e
+    fingerprint = checkpoint / "base_fingerprint.json"
+    if fingerprint.is_file():
+        why = fingerprint_mismatch(json.loads(fingerprint.read_text()), base_fingerprint(model))
+        if why:
+            raise ConfigError(f"the adapter in {checkpoint} was trained on another base than {base!r} ({why}): "
+                              f"pass --base with the model it was trained on")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # a pad token added by llmrl before 0.2
+    model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = PeftModel.from_pretrained(model, checkpoint / "adapter")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"the adapter in {checkpoint} does not fit the base {base!r} (was it trained on another "
+                          f"base?): {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
+    """Prompts to compare logits on: the run's held-out prompts when they load here, else fixed text."""
+    try:
+        from llmrl.data.chat import render_prompts
+        from llmrl.data.prompts import load_prompts
+
+        _, evals = load_prompts(cfg.data)
+        prompts = render_prompts(tokenizer, [r[cfg.data.prompt_column] for r in evals[:n]])
+        if prompts:
+            return prompts
+    except (ConfigError, OSError):
+        pass
+    return ["The", "Hello, world. This is a test of the exported model."]
+
+
+@torch.no_grad()
+def logits_of(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    from llmrl.models.policy import position_ids_from_mask
+
+    mask = enc["attention_mask"]
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask)).logits.float()
+    return logits, mask.bool()
+
+
+def reward_description(cfg: Config) -> str:
+    """The reward as the config names it: the function, or each component with its weight."""
+    r = cfg.reward
+    if not r.components:
+        return f"`{r.function}`"
+    parts = [f"`{c.function or c.model or c.url}` x {c.weight:g}" for c in r.components]
+    return " + ".join(parts) + (f" (evaluated by `{r.eval_function}`)" if r.eval_function else "")
+
+
+def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float,
+               adapter_only: bool = False) -> str:
+    from llmrl.tracking import read_log
+
+    state = load_state_file(checkpoint / COMPLETE_MARK)
+    metrics = {}
+    if (checkpoint.parent / "log.jsonl").is_file():
+        for row in read_log(checkpoint.parent):
+            if row.get("step", 0) <= state["step"] and "samples" not in row:
+                metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
+    p, algorithm = cfg.ppo, cfg.algorithm.upper()
+    how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
+           if adapter_only else "merged into the base here. Loads with `transformers` alone: "
+           "`AutoModelForCausalLM.from_pretrained(this_folder)`")
+    lines = [
+        "---", "library_name: " + ("peft" if adapter_only else "transformers"),
+        f"tags: [llmrl, rlhf, {cfg.algorithm}, {'lora' if adapter_only else 'lora-merged'}]", "---", "",
+        f"# {algorithm} fine-tune of `{cfg.model.name_or_path}`", "",
+        f"Trained with llmrl ({algorithm} on a LoRA adapter); {how}.", "",
+        "| | |", "|---|---|",
+        f"| base model | `{cfg.model.name_or_path}` (trained with quantization: {cfg.model.quantization}) |",
+        f"| algorithm | {cfg.algorithm} |",
+        f"| reward | {reward_description(cfg)} |",
+        f"| prompts | `{cfg.data.source}` |",
+        f"| steps | {state['step']} |",
+        f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
+        f"| optimisation | lr={p.lr}, rollout={p.rollout_batch_size}, minibatch={p.mini_batch_size}, "
+        f"epochs={p.ppo_epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
+        f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
+        f"final beta={state['kl_ctl']['value']:.4g} |" if "kl_ctl" in state else
+        f"| KL | DPO's implicit KL, beta={cfg.dpo.beta} |",
+        f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
+    ]
+    if not adapter_only:
+        lines.append(f"| exported dtype | {dtype}; max logit difference to base + adapter {max_diff:.3g} "
+                     f"(tolerance {tolerance:g}) |")
+    lines += ["", "## Final metrics", ""]
+    lines += [f"- `{k}`: {v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    return "\n".join(lines) + "\n"
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False,
+           overwrite: bool = False, base: str | None = None, tolerance: float | None = None,
+           trust_checkpoint_code: bool = False) -> float:
+    """Write the merged (or adapter-only) model to ``out``; returns the verified max logit difference."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not checkpoint.is_dir() or not (checkpoint / COMPLETE_MARK).is_file():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
+                          f"run's final/ or step-N/ folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"--tolerance {tolerance} must be a finite number >= 0 (the default for {dtype} is "
+                          f"{TOLERANCE[dtype]:g})")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=4, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
+    try:
+        bar.set_postfix_str("loading base + adapter")
+        reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32, trust_checkpoint_code)
+        base_location = base_model_location(base or cfg.model.name_or_path)
+        prompts = sample_inputs(cfg, tokenizer)
+        ref_logits, mask = logits_of(reference, tokenizer, prompts)
+        bar.update(1)
+        result = {}
+
+        def write(tmp: Path) -> None:
+            if adapter_only:
+                reference.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                # peft records the base as it was loaded (often a path relative to where training ran):
+                # point it at the resolved base, so the adapter loads from any folder.
+                adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+                adapter_config["base_model_name_or_path"] = base_location
+                (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+                (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, tolerance, adapter_only=True))
+                result["max_diff"] = 0.0
+                return
+            bar.set_postfix_str("merging")
+            merged = reference.merge_and_unload().to(DTYPES[dtype])
+            bar.update(1)
+            bar.set_postfix_str("saving")
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if getattr(merged, "generation_config", None) is not None:
+                merged.generation_config.pad_token_id = tokenizer.pad_token_id
+                merged.generation_config.eos_token_id = tokenizer.eos_token_id
+                merged.generation_config.save_pretrained(tmp)
+            del merged
+            bar.update(1)
+            bar.set_postfix_str("verifying with plain transformers")
+            result["max_diff"] = verify(tmp, tokenizer, prompts, ref_logits, mask)
+            bar.update(1)
+            if not math.isfinite(result["max_diff"]) or result["max_diff"] > tolerance:
+                raise ExportVerificationError(
+                    f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
+                    f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
+            (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance))
+
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {str(out)!r}: cannot create its parent folder ({e.strerror})") from e
+        try:
+            write_atomically(out, write)
+        except OSError as e:
+            raise ConfigError(f"--out {str(out)!r} could not be written ({e}): choose a writable folder") from e
+    finally:
+        bar.close()
+    return result["max_diff"]
+
+
+def base_model_location(spec: str) -> str:
+    """Where the base loads from anywhere: an absolute folder (a GGUF's conversion in the cache), else the hub
+    name as given."""
+    from llmrl.models.sources import resolve_model
+
+    path = resolve_model(spec, "--base", progress=False)
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+class ExportVerificationError(UserError, RuntimeError):
+    """The reloaded export's logits differ from base + adapter by more than the tolerance."""
+
+
+def verify(folder: Path, tokenizer, prompts: list[str], ref_logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Reload ``folder`` with plain AutoModelForCausalLM and compare logits on real tokens."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    plain.eval()
+    logits, _ = logits_of(plain, tokenizer, prompts)
+    return (logits - ref_logits)[mask].abs().max().item()

@@ -1,0 +1,180 @@
+"""A lean decode loop for rollouts: the model's forward and a few tensor ops per token, nothing else.
+
+``model.generate`` stays the reference (``generation.engine: generate``); this loop gives the same greedy
+tokens and the same log-probs (tested). What it removes per token: the logits-processor and
+stopping-criteria stacks, the re-preparation of model inputs and the full-vocabulary score copies.
+Prompts are encoded once (prefill, keeping only the last position's logits) and each step feeds one token
+per sequence against the KV cache. The attention mask and position ids are written into buffers allocated
+once, sampling stays on the device, and the loop stops as soon as every sequence has emitted its stop token
+(checked every ``sync_every`` steps on a GPU, where each check waits for the device).
+
+With ``static=True`` the cache is transformers' ``StaticCache``, sized once for prompt + completion; it is
+what ``compile=True`` needs: the one-token step is compiled with ``torch.compile`` (mode
+"reduce-overhead", i.e. CUDA graphs on a GPU), so its shapes never change from token to token.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from llmrl.models.prompt_cache import cache_of, encode_prompts, plan_prompts
+
+
+@dataclass
+class Sampling:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering of (B, V) logits: the rest set to -inf (generate's order)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None):
+    """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,), the
+    entropy of softmax(logits / temperature) (B,): the trainer's definitions, before top-k/top-p filtering)."""
+    logits = logits.float()
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+        scaled = logits
+    else:
+        scaled = logits / sampling.temperature
+        probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    logz = scaled.logsumexp(dim=-1)
+    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - logz
+    entropy = logz - (scaled.softmax(dim=-1) * scaled).sum(-1)
+    return tokens, logprobs, entropy
+
+
+def forward_arguments(model) -> tuple[str, bool]:
+    """(the keyword the model's forward takes the KV cache by, whether it takes ``logits_to_keep``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params
+
+
+def last_positions(n: int, length: int, device) -> torch.Tensor:
+    """``logits_to_keep`` for the last ``n`` of ``length`` positions, as indices rather than the int ``n``.
+
+    With an int, transformers feeds the output layer a strided view of the hidden states; with indices, a
+    contiguous copy. Same logits, but on a CPU a bf16 linear layer without autograd takes a slow path on the
+    strided view: GPT-2's output layer on 8 x 9 rows took 1.84 s instead of 0.033 s (torch 2.13, 1 thread,
+    bench/logits_slice.py).
+    """
+    return torch.arange(max(length - n, 0), length, device=device)
+
+
+class RolloutEngine:
+    """Decodes up to ``max_new_tokens`` for a left-padded batch; see the module docstring."""
+
+    def __init__(self, eos_token_id: int, pad_token_id: int, static: bool = False, compile: bool = False,
+                 sync_every: int | None = None, share_prompts: bool = False):
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.static = static or compile
+        self.compile = compile
+        # The prefill encodes each distinct prompt and the common prefix once (llmrl.models.prompt_cache); not with a
+        # static cache, whose rows and positions are fixed up front.
+        self.share_prompts = share_prompts and not self.static
+        self.sync_every = sync_every
+        self._compiled: dict[int, Callable] = {}  # id(model) -> compiled one-token step
+
+    def _step_fn(self, model) -> Callable:
+        if not self.compile:
+            return model
+        key = id(model)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        return self._compiled[key]
+
+    def _new_cache(self, model, batch: int, length: int, device):
+        if not self.static:
+            return None  # the model starts a DynamicCache
+        from transformers import StaticCache
+
+        config = model.config
+        try:
+            return StaticCache(config=config, max_cache_len=length)
+        except TypeError:  # older transformers name the batch size and device up front
+            return StaticCache(config=config, max_batch_size=batch, max_cache_len=length, device=device,
+                               dtype=model.dtype)
+
+    @torch.no_grad()
+    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 sampling: Sampling, generator: torch.Generator | None = None,
+                 all_finished: Callable[[torch.Tensor], bool] | None = None, with_entropy: bool = False):
+        """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens, and with
+        ``with_entropy`` the entropy (B, N) of the distribution each token was sampled from.
+
+        Tokens after a sequence's stop token are the pad id (log-prob and entropy 0). ``all_finished(finished)``
+        decides when to stop (default: every sequence of this batch has finished); under DeepSpeed without
+        gathered weights it must agree across ranks.
+        """
+        B, P = input_ids.shape
+        device = input_ids.device
+        cache_kw, keeps_logits = forward_arguments(model)
+        plan = plan_prompts(input_ids, attention_mask) if self.share_prompts else None
+        encoded = encode_prompts(model, plan, cache_kw, keeps_logits) if plan is not None else None
+        if encoded is not None:  # the prompts' keys are laid out as prefix + padding + suffix: width K, not P
+            prompt_mask, next_position, cache = encoded.key_mask, encoded.lengths, encoded.cache
+            logits = encoded.last_logits
+        else:
+            prompt_mask = attention_mask
+            next_position = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -1] + 1
+            cache = self._new_cache(model, B, P + max_new_tokens, device)
+        K = prompt_mask.shape[1]
+        mask = torch.zeros(B, K + max_new_tokens, dtype=attention_mask.dtype, device=device)  # 1 where a key is real
+        mask[:, :K] = prompt_mask
+        tokens = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        entropies = torch.zeros(B, max_new_tokens, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        all_finished = all_finished or (lambda done: bool(done.all()))
+        sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
+
+        if encoded is None:  # the prefill needs logits at the last position only: (B, V), not (B, P, V)
+            keep = {"logits_to_keep": last_positions(1, P, device)} if keeps_logits else {}
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                        use_cache=True, **{cache_kw: cache}, **keep,
+                        **({"cache_position": torch.arange(P, device=device)} if self.static else {}))
+            logits, cache = out.logits[:, -1], cache_of(out)
+        step = self._step_fn(model)
+        n = 0
+        while True:
+            token, logprob, entropy = next_tokens(logits, sampling, generator)
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens[:, n] = token
+            logprobs[:, n] = logprob.masked_fill(finished, 0.0)
+            entropies[:, n] = entropy.masked_fill(finished, 0.0)
+            finished |= token == self.eos_token_id
+            n += 1
+            if n == max_new_tokens or (n % sync_every == 0 and all_finished(finished)):
+                break
+            mask[:, K + n - 1] = 1  # the token fed now (a pad after the stop token, as generate feeds it)
+            extra = {"cache_position": torch.tensor([K + n - 1], device=device)} if self.static else {}
+            # A static cache keeps every shape fixed: the whole mask, zeros ahead of the current token.
+            out = step(input_ids=token[:, None], attention_mask=mask if self.static else mask[:, :K + n],
+                       position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra)
+            logits, cache = out.logits[:, -1], cache_of(out)
+            next_position = next_position + 1
+        if with_entropy:
+            return tokens[:, :n], logprobs[:, :n], entropies[:, :n]
+        return tokens[:, :n], logprobs[:, :n]

@@ -1,0 +1,124 @@
+"""Rollout: sample completions, cut them at the stop token, and hold everything PPO needs in one batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from llmrl.config import GenerationConfig
+from llmrl.rollout.engine import RolloutEngine, Sampling
+
+
+@dataclass
+class Experience:
+    """One rollout. P: prompt length (left-padded), T: response length (right-padded after EOS)."""
+
+    query: torch.Tensor  # (B, P) prompt token ids, left padded
+    query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    response: torch.Tensor  # (B, T) sampled token ids, pad after the stop token
+    response_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (the EOS included)
+    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
+    logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
+    entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
+    ref_logprobs: torch.Tensor | None = None  # (B, T) log pi_ref(a_t|s_t), adapter disabled
+    values: torch.Tensor | None = None  # (B, T) V(s_t) at rollout time
+    scores: torch.Tensor | None = None  # (B,) sequence reward after EOS penalty and clipping
+    advantages: torch.Tensor | None = None  # (B, T) whitened GAE advantages
+    returns: torch.Tensor | None = None  # (B, T) advantages + values (before whitening)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,) real prompt + response tokens
+        return self.query_mask.sum(1) + self.response_mask.sum(1)
+
+    def trimmed(self) -> "Experience":
+        """The same rows without the columns that are padding in every row: left of the prompts, right of
+        the responses. Positions come from the attention mask, so the model computes the same numbers."""
+        first = int(self.query_mask.any(0).float().argmax())  # the first column holding a real prompt token
+        last = int(self.response_mask.any(0).nonzero().max()) + 1 if self.response_mask.any() else 1
+        trimmed = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value.dim() == 2:
+                value = value[:, first:] if f.name.startswith("query") else value[:, :last]
+            trimmed[f.name] = value
+        return Experience(**trimmed)
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The sub-batch at ``index`` (B',) of every tensor field."""
+        return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                             for f in fields(self)})
+
+
+def right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, N) ids right-padded with ``pad_token_id``, (B, N) float mask of the real ones)."""
+    width = max(1, max(len(seq) for seq in sequences))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1.0
+    return ids, mask
+
+
+def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
+    """(B, T) sampled ids -> (ids with pad after the first EOS, float mask up to and including it, has_eos (B,))."""
+    is_eos = response == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    T = response.shape[1]
+    first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    positions = torch.arange(T, device=response.device).unsqueeze(0)
+    mask = positions <= first_eos.unsqueeze(1)
+    return torch.where(mask, response, torch.full_like(response, pad_token_id)), mask.float(), has_eos
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device: torch.device,
+             greedy: bool = False, synced_gpus: bool = False, engine: RolloutEngine | None = None,
+             all_finished: Callable[[torch.Tensor], bool] | None = None) -> Experience:
+    """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled).
+
+    ``engine`` (llmrl's decode loop) when given, else ``model.generate``. ``synced_gpus``: every rank keeps
+    decoding until all ranks have finished (ZeRO-3 fetching weights inside each forward), which
+    ``all_finished`` (the strategy's ``all_ranks_finished``) tells the engine. With the engine and
+    sampling, ``logprobs`` and ``entropy`` hold log pi(a_t|s_t) of the sampled tokens and the entropy of the
+    distribution they were sampled from (logits / temperature; equal to a recomputed forward's within float
+    rounding: tested).
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    greedy = greedy or not cfg.do_sample
+    sampled = None  # (log-probs, entropy) the engine recorded while sampling
+    if engine is not None:
+        sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        tokens, *sampled = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens,
+                                           sampling, all_finished=all_finished if synced_gpus else None,
+                                           with_entropy=True)
+        if greedy or sampled[0] is None:  # greedy decoding scores the raw logits, not logits / temperature
+            sampled = None
+    else:
+        kwargs = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+        out = model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+            **kwargs)
+        tokens = out[:, enc["input_ids"].shape[1]:]
+    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
+                     response_mask=response_mask, ended=ended)
+    if sampled is not None:
+        exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
+    return exp
+
+
+def decode_completions(tokenizer, exp: Experience) -> list[str]:
+    """Completion texts, without the stop token and padding."""
+    return tokenizer.batch_decode(exp.response, skip_special_tokens=True)

@@ -1,0 +1,326 @@
+"""The part every trainer shares: optimizer and schedule (through the strategy), evaluation, the divergence
+check, checkpoints and resume. Online RL (``online.py``) and DPO (``dpo.py``) are its two subclasses; each
+gives ``accumulation`` and ``train_step``, and what it adds to a checkpoint.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmrl.config import Config, ConfigError, RunStopped, save_config
+from llmrl.data.chat import as_completions, content, render_prompts
+from llmrl.distributed.checkpoint import (COMPLETE_MARK, begin_checkpoint, commit_checkpoint, latest_checkpoint,
+                                          load_state_file, prune_checkpoints, step_dir_name)
+from llmrl.models.policy import context_length, fingerprint_mismatch
+from llmrl.rewards.base import CombinedReward, RewardResult
+from llmrl.rollout.engine import RolloutEngine
+from llmrl.rollout.experience import Experience, decode_completions, generate
+from llmrl.rollout.vllm_engine import VLLMEngine
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def make_engine(cfg: Config, tokenizer, strategy, context: int | None = None):
+    """The rollout decoder ``generation.engine`` names; None means transformers' ``model.generate``."""
+    g = cfg.generation
+    if g.engine == "fast":
+        return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile,
+                             share_prompts=cfg.model.share_prompts)
+    if g.engine == "vllm":
+        return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + strategy.rank,
+                          tokenizer.eos_token_id, tokenizer.pad_token_id, context, strategy.gathered)
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, policy, tokenizer, eval_rows: list[dict], strategy, run_dir: Path,
+                 eval_reward: CombinedReward | None):
+        self.cfg = cfg
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.eval_reward = eval_reward  # scores evaluations (greedy completions of eval_rows)
+        self.eval_rows = eval_rows
+        self.strategy = strategy
+        self.device = strategy.device
+        self.run_dir = Path(run_dir)
+        self.sizes = cfg.sizes(strategy.world_size)
+        self.params = policy.trainable_parameters()
+        p = cfg.ppo
+        self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
+        accum, micro = self.accumulation()
+        # DeepSpeed wraps the optimizer (or replaces it): train with what the strategy returns
+        self.optimizer, self.scheduler = strategy.prepare(policy, self.optimizer, self.scheduler, p.max_grad_norm,
+                                                          accum, micro)
+        self.engine = make_engine(cfg, tokenizer, strategy, context_length(policy.model))  # rollouts, evaluation
+        self.step = 0
+        self.process_started = time.perf_counter()  # the run command sets its own start
+        self.wall_seconds_before = 0.0  # spent by the processes this run was resumed from
+        self.eval_reward_before: float | None = None
+        self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
+
+    def accumulation(self) -> tuple[int, int]:
+        """(microbatches per optimizer step on one rank, sequences per microbatch)."""
+        raise NotImplementedError
+
+    def train_step(self) -> dict:
+        """One training step; returns its metrics, averaged over the ranks."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """What this trainer adds to a checkpoint's trainer_state.pt (tensors, numbers, strings only)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restores what ``extra_state`` saved."""
+
+    def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
+        if isinstance(self.engine, VLLMEngine):  # vLLM decodes: the model is only read, block by block
+            context, kwargs = nullcontext(), {}
+        else:
+            context, kwargs = self.strategy.generation_context(self.policy), self.strategy.generate_kwargs
+        with context:
+            return generate(self.policy.model, self.tokenizer, prompts, self.cfg.generation, self.device,
+                            greedy=greedy, engine=self.engine, **kwargs)
+
+    def prompt_texts(self, rows: list[dict]) -> list[str]:
+        """The texts the policy continues: plain prompts, or conversations through the chat template."""
+        return render_prompts(self.tokenizer, [r[self.cfg.data.prompt_column] for r in rows])
+
+    def score(self, rows: list[dict], exp: Experience, reward: CombinedReward) -> tuple[list[str], RewardResult]:
+        """Completion texts and ``reward``'s scores; extra dataset columns go in as kwargs.
+
+        The reward gets the prompts as the data holds them and, for conversations, each completion as TRL's
+        list of one assistant message."""
+        column = self.cfg.data.prompt_column
+        prompts = [r[column] for r in rows]
+        completions = decode_completions(self.tokenizer, exp)
+        extra = {k: [r[k] for r in rows] for k in rows[0] if k != column}
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(exp.response, exp.response_mask)]
+        return completions, reward(prompts, as_completions(prompts, completions), completion_ids=completion_ids,
+                                   **extra)
+
+    def check_finite(self, step: int, stats: dict) -> None:
+        """Stop the run (every rank alike) when the update left a non-finite trainable weight: nothing of this
+        step is saved, and the last checkpoint stays the good one."""
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        with self.strategy.gathered(trainable):
+            bad = sum(int(not torch.isfinite(p).all()) for p in trainable)
+        if self.strategy.all_reduce_sum(torch.tensor(float(bad), device=self.device)).item() == 0:
+            return
+        last = latest_checkpoint(self.run_dir)
+        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "optim/grad_norm")
+                          if isinstance(stats.get(k), float))
+        raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
+                         f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower ppo.lr (or clip "
+                         f"harder with ppo.max_grad_norm) and {'pass --resume' if last else 'start again'}")
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> dict:
+        """Greedy completions of the held-out prompts; mean raw reward and a few samples (a conversation is shown
+        by its last message)."""
+        self.policy.eval()
+        scores, samples, skipped = [], [], 0
+        for start in range(0, len(self.eval_rows), batch_size):
+            rows = self.eval_rows[start:start + batch_size]
+            exp = self.generate(self.prompt_texts(rows), greedy=True)
+            completions, result = self.score(rows, exp, self.eval_reward)
+            kept = [s for s, ok in zip(result.scores, result.valid) if ok]
+            scores.extend(kept)
+            skipped += len(rows) - len(kept)
+            samples.extend((content(r[self.cfg.data.prompt_column]), c, s if ok else None)
+                           for r, c, s, ok in zip(rows, completions, result.scores, result.valid))
+        mean = sum(scores) / len(scores) if scores else math.nan
+        self.last_eval_samples = samples
+        return {"eval/reward": mean, "eval/skipped": skipped, "samples": samples[:5]}
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save_checkpoint(self, target: Path) -> Path:
+        """Every rank calls this: the adapter and value head (gathered under ZeRO-3) from the main rank, the
+        optimizer state from the strategy (sharded under DeepSpeed), an RNG state per rank; written into a
+        temporary folder that the main rank renames into place once everything is there.
+
+        A write that fails (a full disk) on any rank stops the run on every rank: the temporary folder is removed,
+        the checkpoints already there stay as they were."""
+        s = self.strategy
+        target = Path(target)
+        tmp = target.parent / f".tmp-{target.name}"
+        failure: list[BaseException] = []
+
+        def attempt(write, collective: bool = False) -> None:
+            if not failure or collective:  # a collective write runs on every rank, or the others would wait
+                try:
+                    write()
+                except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                    failure.append(e)
+
+        def write_weights() -> None:
+            self.policy.model.save_pretrained(tmp / "adapter")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      tmp / "value_head.safetensors")
+
+        def write_rest() -> None:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            save_config(self.cfg, tmp / "config.yaml")
+            (tmp / "base_fingerprint.json").write_text(json.dumps(self.policy.base_fingerprint))
+
+        engine_state: dict = {}
+        if s.is_main:
+            attempt(lambda: begin_checkpoint(tmp))
+        s.barrier()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        with s.gathered(trainable):
+            if s.is_main:
+                attempt(write_weights)
+        if s.is_main:
+            attempt(write_rest)
+        attempt(lambda: engine_state.update(s.save_state(tmp)), collective=True)
+        attempt(lambda: torch.save(s.rng_state(), tmp / f"rng_rank{s.rank}.pt"))
+        self._stop_if_a_write_failed(failure, target, tmp)
+        if s.is_main:
+            attempt(lambda: torch.save({  # written last: its presence marks a complete checkpoint
+                "step": self.step,
+                **engine_state,
+                "eval_reward_before": self.eval_reward_before,
+                "wall_seconds": self.wall_seconds(),
+                **self.extra_state(),
+            }, tmp / COMPLETE_MARK))
+            attempt(lambda: commit_checkpoint(tmp, target))
+            if not failure:
+                prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
+        self._stop_if_a_write_failed(failure, target, tmp)
+        return target
+
+    def _stop_if_a_write_failed(self, failure: list, target: Path, tmp: Path) -> None:
+        """Agree over the ranks whether a checkpoint write failed; if one did, clean up and stop them all."""
+        failed = self.strategy.all_reduce_sum(torch.tensor(float(bool(failure)), device=self.device)).item()
+        self.strategy.barrier()
+        if not failed:
+            return
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free_bytes = shutil.disk_usage(target.parent).free
+            free = f"{free_bytes / 2**20:,.1f} MB free there"
+        except OSError:
+            free_bytes, free = None, "free space unknown"
+        if not failure:
+            why = "another rank could not write its part"
+        elif getattr(failure[0], "errno", None) == errno.ENOSPC or (free_bytes is not None and free_bytes < 2**20):
+            why = "no space left on the device"  # torch.save says "enforce fail at inline_container.cc"
+        else:
+            why = (str(failure[0]).strip().splitlines() or [type(failure[0]).__name__])[0][:160]
+        last = latest_checkpoint(self.run_dir)
+        raise RunStopped(f"step {self.step}: could not write checkpoint {target} ({why}; {free}): nothing was "
+                         f"replaced and the half-written folder was removed. Last good checkpoint: "
+                         f"{last or 'none yet'}. Free some space (or choose another run.output_dir) and "
+                         f"{'pass --resume' if last else 'start again'}")
+
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run: earlier processes (saved in checkpoints) plus this one."""
+        return self.wall_seconds_before + time.perf_counter() - self.process_started
+
+    def set_learning_rate(self, lr: float) -> None:
+        """A new base learning rate from the current step on (``ppo.lr`` changed on resume): the schedule's factor
+        stays where the run is."""
+        self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
+        factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["initial_lr"], group["lr"] = lr, lr * factor
+
+    def check_base(self, path: Path) -> None:
+        """Refuses checkpoint ``path`` when its adapter was trained on another base than this policy's."""
+        saved = Path(path) / "base_fingerprint.json"
+        if saved.is_file() and self.policy.base_fingerprint is not None:
+            try:
+                fingerprint = json.loads(saved.read_text())
+                why = fingerprint_mismatch(fingerprint, self.policy.base_fingerprint)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"checkpoint {path}: base_fingerprint.json is damaged ({type(e).__name__}: "
+                                  f"{str(e)[:100]}): move this folder away to resume from the checkpoint before it"
+                                  ) from None
+            if why:
+                raise ConfigError(f"checkpoint {path} was trained on another base than model.name_or_path = "
+                                  f"{self.cfg.model.name_or_path!r} ({why}): point model.name_or_path at the base "
+                                  f"it was trained on")
+
+    def load_weights(self, path: Path) -> None:
+        """The adapter and value head of checkpoint ``path`` (whatever strategy wrote it)."""
+        from peft.utils import set_peft_model_state_dict
+
+        path = Path(path)
+        self.check_base(path)
+        adapter = read_weights(path / "adapter" / "adapter_model.safetensors", self.device)
+        result = set_peft_model_state_dict(self.policy.model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
+                              f"{result.unexpected_keys[:3]}): use the config it was trained with")
+        try:
+            self.policy.value_head.load_state_dict(read_weights(path / "value_head.safetensors", self.device))
+        except RuntimeError as e:  # wrong shapes
+            raise ConfigError(f"checkpoint {path}: value_head.safetensors does not fit this model "
+                              f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
+
+    def load_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        state = load_state_file(path / COMPLETE_MARK)
+        if self.strategy.loads_module_weights:
+            self.check_base(path)
+        else:
+            self.load_weights(path)
+        self.strategy.load_state(path, state)
+        rng = path / f"rng_rank{self.strategy.rank}.pt"
+        if rng.is_file() and state.get("world_size", 1) == self.strategy.world_size:
+            self.strategy.set_rng_state(load_state_file(rng))
+        else:  # another number of ranks: the run continues, but cannot repeat the original's samples
+            self.strategy.seed_everything(self.cfg.run.seed + 7919 * state["step"])
+        self.step = state["step"]
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
+        self.eval_reward_before = state["eval_reward_before"]
+        self.load_extra_state(state)
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.run_dir / step_dir_name(step)
+
+
+def read_weights(path: Path, device) -> dict:
+    """A checkpoint's safetensors file, or a ConfigError naming it (missing, truncated, not finite)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path.parent.parent if path.parent.name == 'adapter' else path.parent}: "
+                          f"{path.name} is missing: move this folder away to resume from the checkpoint before it")
+    try:
+        weights = load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise ConfigError(f"checkpoint file {path} is damaged ({str(e).splitlines()[0][:120]}): move its "
+                          f"checkpoint folder away to resume from the one before it") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"checkpoint file {path} holds NaN or inf ({bad[0]}): the run had diverged when it was "
+                          f"written; move its checkpoint folder away to resume from the one before it")
+    return weights

@@ -1,0 +1,98 @@
+"""DPO: learn from preference pairs directly, no reward and no rollouts (``algorithm: dpo``).
+
+The reference is the base with the adapter disabled. ``DPOTrainer`` and the online ``PPOTrainer`` are siblings on
+``Trainer``: the run loop, evaluation, checkpoints, resume and logging are shared; DPO has no training reward,
+no rollouts and no KL controller.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llmrl import rl
+from llmrl.data.chat import content, is_conversation, message_problem, render_prompts
+from llmrl.config import ConfigError
+from llmrl.rollout.experience import Experience, right_padded
+from llmrl.trainers.base import Trainer
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(source: str) -> list[dict]:
+    from llmrl.data.prompts import read_table
+
+    rows = read_table(source, "dpo.data")
+    missing = [c for c in PAIR_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ConfigError(f"dpo.data = {source!r} lacks column(s) {', '.join(missing)}: preference pairs need "
+                          f"prompt, chosen and rejected (columns: {', '.join(rows[0])})")
+    for i, row in enumerate(rows):
+        problem = message_problem(row["prompt"]) if not isinstance(row["prompt"], (int, float)) else None
+        if problem:
+            raise ConfigError(f"dpo.data = {source!r}: pair {i}'s prompt {problem}")
+    return rows
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str], device) -> Experience:
+    """Left-padded prompts and right-padded completions (each ending with EOS), as an Experience."""
+    query = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    response, mask = right_padded(ids, tokenizer.pad_token_id)
+    return Experience(query=query["input_ids"].to(device), query_mask=query["attention_mask"].to(device),
+                      response=response.to(device), response_mask=mask.to(device))
+
+
+class DPOTrainer(Trainer):
+    def __init__(self, cfg, policy, tokenizer, pairs: list[dict], eval_rows: list[dict], strategy, run_dir,
+                 eval_reward):
+        if len(pairs) < cfg.dpo.batch_size:
+            raise ConfigError(f"dpo.data has {len(pairs)} pairs, fewer than dpo.batch_size = {cfg.dpo.batch_size}")
+        self.pairs = pairs
+        super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward)
+        conversations = [p["prompt"] for p in pairs if is_conversation(p["prompt"])]
+        render_prompts(self.tokenizer, conversations[:1])  # a chat template is needed: say so before training
+
+    def accumulation(self) -> tuple[int, int]:
+        return 1, self.cfg.dpo.batch_size // self.strategy.world_size
+
+    def pairs_for_step(self, step: int) -> list[dict]:
+        """A fresh permutation per pass over the pairs, fixed by the seed and the step (so resume is exact)."""
+        B = self.cfg.dpo.batch_size
+        per_epoch = len(self.pairs) // B
+        epoch, offset = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.pairs), generator=g)[offset * B:(offset + 1) * B]
+        local = B // self.strategy.world_size  # this rank's share of the global batch
+        return [self.pairs[i] for i in perm[self.strategy.rank * local:(self.strategy.rank + 1) * local].tolist()]
+
+    def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B,) summed log-probabilities of each completion (temperature 1: the model's own distribution)."""
+        P = exp.query.shape[1]
+        logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
+        logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
+        return (logprobs * exp.response_mask).sum(1)
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        batch = self.pairs_for_step(self.step)
+        # A conversational pair (TRL's format): the prompt through the chat template, the answers as the
+        # content of their one assistant message, ending with EOS as a sampled turn does.
+        prompts = render_prompts(self.tokenizer, [p["prompt"] if is_conversation(p["prompt"]) else str(p["prompt"])
+                                                  for p in batch])
+        chosen = encode(self.tokenizer, prompts, [content(p["chosen"]) for p in batch], self.device)
+        rejected = encode(self.tokenizer, prompts, [content(p["rejected"]) for p in batch], self.device)
+        with torch.no_grad(), self.policy.reference():
+            self.policy.eval()
+            ref_chosen, ref_rejected = self.sequence_logprobs(chosen), self.sequence_logprobs(rejected)
+        self.policy.train()
+        loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
+                                  ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
+        self.strategy.backward(loss, boundary=True)
+        grad_norm = self.strategy.step(boundary=True)
+        self.check_finite(self.step + 1, {"loss/dpo": loss.item(), "optim/grad_norm": grad_norm})
+        self.step += 1
+        out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
+               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
+               "memory/peak_gib": self.strategy.peak_memory_gib()}
+        return self.strategy.all_reduce_mean(out)

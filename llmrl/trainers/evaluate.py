@@ -1,0 +1,73 @@
+"""``llmrl eval --checkpoint RUN/final``: reward and KL to the base on held-out prompts, with a table of
+greedy generations before (the base: adapter disabled) and after (the trained adapter), as JSON and Markdown.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None, out: str | Path | None = None,
+                        n_samples: int = 8, overrides: list[str] = (), trust_checkpoint_code: bool = False) -> dict:
+    """``trust_checkpoint_code``: let the checkpoint's own config.yaml (read when ``config`` is None) run model
+    code from the hub and import the reward files and modules it names (see ``llmrl.trust``)."""
+    from llmrl.config import ConfigError, load_config
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.trainers.online import build_trainer
+    from llmrl.trust import check_checkpoint_algorithm, check_checkpoint_config
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "adapter").is_dir():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
+                          f"step-N/ folder")
+    if config is None:
+        check_checkpoint_algorithm(checkpoint / "config.yaml", list(overrides), trust_checkpoint_code)
+    cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
+    if config is None:
+        check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code)
+    trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
+    trainer.load_weights(checkpoint)
+    policy, eval_rows = trainer.policy, trainer.eval_rows
+
+    with policy.reference():
+        before = trainer.evaluate()
+        before_samples = trainer.last_eval_samples
+    after = trainer.evaluate()
+    after_samples = trainer.last_eval_samples
+
+    # KL(policy || base) on sampled completions of the policy: the mean over prompts of the summed k1.
+    prompts = trainer.prompt_texts(eval_rows)
+    kls = []
+    for start in range(0, len(prompts), 64):
+        exp = trainer.generate(prompts[start:start + 64])
+        trainer.fill_logprobs(exp)
+        kls.extend(((exp.logprobs - exp.ref_logprobs) * exp.response_mask).sum(1).tolist())
+
+    samples = [{"prompt": b[0], "before": b[1], "reward_before": b[2], "after": a[1], "reward_after": a[2]}
+               for b, a in zip(before_samples[:n_samples], after_samples[:n_samples])]
+    result = {"checkpoint": str(checkpoint), "prompts": len(eval_rows),
+              "reward_before": before["eval/reward"], "reward_after": after["eval/reward"],
+              "kl_to_base": sum(kls) / len(kls), "samples": samples}
+    out = Path(out) if out else checkpoint / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    from llmrl.tracking import markdown_cell as cell
+
+    lines = [f"# Evaluation of `{result['checkpoint']}`", "",
+             f"- held-out prompts: {result['prompts']}",
+             f"- reward (greedy) before, the base with the adapter disabled: {result['reward_before']:.4f}",
+             f"- reward (greedy) after, with the trained adapter: {result['reward_after']:.4f}",
+             f"- KL(policy || base) per completion, on sampled completions: {result['kl_to_base']:.4f}", "",
+             "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    for s in result["samples"]:
+        lines.append(f"| {cell(s['prompt'])} | {cell(s['before'])} | {s['reward_before']} | {cell(s['after'])} | "
+                     f"{s['reward_after']} |")
+    return "\n".join(lines) + "\n"

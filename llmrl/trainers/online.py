@@ -1,0 +1,307 @@
+"""Online RL: rollout -> score -> advantages -> epochs of clipped updates over shuffled minibatches.
+
+The maths lives in ``llmrl.rl`` (pure torch) and the estimators in ``llmrl.algorithms``; devices and processes go
+through ``self.strategy``; the optimizer, evaluation and checkpoints are the base trainer's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from llmrl import rl
+from llmrl.algorithms import make_estimator
+from llmrl.config import Config, ConfigError
+from llmrl.rewards.base import CombinedReward, RewardError, RewardResult
+from llmrl.rollout.experience import Experience
+from llmrl.trainers.base import Trainer
+
+
+class PPOTrainer(Trainer):
+    """Online RL: rollout, score, advantages from the configured estimator (PPO's critic and GAE, or a
+    critic-free one), epochs of clipped updates over shuffled minibatches."""
+
+    def __init__(self, cfg: Config, policy, tokenizer, reward: CombinedReward, train_rows: list[dict],
+                 eval_rows: list[dict], strategy, run_dir: Path, eval_reward: CombinedReward | None = None):
+        self.reward = reward
+        self.reward_norm = rl.RunningMeanStd()  # used when reward.normalize is running or reference
+        self.train_rows = train_rows
+        if len(train_rows) < cfg.ppo.rollout_batch_size // cfg.group_size:
+            raise ConfigError(f"data.source has {len(train_rows)} prompts, fewer than the "
+                              f"{cfg.ppo.rollout_batch_size // cfg.group_size} one rollout needs: add prompts or "
+                              f"lower ppo.rollout_batch_size")
+        # reward.eval_function, when set, scores evaluations; else the training reward does
+        super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward or reward)
+        p = cfg.ppo
+        self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
+        self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
+
+    def accumulation(self) -> tuple[int, int]:
+        return self.sizes.grad_accum_steps, self.cfg.ppo.micro_batch_size
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked whitening over the global batch (all ranks), not only this rank's share."""
+        return rl.whiten_with_moments(x, mask, self.strategy.all_reduce_sum(rl.masked_moments(x, mask))).float()
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def rows_for_step(self, step: int) -> list[dict]:
+        """This rank's prompts for ``step``: a fresh permutation per data epoch, fixed by the seed.
+
+        Derived from the step number alone, so a resumed run draws exactly the prompts it would have.
+        """
+        k = self.cfg.group_size  # completions per prompt, consecutive in the batch
+        B = self.cfg.ppo.rollout_batch_size // k
+        per_epoch = len(self.train_rows) // B
+        epoch, offset = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_rows), generator=g)[offset * B:(offset + 1) * B]
+        local = self.sizes.local_rollout_batch_size // k
+        mine = perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
+        return [self.train_rows[i] for i in mine.tolist() for _ in range(k)]
+
+    def score(self, rows: list[dict], exp: Experience, reward: CombinedReward | None = None
+              ) -> tuple[list[str], RewardResult]:
+        """Completion texts and the scores of ``reward`` (default: the training reward)."""
+        return super().score(rows, exp, reward or self.reward)
+
+    @torch.no_grad()
+    def fit_reward_normalizer(self) -> None:
+        """reward.normalize: reference: the mean/std of scores of the reference policy's completions."""
+        rows = self.rows_for_step(0)
+        with self.policy.reference():
+            self.policy.eval()
+            exp = self.generate(self.prompt_texts(rows))
+        _, result = self.score(rows, exp)
+        scores, valid = (torch.tensor(x, device=self.device) for x in (result.scores, result.valid))
+        moments = self.strategy.all_reduce_sum(rl.masked_moments(scores, valid.double()))
+        n, mean, m2 = rl.moments_stats(moments)  # over every rank's samples
+        if n < 2:
+            raise RewardError(f"reward.normalize = reference needs at least 2 scored reference samples, got "
+                              f"{n}: check the reward or use normalize: running")
+        if m2 == 0:  # every later score would be divided by ~1e-8
+            raise RewardError(f"reward.normalize = reference: all {n} reference samples scored {mean:g}, so "
+                              f"there is no spread to scale by: use normalize: running or none (a sparse reward "
+                              f"the base model never earns does this)")
+        self.reward_norm.update_moments(moments)
+
+    # ------------------------------------------------------------------------------------------
+    # rollout
+
+    def forward_logprobs(self, exp: Experience, with_values: bool, entropy_grad: bool = False):
+        """(logprobs, values, entropy), each (B', T), for the response tokens of ``exp``.
+
+        The entropy is a metric unless it is in the loss (``entropy_grad``): then only is its (B', T, V)
+        softmax kept for the backward pass.
+        """
+        logits, values = self.policy.response_outputs(exp.query, exp.query_mask, exp.response, exp.response_mask,
+                                                      with_values)
+        logits = logits.float()
+        temperature = self.cfg.generation.temperature
+        logprobs = rl.logprobs_from_logits(logits, exp.response, temperature)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = rl.entropy_from_logits(logits, temperature)
+        return logprobs, values, entropy
+
+    @torch.no_grad()
+    def fill_logprobs(self, exp: Experience) -> torch.Tensor:
+        """Set ``exp.logprobs``, ``.ref_logprobs`` and ``.values`` (zeros without a critic) of a rollout;
+        returns its (B, T) entropy. Microbatches of similar lengths, each cut to its own longest row: less
+        padding to compute.
+
+        Without a critic, the log-probs and entropies the rollout engine recorded while sampling are pi_old's,
+        so the policy pass is skipped (PPO runs it for the values anyway)."""
+        critic = self.estimator is not None and self.estimator.uses_critic
+        policy_pass = critic or exp.logprobs is None or exp.entropy is None
+        if policy_pass:
+            exp.logprobs, exp.entropy = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
+        exp.ref_logprobs, exp.values = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
+        entropy = exp.entropy
+        order = torch.argsort(exp.lengths, stable=True)
+        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(self.cfg.ppo.micro_batch_size)]
+        for idx, chunk in chunks if policy_pass else ():
+            T = chunk.response.shape[1]
+            exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, critic)
+            if v is not None:
+                exp.values[idx, :T] = v.float()
+        with self.policy.reference():  # entered once: switching the adapter off walks the whole model
+            for idx, chunk in chunks:
+                exp.ref_logprobs[idx, :chunk.response.shape[1]] = self.forward_logprobs(chunk, False)[0]
+        return entropy
+
+    @torch.no_grad()
+    def make_experience(self, rows: list[dict]) -> tuple[Experience, dict]:
+        cfg = self.cfg
+        self.policy.eval()
+        t0 = time.perf_counter()
+        exp = self.generate(self.prompt_texts(rows))
+        t1 = time.perf_counter()
+        _, result = self.score(rows, exp)
+        t2 = time.perf_counter()
+
+        raw = torch.tensor(result.scores, dtype=torch.float32, device=self.device)
+        valid = torch.tensor(result.valid, device=self.device)
+        scores = raw
+        if cfg.reward.normalize == "running":  # statistics of every rank's scores: the same on every rank
+            self.reward_norm.update_moments(self.strategy.all_reduce_sum(rl.masked_moments(raw, valid.double())))
+        if cfg.reward.normalize != "none":
+            scores = self.reward_norm.normalize(scores).float()
+        eos = exp.ended
+        if cfg.generation.missing_eos_penalty is not None:
+            scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
+        if cfg.reward.clip is not None:
+            scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+
+        entropy = self.fill_logprobs(exp)
+        exp.scores = scores
+        # Skipped samples (reward.on_error: skip) keep their tokens out of every baseline, loss and statistic;
+        # samples the estimator does not train on (DAPO's uninformative groups) out of the update.
+        scored = exp.response_mask * valid.unsqueeze(1).float()
+        trained = self.estimator.keep(scores, valid)
+        exp.response_mask = mask = exp.response_mask * trained.unsqueeze(1).float()
+
+        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * scored
+        advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
+                                                            mask, self.kl_ctl.value, trained)
+        if self.estimator.uses_critic and self.strategy.all_reduce_sum(mask.sum()) >= 2:  # critic-free: scaled
+            exp.advantages = self.whiten(advantages, mask)
+        else:
+            exp.advantages = advantages * mask
+        t3 = time.perf_counter()
+
+        seq_kl = kl.sum(1)[valid]
+        kept = scores[valid]
+        stats = {
+            "reward/mean": kept.mean().item() if len(kept) else math.nan,
+            "reward/std": kept.std().item() if len(kept) > 1 else 0.0,
+            "reward/raw_mean": raw[valid].mean().item() if len(kept) else math.nan,
+            **result.metrics,
+            "objective/kl": seq_kl.mean().item() if len(kept) else 0.0,
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": rl.masked_mean(entropy, scored).item(),
+            "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item() if len(kept) else 0.0,
+            "response/length": scored.sum(1)[valid].mean().item() if len(kept) else 0.0,
+            "response/eos_rate": eos.float().mean().item(),
+            "value/mean": rl.masked_mean(exp.values, mask).item(),
+            "train/kept": trained.float().sum().item() / max(valid.float().sum().item(), 1.0),
+            "time/generate": t1 - t0,
+            "time/reward": t2 - t1,
+            "time/forward": t3 - t2,
+        }
+        return exp, stats
+
+    # ------------------------------------------------------------------------------------------
+    # update
+
+    def update(self, exp: Experience) -> dict:
+        """``ppo_epochs`` passes over ``exp``; each pass reshuffles it into minibatches of microbatches."""
+        cfg, sizes = self.cfg.ppo, self.sizes
+        self.policy.train()
+        B = exp.query.shape[0]
+        local_mini = cfg.mini_batch_size // sizes.world_size
+        # Detached statistics accumulate on the device and are read once, after the last microbatch: an .item()
+        # per statistic and microbatch would wait for the device each time.
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: zero.clone())
+        total_tokens = zero.clone()
+        grad_norms = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, device=self.device)
+            for mb_start in range(0, B, local_mini):
+                mb_idx = perm[mb_start:mb_start + local_mini]
+                mb_idx = mb_idx[torch.argsort(exp.lengths[mb_idx], stable=True)]  # microbatches of like lengths
+                # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
+                # the token mean over the whole minibatch whatever the microbatch size. Over ranks, whose
+                # gradients are averaged, the divisor is the global count / world size.
+                num_tokens = (self.strategy.all_reduce_sum(exp.response_mask[mb_idx].sum()).float()
+                              / sizes.world_size).clamp(min=1.0)
+                starts = range(0, local_mini, cfg.micro_batch_size)
+                for j, micro_start in enumerate(starts):
+                    mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size]).trimmed()
+                    critic = self.estimator.uses_critic
+                    logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
+                    pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
+                                                                   mb.response_mask, num_tokens, local_mini)
+                    ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
+                    loss = pg_loss - cfg.ent_coef * ent
+                    if critic:
+                        vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.response_mask,
+                                                          cfg.clip_range_value, num_tokens)
+                        loss = loss + cfg.vf_coef * vf_loss
+                    if self.estimator.loss_kl_coef:  # GRPO: KL to the reference as a loss term (k3)
+                        kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.response_mask,
+                                                 num_tokens)
+                        loss = loss + self.estimator.loss_kl_coef * kl_loss
+                        sums["loss/kl"] += kl_loss.detach().double() * num_tokens.double()
+                    boundary = j == len(starts) - 1
+                    self.strategy.backward(loss, boundary)
+                    grad_norm = self.strategy.step(boundary)
+                    if grad_norm is not None:
+                        grad_norms.append(grad_norm)
+
+                    n = mb.response_mask.sum().double()
+                    total_tokens += n
+                    # pg_loss etc. are already scaled by n / num_tokens; the *_stats are microbatch means.
+                    scale = num_tokens.double()
+                    sums["loss/policy"] += pg_loss.detach().double() * scale
+                    if critic:
+                        sums["loss/value"] += vf_loss.detach().double() * scale
+                        sums["value/clipfrac"] += vf_stats["clipfrac"].double() * n
+                    sums["policy/entropy"] += ent.detach().double() * scale
+                    sums["policy/clipfrac"] += pg_stats["clipfrac"].double() * n
+                    sums["policy/approx_kl"] += pg_stats["approx_kl"].double() * n
+                    sums["policy/ratio"] += pg_stats["ratio"].double() * n
+        # Token-weighted over all ranks: sums and counts are reduced separately.
+        keys = sorted(sums)
+        reduced = self.strategy.all_reduce_sum(torch.stack([sums[k] for k in keys] + [total_tokens]))
+        total = max(reduced[-1].item(), 1.0)
+        stats = {k: v / total for k, v in zip(keys, reduced[:-1].tolist())}
+        stats["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats["optim/lr"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        exp, stats = self.make_experience(self.rows_for_step(self.step))
+        t1 = time.perf_counter()
+        stats.update(self.update(exp))
+        stats["time/update"] = time.perf_counter() - t1
+        stats["time/step"] = time.perf_counter() - t0
+        stats["memory/peak_gib"] = self.strategy.peak_memory_gib()
+        stats = self.strategy.all_reduce_mean(stats)  # before the KL update: every rank moves beta alike
+        self.check_finite(self.step + 1, stats)
+        if self.estimator.kl_in_reward:
+            self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
+        self.step += 1
+        return stats
+
+    def extra_state(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "reward_norm": self.reward_norm.state_dict(),
+                "estimator": self.estimator.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_norm.load_state_dict(state["reward_norm"])
+        self.estimator.load_state_dict(state["estimator"])
+
+
+def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> PPOTrainer:
+    """A PPO trainer on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
+
+    ``run_dir`` defaults to ``run.output_dir``. ``llmrl.cli.train.run`` does more in between (run directory,
+    warm start, prompt-length checks, DPO); evaluation, tests and benchmarks build one with this.
+    """
+    from llmrl.data.prompts import load_prompts
+    from llmrl.models.policy import build_policy
+    from llmrl.rewards.base import build_eval_reward, build_reward
+
+    strategy.seed_everything(cfg.run.seed)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    train_rows, eval_rows = load_prompts(cfg.data)
+    return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
+                      strategy, Path(run_dir or cfg.run.output_dir), build_eval_reward(cfg.reward))
