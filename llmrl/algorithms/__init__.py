@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Each built-in module registers its estimator on import; this order is the one error messages list.
 from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo  # noqa: F401, I001
-from llmrl.algorithms.base import ESTIMATORS, Estimator, SequenceEstimator, register
+from llmrl.algorithms.base import ESTIMATORS, Estimator, GroupEstimator, SequenceEstimator, register
 from llmrl.errors import ConfigError
 
 OFFLINE = ("dpo",)  # algorithms without rollouts, hence without an estimator
@@ -42,4 +42,4 @@ def make_estimator(cfg, all_reduce_sum=lambda x: x):
     return None if cfg.algorithm in OFFLINE else estimator_class(cfg.algorithm)(cfg, all_reduce_sum)
 
 
-__all__ = ["ESTIMATORS", "Estimator", "SequenceEstimator", "estimator_class", "make_estimator", "register"]
+__all__ = ["ESTIMATORS", "Estimator", "GroupEstimator", "SequenceEstimator", "estimator_class", "make_estimator", "register"]

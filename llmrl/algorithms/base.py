@@ -105,6 +105,23 @@ class SequenceEstimator(Estimator):
         return seq.unsqueeze(1) * mask, None
 
 
+class GroupEstimator(SequenceEstimator):
+    """Group-relative: each completion is judged against the others of its prompt, so a prompt needs at least two.
+    ``loss_kl``: the k3 KL to the reference is a loss term weighted by ``critic_free.kl_coef`` (GRPO's way;
+    such estimators also set ``kl_in_reward = False``)."""
+
+    loss_kl = False
+
+    def __init__(self, cfg, all_reduce_sum=lambda x: x):
+        super().__init__(cfg, all_reduce_sum)
+        if self.loss_kl:
+            self.loss_kl_coef = cfg.critic_free.kl_coef
+
+    @classmethod
+    def config_checks(cls, cfg):
+        return needs_groups(cls, cfg)
+
+
 def needs_groups(cls, cfg, least: int = 2) -> list[tuple[bool, str, str]]:
     """The check of a group-relative method: at least ``least`` completions per prompt to compare."""
     n = cfg.critic_free.num_generations

@@ -11,12 +11,12 @@ group-normalised advantages with
 from __future__ import annotations
 
 from llmrl import rl
-from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+from llmrl.algorithms.base import GroupEstimator, register
 
 
 @register
-class DAPOEstimator(SequenceEstimator):
-    name, kl_in_reward, loss_kl_coef = "dapo", False, 0.0
+class DAPOEstimator(GroupEstimator):
+    name, kl_in_reward = "dapo", False
 
     def __init__(self, cfg, all_reduce_sum=lambda x: x):
         super().__init__(cfg, all_reduce_sum)
@@ -25,7 +25,7 @@ class DAPOEstimator(SequenceEstimator):
     @classmethod
     def config_checks(cls, cfg):
         high = cfg.critic_free.clip_range_high
-        return [*needs_groups(cls, cfg),
+        return [*super().config_checks(cfg),
                 (high >= cfg.ppo.clip_range, "critic_free.clip_range_high",
                  f"is {high}: DAPO's upper clip must be >= ppo.clip_range = {cfg.ppo.clip_range} (0.28 in the paper)")]
 

@@ -6,21 +6,16 @@ long wrong answers a smaller per-token penalty than short ones)."""
 from __future__ import annotations
 
 from llmrl import rl
-from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+from llmrl.algorithms.base import GroupEstimator, register
 
 
 @register
-class DrGRPOEstimator(SequenceEstimator):
-    name, kl_in_reward = "dr_grpo", False
+class DrGRPOEstimator(GroupEstimator):
+    name, kl_in_reward, loss_kl = "dr_grpo", False, True
 
     def __init__(self, cfg, all_reduce_sum=lambda x: x):
         super().__init__(cfg, all_reduce_sum)
-        self.loss_kl_coef = cfg.critic_free.kl_coef
         self.max_tokens = cfg.generation.max_new_tokens
-
-    @classmethod
-    def config_checks(cls, cfg):
-        return needs_groups(cls, cfg)
 
     def sequence_advantages(self, scores, valid):
         return rl.grpo_advantages(scores, self.group_size, "none", valid=valid)

@@ -2,23 +2,18 @@
 from __future__ import annotations
 
 from llmrl import rl
-from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+from llmrl.algorithms.base import GroupEstimator, register
 
 
 @register
-class GRPOEstimator(SequenceEstimator):
+class GRPOEstimator(GroupEstimator):
     """Group-normalised scores; KL to the reference (k3) as a loss term, not in the reward."""
 
-    name, kl_in_reward = "grpo", False
+    name, kl_in_reward, loss_kl = "grpo", False, True
 
     def __init__(self, cfg, all_reduce_sum=lambda x: x):
         super().__init__(cfg, all_reduce_sum)
         self.scale = cfg.critic_free.scale
-        self.loss_kl_coef = cfg.critic_free.kl_coef
-
-    @classmethod
-    def config_checks(cls, cfg):
-        return needs_groups(cls, cfg)
 
     def sequence_advantages(self, scores, valid):
         batch_std = self.batch_stats(scores, valid)[2] if self.scale == "batch" else None

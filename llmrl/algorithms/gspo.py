@@ -6,22 +6,21 @@ reference is a loss term, as in GRPO (critic_free.kl_coef)."""
 from __future__ import annotations
 
 from llmrl import rl
-from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+from llmrl.algorithms.base import GroupEstimator, register
 
 
 @register
-class GSPOEstimator(SequenceEstimator):
-    name, kl_in_reward = "gspo", False
+class GSPOEstimator(GroupEstimator):
+    name, kl_in_reward, loss_kl = "gspo", False, True
 
     def __init__(self, cfg, all_reduce_sum=lambda x: x):
         super().__init__(cfg, all_reduce_sum)
-        self.loss_kl_coef = cfg.critic_free.kl_coef
         self.clip_low, self.clip_high = cfg.critic_free.sequence_clip_low, cfg.critic_free.sequence_clip_high
 
     @classmethod
     def config_checks(cls, cfg):
         c = cfg.critic_free
-        return [*needs_groups(cls, cfg),
+        return [*super().config_checks(cfg),
                 (0 < c.sequence_clip_low < 1, "critic_free.sequence_clip_low",
                  f"is {c.sequence_clip_low}: must be in (0, 1) (3e-4 in the paper)"),
                 (c.sequence_clip_high > 0, "critic_free.sequence_clip_high",

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 from llmrl import rl
-from llmrl.algorithms.base import SequenceEstimator, needs_groups, register
+from llmrl.algorithms.base import GroupEstimator, register
 
 
 @register
-class RLOOEstimator(SequenceEstimator):
+class RLOOEstimator(GroupEstimator):
     """Leave-one-out baseline over the k completions of each prompt; KL in the sequence reward."""
 
     name = "rloo"
-
-    @classmethod
-    def config_checks(cls, cfg):
-        return needs_groups(cls, cfg)
 
     def sequence_advantages(self, scores, valid):
         return rl.rloo_advantages(scores, self.group_size, valid)
