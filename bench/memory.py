@@ -39,9 +39,9 @@ def build_model(name: str, folder: Path) -> Path:
 
 
 def run_cell(model_dir: Path, run_dir: Path, stage: str, quant: str, ranks: int, args) -> dict:
-    overrides = [f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=2",
-                 f"ppo.rollout_batch_size={args.rollout}", f"ppo.mini_batch_size={args.rollout}",
-                 f"ppo.micro_batch_size={args.micro}", "ppo.ppo_epochs=1", "run.eval_every=0",
+    overrides = [f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "train.total_steps=2",
+                 f"train.rollout_batch_size={args.rollout}", f"train.mini_batch_size={args.rollout}",
+                 f"train.micro_batch_size={args.micro}", "train.epochs=1", "run.eval_every=0",
                  "run.progress=false", "data.eval_size=8", f"generation.max_new_tokens={args.new_tokens}",
                  f"model.dtype={args.dtype}"]
     if quant != "none":

@@ -14,14 +14,14 @@ accumulation R / M). Both contenders get, from the same command line:
 |---|---|---|
 | model | ``model.name_or_path=DIR`` (+ ``model.dtype``) | the same folder, loaded by llmrl's ``load_base_model`` |
 | LoRA | ``lora.*`` of the recipe (r 16, alpha 32, dropout 0, all linear layers) | ``peft.LoraConfig`` with those values |
-| completions per rollout | ``ppo.rollout_batch_size=R`` | ``generation_batch_size=R`` |
+| completions per rollout | ``train.rollout_batch_size=R`` | ``generation_batch_size=R`` |
 | per prompt | ``critic_free.num_generations=K`` | ``num_generations=K`` |
-| one optimizer step per pass | ``ppo.mini_batch_size=R`` | ``per_device_train_batch_size=M``, ``gradient_accumulation_steps=R/M`` |
-| microbatch | ``ppo.micro_batch_size=M`` | ``per_device_train_batch_size=M`` (also the chunk of the no-grad log-prob passes) |
-| passes per rollout | ``ppo.ppo_epochs=E`` | ``num_iterations=E`` |
+| one optimizer step per pass | ``train.mini_batch_size=R`` | ``per_device_train_batch_size=M``, ``gradient_accumulation_steps=R/M`` |
+| microbatch | ``train.micro_batch_size=M`` | ``per_device_train_batch_size=M`` (also the chunk of the no-grad log-prob passes) |
+| passes per rollout | ``train.epochs=E`` | ``num_iterations=E`` |
 | new tokens | ``generation.max_new_tokens=N`` | ``max_completion_length=N`` |
 | KL to the reference | ``ppo.init_kl_coef=BETA ppo.adaptive_kl=false`` (+ ``critic_free.kl_coef``) | ``beta=BETA`` |
-| optimizer | AdamW, ``ppo.lr=LR``, constant, clip 1.0 | ``optim=adamw_torch``, ``learning_rate=LR``, ``lr_scheduler_type=constant``, ``max_grad_norm=1.0`` |
+| optimizer | AdamW, ``train.lr=LR``, constant, clip 1.0 | ``optim=adamw_torch``, ``learning_rate=LR``, ``lr_scheduler_type=constant``, ``max_grad_norm=1.0`` |
 | reward | ``reward_models.rules.exact_match`` (the recipe's) | ``reward_funcs=[exact_match]``, dataset column ``answer`` as kwarg |
 | reward, random GPT-2 | ``reward.components`` = ``length_target`` with its kwargs | ``functools.partial(length_target, ...)`` |
 | prompts | llmrl's task rows {prompt, answer} | a ``datasets.Dataset`` of the same rows |
@@ -124,16 +124,16 @@ def llmrl_overrides(spec: dict) -> list[str]:
         f"model.dtype={spec['dtype']}",
         "algorithm=rloo",
         f"critic_free.num_generations={spec['K']}",
-        f"ppo.rollout_batch_size={spec['R']}",
-        f"ppo.mini_batch_size={spec['R']}",
-        f"ppo.micro_batch_size={spec['M']}",
-        f"ppo.ppo_epochs={spec['E']}",
-        f"ppo.total_steps={spec['warmup'] + spec['iterations']}",
-        f"ppo.lr={spec['lr']}",
-        "ppo.lr_schedule=constant",
-        "ppo.warmup_steps=0",
-        "ppo.weight_decay=0.0",
-        "ppo.max_grad_norm=1.0",
+        f"train.rollout_batch_size={spec['R']}",
+        f"train.mini_batch_size={spec['R']}",
+        f"train.micro_batch_size={spec['M']}",
+        f"train.epochs={spec['E']}",
+        f"train.total_steps={spec['warmup'] + spec['iterations']}",
+        f"train.lr={spec['lr']}",
+        "train.lr_schedule=constant",
+        "train.warmup_steps=0",
+        "train.weight_decay=0.0",
+        "train.max_grad_norm=1.0",
         "ppo.clip_range=0.2",
         f"ppo.init_kl_coef={spec['beta']}",  # RLOO's KL-in-reward coefficient
         "ppo.adaptive_kl=false",

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,12 +141,32 @@ class RewardConfig:
 
 
 @dataclass
-class PPOConfig:
-    total_steps: int = opt(100, "PPO iterations (one rollout + its updates each).")
-    rollout_batch_size: int = opt(64, "Prompts per rollout, over all ranks.")
+class TrainConfig:
+    total_steps: int = opt(100, "Training steps: one rollout and its updates each (online algorithms), or one "
+                                "optimizer step on dpo.batch_size pairs (dpo).")
+    rollout_batch_size: int = opt(64, "Sequences per rollout, over all ranks: prompts x completions per prompt "
+                                      "(critic_free.num_generations for the group estimators, 1 for ppo).")
     mini_batch_size: int = opt(16, "Sequences per optimizer step, over all ranks.")
     micro_batch_size: int = opt(16, "Sequences per forward/backward on one rank (gradient accumulation below).")
-    ppo_epochs: int = opt(4, "Passes over each rollout; minibatches are reshuffled every pass.")
+    epochs: int = opt(4, "Passes over each rollout (TRL's num_iterations, OpenRLHF's max_epochs); minibatches "
+                         "are reshuffled every pass.")
+    lr: float = opt(1e-4, "AdamW learning rate for the adapter and the value head.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt(
+        "constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
+
+
+# Keys that moved to train: in 0.2; a config using one gets a line naming the new key. A checkpoint's own
+# config.yaml written before is read through upgrade_saved_config.
+MOVED_KEYS = {**{f"ppo.{k}": f"train.{k}" for k in (
+    "total_steps", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "lr", "weight_decay",
+    "max_grad_norm", "lr_schedule", "warmup_steps")}, "ppo.ppo_epochs": "train.epochs", "dpo.steps": "train.total_steps"}
+
+
+@dataclass
+class PPOConfig:
     gamma: float = opt(1.0, "Discount factor of GAE.")
     lam: float = opt(0.95, "GAE lambda.")
     clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
@@ -158,17 +179,11 @@ class PPOConfig:
     kl_horizon: float = opt(10000.0, "Horizon of the adaptive controller, in sequences.")
     kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
     whiten_rewards: bool = opt(False, "Whiten per-token rewards (keeping their mean) before GAE.")
-    lr: float = opt(1e-4, "AdamW learning rate for the adapter and the value head.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables.")
-    lr_schedule: Literal["constant", "linear", "cosine"] = opt(
-        "constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
-    warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
 
 
 @dataclass
 class CriticFreeConfig:
-    num_generations: int = opt(4, "Completions sampled per prompt (ppo.rollout_batch_size counts completions).")
+    num_generations: int = opt(4, "Completions sampled per prompt (train.rollout_batch_size counts completions).")
     scale: Literal["group", "batch", "none"] = opt(
         "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
         "(none).")
@@ -186,8 +201,7 @@ class DPOConfig:
     data: str = opt("", "Preference pairs (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet or a datasets name.")
     beta: float = opt(0.1, "Strength of the implicit KL to the reference (the adapter disabled).")
     loss: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
-    steps: int = opt(200, "Optimizer steps.")
-    batch_size: int = opt(32, "Pairs per optimizer step.")
+    batch_size: int = opt(32, "Pairs per optimizer step (train.total_steps of them).")
 
 
 @dataclass
@@ -285,7 +299,9 @@ class Config:
     data: DataConfig = opt(DataConfig(), "Prompts.")
     generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
-    ppo: PPOConfig = opt(PPOConfig(), "PPO hyper-parameters (the optimisation ones apply to every algorithm).")
+    train: TrainConfig = opt(TrainConfig(), "Optimizer and batch sizes, shared by every algorithm.")
+    ppo: PPOConfig = opt(PPOConfig(), "PPO's own settings: GAE, clipping, value loss, KL penalty and its controller "
+                                      "(clip_range and ent_coef also apply to the critic-free estimators).")
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
@@ -302,20 +318,22 @@ class Config:
         return 1 if self.algorithm in OFFLINE else estimator_class(self.algorithm).completions_per_prompt(self)
 
     def sizes(self, world_size: int = 1) -> Sizes:
-        p = self.ppo
-        local_rollout = exact_div(p.rollout_batch_size, world_size, "ppo.rollout_batch_size", "the world size")
-        exact_div(local_rollout, self.group_size, "ppo.rollout_batch_size per rank",
+        t = self.train
+        local_rollout = exact_div(t.rollout_batch_size, world_size, "train.rollout_batch_size", "the world size")
+        exact_div(local_rollout, self.group_size, "train.rollout_batch_size per rank",
                   "critic_free.num_generations")
-        num_mini = exact_div(p.rollout_batch_size, p.mini_batch_size, "ppo.rollout_batch_size", "ppo.mini_batch_size")
-        local_mini = exact_div(p.mini_batch_size, world_size, "ppo.mini_batch_size", "the world size")
-        accum = exact_div(local_mini, p.micro_batch_size, "ppo.mini_batch_size / world size", "ppo.micro_batch_size")
-        optimizer_steps = self.dpo.steps if self.algorithm == "dpo" else p.total_steps * p.ppo_epochs * num_mini
+        num_mini = exact_div(t.rollout_batch_size, t.mini_batch_size, "train.rollout_batch_size",
+                             "train.mini_batch_size")
+        local_mini = exact_div(t.mini_batch_size, world_size, "train.mini_batch_size", "the world size")
+        accum = exact_div(local_mini, t.micro_batch_size, "train.mini_batch_size / world size",
+                          "train.micro_batch_size")
+        optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
     @property
     def total_steps(self) -> int:
-        """Training steps of the run: PPO-style iterations, or DPO optimizer steps."""
-        return self.dpo.steps if self.algorithm == "dpo" else self.ppo.total_steps
+        """Training steps of the run: rollouts and their updates, or DPO optimizer steps."""
+        return self.train.total_steps
 
     def validate(self) -> None:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""
@@ -336,8 +354,8 @@ class Config:
              f"is {self.generation.temperature}: must be > 0 (use a small value for near-greedy sampling)"),
             (self.generation.max_new_tokens > 0, "generation.max_new_tokens",
              f"is {self.generation.max_new_tokens}: must be at least 1"),
-            (self.ppo.total_steps > 0, "ppo.total_steps", f"is {self.ppo.total_steps}: must be at least 1"),
-            (self.ppo.ppo_epochs > 0, "ppo.ppo_epochs", f"is {self.ppo.ppo_epochs}: must be at least 1"),
+            (self.train.total_steps > 0, "train.total_steps", f"is {self.train.total_steps}: must be at least 1"),
+            (self.train.epochs > 0, "train.epochs", f"is {self.train.epochs}: must be at least 1"),
             (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
             (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
              f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
@@ -347,17 +365,16 @@ class Config:
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
             (self.generation.top_k >= 0, "generation.top_k",
              f"is {self.generation.top_k}: must be >= 0 (0 keeps every token)"),
-            (self.ppo.lr > 0, "ppo.lr", f"is {self.ppo.lr}: must be > 0"),
+            (self.train.lr > 0, "train.lr", f"is {self.train.lr}: must be > 0"),
             (self.ppo.clip_range > 0, "ppo.clip_range", f"is {self.ppo.clip_range}: must be > 0 (e.g. 0.2)"),
             (self.ppo.clip_range_value > 0, "ppo.clip_range_value",
              f"is {self.ppo.clip_range_value}: must be > 0 (e.g. 0.2)"),
-            (self.ppo.max_grad_norm >= 0, "ppo.max_grad_norm",
-             f"is {self.ppo.max_grad_norm}: must be > 0, or 0 for no clipping"),
+            (self.train.max_grad_norm >= 0, "train.max_grad_norm",
+             f"is {self.train.max_grad_norm}: must be > 0, or 0 for no clipping"),
             (0 < self.ppo.gamma <= 1, "ppo.gamma", f"is {self.ppo.gamma}: must be in (0, 1] (RLHF uses 1)"),
             (0 <= self.ppo.lam <= 1, "ppo.lam", f"is {self.ppo.lam}: must be in [0, 1] (e.g. 0.95)"),
             (0 <= self.critic_free.baseline_momentum < 1, "critic_free.baseline_momentum",
              f"is {self.critic_free.baseline_momentum}: must be in [0, 1)"),
-            (self.dpo.steps > 0, "dpo.steps", f"is {self.dpo.steps}: must be at least 1"),
             (self.dpo.batch_size > 0, "dpo.batch_size", f"is {self.dpo.batch_size}: must be at least 1"),
         ]
         t = self.data.task
@@ -380,8 +397,8 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key} {why}")
         for name in ("rollout_batch_size", "mini_batch_size", "micro_batch_size"):
-            if getattr(self.ppo, name) <= 0:
-                raise ConfigError(f"ppo.{name} is {getattr(self.ppo, name)}: must be a positive integer")
+            if getattr(self.train, name) <= 0:
+                raise ConfigError(f"train.{name} is {getattr(self.train, name)}: must be a positive integer")
         self.sizes(1)
 
 
@@ -453,7 +470,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r} ({type(value).__name__})")
-        return dict(value)
+        return _numbers_in(value)  # free-form kwargs: 1e-4 is the number a user meant
+    if tp is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 1e-4 and 3e5 (no dot) as strings
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
@@ -470,6 +489,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if key not in names and full in MOVED_KEYS:
+            raise ConfigError(f"{full} is now {MOVED_KEYS[full]} (the optimizer and batch sizes every algorithm "
+                              f"shares are in the train: section): rename it in the config or the override")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else \
@@ -502,13 +524,7 @@ def apply_override(data: dict, assignment: str) -> None:
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. "
                           f"{dotted.strip()}='\"{raw}\"'") from None
-    # YAML reads 1e-4 as a string; accept it as the number the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") and value.lower() not in ("inf", "nan") else value
-        except ValueError:
-            pass
-    node[keys[-1]] = value
+    node[keys[-1]] = value  # numbers written 1e-4 are read by _convert, as those of a file are
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -521,28 +537,46 @@ def _read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
-    return _floatify(data)
+    return data
 
 
-def _floatify(node: Any) -> Any:
-    """PyYAML reads '1e-4' (no dot) as a string; turn such strings into floats."""
+# What PyYAML (YAML 1.1) leaves a string but a person means as a number: 1e-4, 3E5, -2.5e+3 (exponent, no dot
+# needed). inf and nan are not numbers here.
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers_in(node: Any) -> Any:
+    """``node`` with every string that is a NUMBER read as a float (inside mappings and lists too)."""
     if isinstance(node, dict):
-        return {k: _floatify(v) for k, v in node.items()}
+        return {k: _numbers_in(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_floatify(v) for v in node]
-    if isinstance(node, str):
-        try:
-            if any(c in node for c in "eE") and node[0] in "0123456789.-+":
-                return float(node)
-        except ValueError:
-            return node
+        return [_numbers_in(v) for v in node]
+    if isinstance(node, str) and NUMBER.fullmatch(node.strip()):
+        return float(node)
     return node
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None):
+def upgrade_saved_config(data: dict) -> dict:
+    """A checkpoint's config.yaml as written by llmrl before the train: section: moved keys in their new place
+    (the values unchanged), so that runs trained before still resume, evaluate and export."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            if not (old == "dpo.steps" and data.get("algorithm") != "dpo"):  # steps of the run's own algorithm
+                data.setdefault(new_section, {})[new_key] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
+                saved: bool = False):
     """Read a YAML recipe into ``cls`` (default Config), apply ``section.key=value`` overrides, type-check
-    and validate."""
+    and validate. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
     data = _read_yaml(path)
+    if saved:
+        data = upgrade_saved_config(data)
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(cls or Config, data)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def tiny_config(model_dir, run_dir, *overrides):
     return load_config(REPO / "configs" / "tiny.yaml", [
         f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "run.progress=false",
-        "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2",
+        "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=2", "train.epochs=2",
         "data.eval_size=8", "run.device=cpu", *overrides,
     ])
 
@@ -28,8 +28,8 @@ def make_trainer(cfg, strategy=None):
 
 # Greedy rollouts make the samples independent of how the batch is split over ranks; one minibatch per
 # rollout and one PPO epoch make the update one full-batch gradient step: so such runs must agree.
-EQUAL = ["generation.do_sample=false", "ppo.total_steps=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
-         "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
+EQUAL = ["generation.do_sample=false", "train.total_steps=3", "train.rollout_batch_size=16", "train.mini_batch_size=16",
+         "train.epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
 MASTER_PORT = 29500 + os.getpid() % 1000  # launch_ppo's: fixed for the test session, apart from other sessions'
 
 

@@ -20,7 +20,7 @@ def test_critic_free_rollouts_group_completions_per_prompt(tiny_model_dir, tmp_p
     trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=grpo",
                                        "critic_free.num_generations=4"))
     rows = trainer.rows_for_step(0)
-    assert len(rows) == 8  # ppo.rollout_batch_size counts completions: 2 prompts x 4
+    assert len(rows) == 8  # train.rollout_batch_size counts completions: 2 prompts x 4
     assert [r["prompt"] for r in rows[:4]] == [rows[0]["prompt"]] * 4 and rows[4]["prompt"] != rows[0]["prompt"]
     value_before = trainer.policy.value_head.weight.detach().clone()
     stats = trainer.train_step()
@@ -84,7 +84,7 @@ def test_dpo_starts_at_log_2_and_learns_the_preferences(tiny_model_dir, tmp_path
     from llmrl.rewards.base import build_eval_reward, build_reward
     from llmrl.distributed.strategy import SingleProcess
 
-    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dpo", "dpo.batch_size=8", "ppo.lr=1e-2",
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dpo", "dpo.batch_size=8", "train.lr=1e-2",
                       "dpo.beta=1.0")
     base = make_trainer(cfg)  # for its policy and rows
     trainer = DPOTrainer(cfg, base.policy, base.tokenizer, load_pairs(str(REPO / "configs/data/reverse_prefs.jsonl")),
@@ -123,7 +123,7 @@ def test_each_algorithm_raises_held_out_reward_over_the_warm_start(warm_start, t
     run_dir = tmp_path / algorithm
     out = subprocess.run([sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs/tiny.yaml"),
                           f"algorithm={algorithm}", f"model.name_or_path={warm_start}", f"run.output_dir={run_dir}",
-                          "ppo.total_steps=60", "dpo.steps=60", "run.eval_every=0", "run.save_every=0",
+                          "train.total_steps=60", "train.total_steps=60", "run.eval_every=0", "run.save_every=0",
                           "run.progress=false"], capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -18,8 +18,8 @@ from helpers import launch_ppo, ppo_command, subprocess_env
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-SMALL = ["run.progress=false", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
-         "ppo.ppo_epochs=2", "data.eval_size=16", "run.eval_every=0", "run.device=cpu", "run.threads=1"]
+SMALL = ["run.progress=false", "train.rollout_batch_size=16", "train.mini_batch_size=8", "train.micro_batch_size=4",
+         "train.epochs=2", "data.eval_size=16", "run.eval_every=0", "run.device=cpu", "run.threads=1"]
 
 
 def run_ppo(config, *args):
@@ -30,7 +30,7 @@ def run_ppo(config, *args):
 def test_tiny_recipe_warm_start_then_ppo(tmp_path):
     run_dir = tmp_path / "run"
     out = run_ppo(REPO / "configs" / "tiny.yaml", *SMALL, f"run.output_dir={run_dir}",
-                  f"model.name_or_path={tmp_path / 'warm'}", "warm_start.steps=20", "ppo.total_steps=3",
+                  f"model.name_or_path={tmp_path / 'warm'}", "warm_start.steps=20", "train.total_steps=3",
                   "run.save_every=2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "warm start: 20 supervised steps" in out.stdout
@@ -74,7 +74,7 @@ def final_metrics(run_dir):
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model_dir):
-    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", "ppo.total_steps=12", "run.save_every=3",
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", "train.total_steps=12", "run.save_every=3",
               "run.keep_last=10", "run.seed=3"]
     config = REPO / "configs" / "tiny.yaml"
     whole = run_ppo(config, *common, f"run.output_dir={tmp_path / 'whole'}")
@@ -105,7 +105,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model_dir
 def test_gpt2_recipe_runs_two_steps_with_a_local_stand_in(tmp_path, english_model_dir):
     run_dir = tmp_path / "gpt2"
     out = run_ppo(REPO / "configs" / "gpt2.yaml", f"model.name_or_path={english_model_dir}",
-                  f"run.output_dir={run_dir}", "ppo.total_steps=2", "generation.max_new_tokens=8",
+                  f"run.output_dir={run_dir}", "train.total_steps=2", "generation.max_new_tokens=8",
                   "run.progress=false", "run.device=cpu", "data.eval_size=4")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -134,7 +134,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
                       "    return [float(len(c)) for c in completions]\n")
     offline.touch()
     run_dir = tmp_path / "run"
-    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=5",
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "train.total_steps=5",
               "run.save_every=2"]
     out = run_ppo(REPO / "configs" / "tiny.yaml", *common, f"reward.function={reward}:flaky")
     assert out.returncode == 2
@@ -151,7 +151,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
     (["ppo.clip_rnage=0.1"], "error: unknown config key 'ppo.clip_rnage'; did you mean 'ppo.clip_range'?"),
     (["model.name_or_path=/no/such/model", "warm_start=null"], "error: model.name_or_path = '/no/such/model' does not exist: "
                                           "point it at a model folder, a .gguf file, pkg:PACKAGE/sub/path or a hub name"),
-    (["ppo.mini_batch_size=48"], "error: ppo.rollout_batch_size = 64 is not divisible by ppo.mini_batch_size = 48: "
+    (["train.mini_batch_size=48"], "error: train.rollout_batch_size = 64 is not divisible by train.mini_batch_size = 48: "
                                "choose sizes where it divides"),
     (["data.source=/no/prompts.jsonl"], "error: data.source = '/no/prompts.jsonl' does not exist: give a prompt "
                                       "file path or task:NAME"),
@@ -193,7 +193,7 @@ def test_overwrite_replaces_a_run_folder_but_nothing_else(tmp_path, tiny_model_d
     (run_dir / "log.jsonl").write_text('{"step": 2, "reward/mean": 0.5}\n')
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / "other-run").mkdir()
-    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "ppo.total_steps=1"]
+    common = [*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "train.total_steps=1"]
     out = run_ppo(REPO / "configs" / "tiny.yaml", *common, "--overwrite")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [

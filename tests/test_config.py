@@ -24,7 +24,7 @@ def test_every_shipped_yaml_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     sizes = cfg.sizes(1)
-    assert sizes.num_mini_batches * cfg.ppo.mini_batch_size == cfg.ppo.rollout_batch_size
+    assert sizes.num_mini_batches * cfg.train.mini_batch_size == cfg.train.rollout_batch_size
 
 
 def write(tmp_path, data) -> Path:
@@ -51,19 +51,19 @@ def test_unknown_key_names_its_path_and_the_closest_valid_one(tmp_path):
 
 
 def test_wrong_type_names_key_and_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"ppo.total_steps must be a int, got 'ten' \(str\)"):
-        load_config(write(tmp_path, base(ppo={"total_steps": "ten"})))
+    with pytest.raises(ConfigError, match=r"train.total_steps must be a int, got 'ten' \(str\)"):
+        load_config(write(tmp_path, base(train={"total_steps": "ten"})))
     with pytest.raises(ConfigError, match=r"ppo.adaptive_kl must be a bool, got 1"):
         load_config(write(tmp_path, base(ppo={"adaptive_kl": 1})))
 
 
 def test_ints_are_accepted_for_floats_and_scientific_notation_parses(tmp_path):
-    cfg = load_config(write(tmp_path, base(ppo={"lr": 1})), ["ppo.init_kl_coef=2e-3"])
-    assert cfg.ppo.lr == 1.0 and isinstance(cfg.ppo.lr, float)
+    cfg = load_config(write(tmp_path, base(train={"lr": 1})), ["ppo.init_kl_coef=2e-3"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.ppo.init_kl_coef == pytest.approx(0.002)
     path = tmp_path / "sci.yaml"
-    path.write_text(yaml.safe_dump(base()) + "ppo:\n  lr: 3e-5\n")
-    assert load_config(path).ppo.lr == pytest.approx(3e-5)
+    path.write_text(yaml.safe_dump(base()) + "train:\n  lr: 3e-5\n")
+    assert load_config(path).train.lr == pytest.approx(3e-5)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -72,12 +72,12 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_batch_sizes_that_do_not_divide_name_both_numbers(tmp_path):
-    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size = 64 is not divisible by ppo.mini_batch_size = 24"):
-        load_config(write(tmp_path, base(ppo={"rollout_batch_size": 64, "mini_batch_size": 24})))
-    with pytest.raises(ConfigError, match=r"= 16 is not divisible by ppo.micro_batch_size = 6"):
-        load_config(write(tmp_path, base(ppo={"mini_batch_size": 16, "micro_batch_size": 6})))
-    cfg = load_config(write(tmp_path, base(ppo={"rollout_batch_size": 64, "mini_batch_size": 16,
-                                                "micro_batch_size": 4})))
+    with pytest.raises(ConfigError, match=r"train.rollout_batch_size = 64 is not divisible by train.mini_batch_size = 24"):
+        load_config(write(tmp_path, base(train={"rollout_batch_size": 64, "mini_batch_size": 24})))
+    with pytest.raises(ConfigError, match=r"= 16 is not divisible by train.micro_batch_size = 6"):
+        load_config(write(tmp_path, base(train={"mini_batch_size": 16, "micro_batch_size": 6})))
+    cfg = load_config(write(tmp_path, base(train={"rollout_batch_size": 64, "mini_batch_size": 16,
+                                                  "micro_batch_size": 4})))
     s = cfg.sizes(2)
     assert (s.local_rollout_batch_size, s.num_mini_batches, s.grad_accum_steps) == (32, 4, 2)
     with pytest.raises(ConfigError, match=r"rollout_batch_size = 64 is not divisible by the world size = 3"):
@@ -86,14 +86,14 @@ def test_batch_sizes_that_do_not_divide_name_both_numbers(tmp_path):
 
 def test_overrides_set_single_keys_and_are_checked(tmp_path):
     path = write(tmp_path, base())
-    cfg = load_config(path, ["ppo.total_steps=7", "lora.target_modules=[c_attn, c_fc]", "model.quantization=null"])
-    assert cfg.ppo.total_steps == 7
+    cfg = load_config(path, ["train.total_steps=7", "lora.target_modules=[c_attn, c_fc]", "model.quantization=null"])
+    assert cfg.train.total_steps == 7
     assert cfg.lora.target_modules == ["c_attn", "c_fc"]
     assert cfg.model.quantization is None
     with pytest.raises(ConfigError, match="unknown config key 'ppo.totl_steps'"):
         load_config(path, ["ppo.totl_steps=3"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
-        load_config(path, ["ppo.total_steps"])
+        load_config(path, ["train.total_steps"])
 
 
 @pytest.mark.parametrize("section,key,value,match", [
@@ -101,19 +101,19 @@ def test_overrides_set_single_keys_and_are_checked(tmp_path):
     ("model", "quantization", "3bit", "model.quantization is '3bit'"),
     ("ppo", "kl_estimator", "k9", "ppo.kl_estimator is 'k9'"),
     ("generation", "temperature", 0.0, "generation.temperature is 0.0"),
-    ("ppo", "micro_batch_size", 0, "ppo.micro_batch_size is 0"),
+    ("train", "micro_batch_size", 0, "train.micro_batch_size is 0"),
     # each of these crashed deep in torch, or trained on silently
     ("generation", "top_k", -5, "generation.top_k is -5: must be >= 0"),
-    ("ppo", "lr", -1.0, "ppo.lr is -1.0: must be > 0"),
+    ("train", "lr", -1.0, "train.lr is -1.0: must be > 0"),
     ("ppo", "clip_range", -0.2, "ppo.clip_range is -0.2: must be > 0"),
-    ("ppo", "max_grad_norm", -1.0, "ppo.max_grad_norm is -1.0"),
+    ("train", "max_grad_norm", -1.0, "train.max_grad_norm is -1.0"),
     ("ppo", "gamma", 2.0, r"ppo.gamma is 2.0: must be in \(0, 1\]"),
     ("dpo", "batch_size", 0, "dpo.batch_size is 0: must be at least 1"),
-    ("dpo", "steps", 0, "dpo.steps is 0: must be at least 1"),
+    ("train", "total_steps", 0, "train.total_steps is 0: must be at least 1"),
     # hardening audit: these passed validation and trained on with NaN, hung, or crashed later
     ("ppo", "vf_coef", float("nan"), "ppo.vf_coef is nan: must be a finite number"),
     ("ppo", "kl_target", float("nan"), "ppo.kl_target is nan: must be a finite number"),
-    ("ppo", "lr", float("inf"), "ppo.lr is inf: must be a finite number"),
+    ("train", "lr", float("inf"), "train.lr is inf: must be a finite number"),
     ("ppo", "kl_horizon", 0.0, "ppo.kl_horizon is 0.0: must be > 0"),
     ("run", "device", "tpu", "run.device is 'tpu': use auto, cpu, cuda or cuda:N"),
     ("reward", "clip", -1.0, r"reward.clip is -1.0: must be > 0 \(scores are clipped to \[-clip, clip\]\)"),
@@ -175,3 +175,66 @@ def test_the_config_reference_lists_the_choices():
     rows = {key: text for key, _, text in help_text()}
     assert rows["deepspeed.zero_stage"].endswith("One of: `0`, `1`, `2`, `3`.")
     assert rows["model.quantization"].endswith("One of: `8bit`, `4bit`.")
+
+
+@pytest.mark.parametrize("old,new", [("ppo.lr", "train.lr"), ("ppo.ppo_epochs", "train.epochs"),
+                                     ("ppo.rollout_batch_size", "train.rollout_batch_size"),
+                                     ("dpo.steps", "train.total_steps")])
+def test_a_key_that_moved_to_train_names_its_new_place(tmp_path, old, new):
+    section, key = old.split(".")
+    message = rf"^{re.escape(old)} is now {re.escape(new)} \(the optimizer and batch sizes"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, base(**{section: {key: 2}})))
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, base()), [f"{old}=2"])
+
+
+def test_a_checkpoint_config_written_before_the_train_section_is_upgraded():
+    from llmrl.config import Config, from_dict, upgrade_saved_config
+
+    old = {"algorithm": "ppo", "ppo": {"lr": 3e-4, "ppo_epochs": 2, "total_steps": 9, "gamma": 0.9},
+           "dpo": {"steps": 150, "beta": 0.2}}
+    cfg = from_dict(Config, upgrade_saved_config(old))
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.total_steps, cfg.ppo.gamma, cfg.dpo.beta) == (3e-4, 2, 9, 0.9, 0.2)
+    dpo = from_dict(Config, upgrade_saved_config({**old, "algorithm": "dpo"}))
+    assert dpo.train.total_steps == 150  # a DPO run's length was dpo.steps
+    assert old["ppo"]["lr"] == 3e-4 and "steps" in old["dpo"]  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3E5", 3e5), ("-2.5e+3", -2500.0), (".5e1", 5.0)])
+def test_numbers_without_a_dot_read_the_same_from_a_file_and_an_override(tmp_path, text, value):
+    path = tmp_path / "n.yaml"
+    path.write_text(yaml.safe_dump(base()) + f"ppo:\n  init_kl_coef: {text}\n")
+    assert load_config(path).ppo.init_kl_coef == value
+    assert load_config(write(tmp_path, base()), [f"ppo.init_kl_coef={text}"]).ppo.init_kl_coef == value
+
+
+def test_a_string_setting_that_looks_like_a_number_stays_a_string(tmp_path):
+    # run.output_dir is a str: 1e5 is a folder name there, not 100000.0 (the old float pass refused it)
+    assert load_config(write(tmp_path, base()), ["run.output_dir=1e5"]).run.output_dir == "1e5"
+    with pytest.raises(ConfigError, match=r"ppo.init_kl_coef must be a float, got 'inf'"):
+        load_config(write(tmp_path, base()), ["ppo.init_kl_coef=inf"])
+
+
+def test_resume_export_and_eval_read_a_checkpoint_config_of_the_old_layout(tmp_path):
+    """A run trained before the train: section: its config.yaml still resumes (no setting reported changed) and
+    loads for export; a user's config in the old layout is refused by name."""
+    from llmrl.config import MOVED_KEYS, to_dict
+    from llmrl.distributed.run_dir import resume_changes
+    from llmrl.models.export import load_checkpoint_config
+
+    cfg = load_config(write(tmp_path, base(train={"lr": 3e-4, "epochs": 2})))
+    data = to_dict(cfg)
+    for old, new in MOVED_KEYS.items():  # write it back the way the old llmrl did
+        (os_, ok), (ns, nk) = old.split("."), new.split(".")
+        data[os_][ok] = data[ns][nk]
+    del data["train"]
+    checkpoint = tmp_path / "final"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_config.json").write_text("{}")
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(data))
+    assert resume_changes(checkpoint, cfg) == {}
+    assert load_checkpoint_config(checkpoint) == cfg
+    assert load_config(checkpoint / "config.yaml", saved=True) == cfg
+    with pytest.raises(ConfigError, match=r"^(ppo|dpo)\.\w+ is now train\.\w+ "):
+        load_config(checkpoint / "config.yaml")

@@ -37,9 +37,9 @@ def warm(tmp_path_factory):
 def equal_runs(warm, tmp_path_factory):
     base = tmp_path_factory.mktemp("equal")
     runs = {
-        "single": (0, ["ppo.micro_batch_size=4"]),  # 4 microbatches of 4 per step
-        "zero2": (2, ["deepspeed.zero_stage=2", "ppo.micro_batch_size=4"]),  # 2 ranks x 2 microbatches of 4
-        "zero3": (2, ["deepspeed.zero_stage=3", "ppo.micro_batch_size=8"]),  # 2 ranks x 1 microbatch of 8
+        "single": (0, ["train.micro_batch_size=4"]),  # 4 microbatches of 4 per step
+        "zero2": (2, ["deepspeed.zero_stage=2", "train.micro_batch_size=4"]),  # 2 ranks x 2 microbatches of 4
+        "zero3": (2, ["deepspeed.zero_stage=3", "train.micro_batch_size=8"]),  # 2 ranks x 1 microbatch of 8
     }
     for name, (ranks, extra) in runs.items():
         # running reward normalisation: its statistics must span every rank's scores for the runs to agree
@@ -86,14 +86,14 @@ def test_lora_under_zero3_is_saved_non_empty_and_exports(equal_runs, tmp_path):
 @pytest.mark.parametrize("stage,micro,algorithm", [(2, 2, "reinforce"), (3, 4, "ppo")])
 def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro, algorithm):
     common = [f"model.name_or_path={warm}", f"algorithm={algorithm}", "reward.normalize=running",
-              f"deepspeed.zero_stage={stage}", "ppo.rollout_batch_size=16",
-              "ppo.mini_batch_size=8", f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2", "run.save_every=2",
+              f"deepspeed.zero_stage={stage}", "train.rollout_batch_size=16",
+              "train.mini_batch_size=8", f"train.micro_batch_size={micro}", "train.epochs=2", "run.save_every=2",
               "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1", "run.seed=5"]
-    whole = launch_ppo([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'whole'}"])
+    whole = launch_ppo([*common, "train.total_steps=4", f"run.output_dir={tmp_path / 'whole'}"])
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = launch_ppo([*common, "ppo.total_steps=2", f"run.output_dir={tmp_path / 'split'}"])
+    first = launch_ppo([*common, "train.total_steps=2", f"run.output_dir={tmp_path / 'split'}"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch_ppo([*common, "ppo.total_steps=4", f"run.output_dir={tmp_path / 'split'}", "--resume"])
+    second = launch_ppo([*common, "train.total_steps=4", f"run.output_dir={tmp_path / 'split'}", "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     a, b = training_rows(tmp_path / "whole"), training_rows(tmp_path / "split")
@@ -104,17 +104,17 @@ def test_two_rank_run_resumes_from_its_checkpoint(warm, tmp_path, stage, micro, 
 
 
 def test_resume_on_another_number_of_ranks_where_deepspeed_allows_it(warm, tmp_path):
-    common = [f"model.name_or_path={warm}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-              "ppo.micro_batch_size=2", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
+    common = [f"model.name_or_path={warm}", "train.rollout_batch_size=16", "train.mini_batch_size=8",
+              "train.micro_batch_size=2", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
     for stage in (0, 2):
         run_dir = tmp_path / f"zero{stage}"
-        first = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=2", f"run.output_dir={run_dir}"])
+        first = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "train.total_steps=2", f"run.output_dir={run_dir}"])
         assert first.returncode == 0, first.stderr[-3000:]
         if stage == 0:  # one plain process has no DeepSpeed engine to reload it into: refused, with the way out
-            plain = launch_ppo([*common, "ppo.total_steps=3", f"run.output_dir={run_dir}", "--resume"], ranks=0)
+            plain = launch_ppo([*common, "train.total_steps=3", f"run.output_dir={run_dir}", "--resume"], ranks=0)
             assert plain.returncode == 2 and "was written under DeepSpeed (ZeRO-0, 2 ranks): resume it under the " \
                 "deepspeed launcher" in plain.stderr, plain.stderr[-3000:]
-        second = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "ppo.total_steps=3", f"run.output_dir={run_dir}",
+        second = launch_ppo([*common, f"deepspeed.zero_stage={stage}", "train.total_steps=3", f"run.output_dir={run_dir}",
                          "--resume"], ranks=1)
         if stage == 0:  # whole optimizer state on every rank: 2 ranks -> 1 rank continues
             assert second.returncode == 0, second.stderr[-3000:]
@@ -127,8 +127,8 @@ def test_resume_on_another_number_of_ranks_where_deepspeed_allows_it(warm, tmp_p
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_base_with_zero2_on_two_ranks(warm, tmp_path, quantization):
     out = launch_ppo([f"model.name_or_path={warm}", f"model.quantization={quantization}", "deepspeed.zero_stage=2",
-                  "ppo.total_steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=2",
-                  "ppo.ppo_epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=8", "run.threads=1",
+                  "train.total_steps=2", "train.rollout_batch_size=8", "train.mini_batch_size=8", "train.micro_batch_size=2",
+                  "train.epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=8", "run.threads=1",
                   f"run.output_dir={tmp_path / 'q'}"])
     assert out.returncode == 0, out.stderr[-3000:]
     adapter = load_file(tmp_path / "q" / "final" / "adapter" / "adapter_model.safetensors")
@@ -158,8 +158,8 @@ def test_the_deepspeed_json_is_merged_section_by_section():
 def test_every_shipped_deepspeed_json_starts_a_run(warm, tmp_path, file):
     stage = json.loads((REPO / "configs" / "deepspeed" / file).read_text())["zero_optimization"]["stage"]
     out = launch_ppo([f"model.name_or_path={warm}", f"deepspeed.config_file=configs/deepspeed/{file}",
-                      f"deepspeed.zero_stage={stage}", "ppo.total_steps=1", "ppo.rollout_batch_size=8",
-                      "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "data.eval_size=8",
+                      f"deepspeed.zero_stage={stage}", "train.total_steps=1", "train.rollout_batch_size=8",
+                      "train.mini_batch_size=8", "train.micro_batch_size=4", "train.epochs=1", "data.eval_size=8",
                       "run.progress=false", "run.eval_every=0", f"run.output_dir={tmp_path / 'run'}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(training_rows(tmp_path / "run")) == 1
@@ -174,11 +174,11 @@ def test_impossible_combinations_fail_at_start_up(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="cannot be used with ZeRO-3"):
         make_strategy(cfg)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["run.strategy=deepspeed", "deepspeed.zero_stage=3",
-                                                        "ppo.mini_batch_size=32", "ppo.micro_batch_size=4"])
+                                                        "train.mini_batch_size=32", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"ZeRO-3 with gradient accumulation \(4 microbatches"):
         make_strategy(cfg)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["run.strategy=deepspeed", "deepspeed.zero_stage=2",
-                                                        "deepspeed.offload_params=true", "ppo.micro_batch_size=16"])
+                                                        "deepspeed.offload_params=true", "train.micro_batch_size=16"])
     with pytest.raises(ConfigError, match="offload_params needs deepspeed.zero_stage: 3"):
         make_strategy(cfg)
 
@@ -202,7 +202,7 @@ from helpers import make_trainer, tiny_config
 from llmrl.distributed.strategy import make_strategy
 
 cfg = tiny_config(model_dir, run_dir, "run.strategy=deepspeed", "deepspeed.zero_stage=3",
-                  "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=2",
+                  "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=2", "train.epochs=2",
                   "generation.do_sample=false")
 strategy = make_strategy(cfg)
 trainer = make_trainer(cfg, strategy)
@@ -293,7 +293,7 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
 def test_a_single_process_checkpoint_is_not_resumed_under_deepspeed(equal_runs, warm, tmp_path):
     # DeepSpeed 0.19.8 failed with a bare AssertionError (len(self.ckpt_list) > 0) in its checkpoint loader.
     shutil.copytree(equal_runs / "single" / "final", tmp_path / "step-000003")  # a complete checkpoint
-    out = launch_ppo([*EQUAL, "ppo.total_steps=4", "deepspeed.zero_stage=2", "ppo.micro_batch_size=4",
+    out = launch_ppo([*EQUAL, "train.total_steps=4", "deepspeed.zero_stage=2", "train.micro_batch_size=4",
                       f"model.name_or_path={warm}", f"run.output_dir={tmp_path}", "--resume"])
     assert out.returncode != 0
     assert "was written by one plain process, not under DeepSpeed: resume it the same way" in out.stderr + out.stdout

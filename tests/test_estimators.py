@@ -121,7 +121,7 @@ def test_dapo_trains_only_on_groups_whose_scores_differ(tiny_model_dir, tmp_path
                                     "zip(prompts, completions)]\n")
     trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dapo",
                                        "critic_free.num_generations=4", f"reward.function={tmp_path / 'rw.py'}:r",
-                                       "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8"))
+                                       "train.rollout_batch_size=16", "train.mini_batch_size=8"))
     rows = trainer.rows_for_step(0)
     exp, stats = trainer.make_experience(rows)
     scores = exp.scores.view(-1, 4)
@@ -202,9 +202,9 @@ def test_eval_refuses_an_estimator_named_by_a_checkpoint(tiny_model_dir, tmp_pat
 def test_the_new_estimators_train_through_the_command_line(tiny_model_dir, tmp_path, algorithm):
     run = tmp_path / "run"
     out = launch_ppo([f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", f"algorithm={algorithm}",
-                      "critic_free.num_generations=4", "ppo.total_steps=3", "ppo.rollout_batch_size=16",
-                      "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "data.eval_size=16", "run.eval_every=0",
-                      "run.progress=false", "ppo.lr=3e-3"], ranks=0)
+                      "critic_free.num_generations=4", "train.total_steps=3", "train.rollout_batch_size=16",
+                      "train.mini_batch_size=8", "train.micro_batch_size=8", "data.eval_size=16", "run.eval_every=0",
+                      "run.progress=false", "train.lr=3e-3"], ranks=0)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = training_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -57,7 +57,7 @@ def export_cmd(*args):
 def trained(tiny_model_dir, tmp_path_factory):
     """A checkpoint after two PPO steps on the tiny model (so the adapter is not zero)."""
     run_dir = tmp_path_factory.mktemp("run")
-    trainer = make_trainer(tiny_config(tiny_model_dir, run_dir, "ppo.lr=1e-2"))
+    trainer = make_trainer(tiny_config(tiny_model_dir, run_dir, "train.lr=1e-2"))
     trainer.train_step()
     trainer.train_step()
     path = trainer.save_checkpoint(run_dir / "final")
@@ -151,7 +151,7 @@ def test_an_adapter_only_export_names_its_base_so_that_it_loads_from_anywhere(tr
 
 
 def test_export_of_an_8bit_run_merges_into_an_unquantized_base(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "model.quantization=8bit", "ppo.lr=1e-2"))
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "model.quantization=8bit", "train.lr=1e-2"))
     trainer.train_step()
     checkpoint = trainer.save_checkpoint(tmp_path / "run" / "final")
     result = export_cmd("--checkpoint", checkpoint, "--out", tmp_path / "merged")

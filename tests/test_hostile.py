@@ -18,8 +18,8 @@ from helpers import REPO, launch_ppo, ppo_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["run.progress=false", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4",
-         "ppo.ppo_epochs=1", "data.eval_size=8", "run.eval_every=0", "run.device=cpu", "run.threads=1",
+SMALL = ["run.progress=false", "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=4",
+         "train.epochs=1", "data.eval_size=8", "run.eval_every=0", "run.device=cpu", "run.threads=1",
          "run.save_every=1", "run.keep_last=10"]
 
 
@@ -33,7 +33,7 @@ def digest(run: Path) -> dict:
 def trained(tiny_model_dir, tmp_path_factory):
     """A 2-step run with checkpoints at steps 1 and 2 (and final), copied fresh for each test."""
     run = tmp_path_factory.mktemp("hostile") / "run"
-    out = launch_ppo([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", "ppo.total_steps=2"],
+    out = launch_ppo([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", "train.total_steps=2"],
                      ranks=0)
     assert out.returncode == 0, out.stderr[-3000:]
     return run
@@ -118,7 +118,7 @@ def test_a_tampered_checkpoint_runs_nothing(tiny_model_dir, run_copy, tmp_path):
         original = victim.read_bytes()
         torch.save({"step": 2, "payload": Exploit()}, victim)
         before = digest(run_copy)
-        out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", "--resume")
+        out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "--resume")
         assert_one_line(out, f"{name} cannot be read as plain state", "move this folder away")
         assert not marker.exists() and digest(run_copy) == before
         if name == "trainer_state.pt":
@@ -148,7 +148,7 @@ def test_a_damaged_checkpoint_is_named_on_resume(tiny_model_dir, run_copy, damag
     else:
         (step / "base_fingerprint.json").write_text("{garbage")
     before = digest(run_copy)
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", "--resume")
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "--resume")
     assert_one_line(out, fragment)
     assert digest(run_copy) == before
 
@@ -161,15 +161,15 @@ def test_a_damaged_checkpoint_is_named_on_resume(tiny_model_dir, run_copy, damag
 ])
 def test_resume_refuses_changed_settings_by_name(tiny_model_dir, run_copy, change, fragment):
     before = digest(run_copy)
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", change, "--resume")
-    assert_one_line(out, fragment, "differ from the checkpoint's settings", "A resume may change only ppo.total_steps")
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", change, "--resume")
+    assert_one_line(out, fragment, "differ from the checkpoint's settings", "A resume may change only train.total_steps")
     assert digest(run_copy) == before
 
 
 def test_resume_applies_a_new_learning_rate(tiny_model_dir, run_copy):
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", "ppo.lr=1e-6", "--resume")
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "train.lr=1e-6", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "changed: ppo.lr 0.001 -> 1e-06" in out.stdout
+    assert "changed: train.lr 0.001 -> 1e-06" in out.stdout
     rows = [json.loads(line) for line in (run_copy / "log.jsonl").read_text().splitlines() if "optim/lr" in line]
     assert rows[-1]["step"] == 3 and rows[-1]["optim/lr"] == pytest.approx(1e-6)
     summary = json.loads((run_copy / "summary.json").read_text())
@@ -178,7 +178,7 @@ def test_resume_applies_a_new_learning_rate(tiny_model_dir, run_copy):
 
 
 def test_resume_at_the_last_step_keeps_the_summary_whole(tiny_model_dir, run_copy):
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=2", "--resume")
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=2", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_copy / "summary.json").read_text())
     assert summary["train_reward_last"] is not None and summary["kl_last"] is not None
@@ -186,9 +186,9 @@ def test_resume_at_the_last_step_keeps_the_summary_whole(tiny_model_dir, run_cop
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, run_copy):
     before = digest(run_copy)
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=4", "ppo.lr=1e8", "run.keep_last=1", "--resume")
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=4", "train.lr=1e8", "run.keep_last=1", "--resume")
     last = assert_one_line(out, "training diverged", "nothing of this step was saved",
-                           f"Last good checkpoint: {run_copy / 'step-000002'}", "Lower ppo.lr")
+                           f"Last good checkpoint: {run_copy / 'step-000002'}", "Lower train.lr")
     assert "step 3:" in last
     assert digest(run_copy) == before  # not pruned, not replaced by a NaN checkpoint
     assert not list(run_copy.glob(".tmp-*"))
@@ -204,7 +204,7 @@ def test_a_full_disk_stops_cleanly_and_resume_then_works(tiny_model_dir, run_cop
 
     before = digest(run_copy)
     out = subprocess.run(ppo_command([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_copy}",
-                                      "ppo.total_steps=3", "--resume"], ranks=0), capture_output=True, text=True,
+                                      "train.total_steps=3", "--resume"], ranks=0), capture_output=True, text=True,
                          cwd=REPO, env=subprocess_env(), timeout=300, preexec_fn=limited)
     assert_one_line(out, "could not write checkpoint", "the half-written folder was removed",
                     f"Last good checkpoint: {run_copy / 'step-000002'}")
@@ -213,7 +213,7 @@ def test_a_full_disk_stops_cleanly_and_resume_then_works(tiny_model_dir, run_cop
     with open(run_copy / "log.jsonl", "a") as f:
         f.write('{"step": 3, "reward/mea')
     (run_copy / ".tmp-step-000003").mkdir()  # and a temporary folder a killed run left is cleared at start
-    resumed = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", "--resume")
+    resumed = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (run_copy / ".tmp-step-000003").exists()
     steps = [json.loads(line)["step"] for line in (run_copy / "log.jsonl").read_text().splitlines()]
@@ -244,7 +244,7 @@ def test_a_reward_returning_a_dict_stops_with_one_line(tiny_model_dir, run_copy,
     (tmp_path / "rw.py").write_text("def as_dict(prompts, completions, **kwargs):\n"
                                     "    return {i: 1.0 for i in range(len(completions))}\n")
     before = digest(run_copy)
-    out = ppo(tiny_model_dir, run_copy, "ppo.total_steps=3", f"reward.function={tmp_path / 'rw.py'}:as_dict",
+    out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", f"reward.function={tmp_path / 'rw.py'}:as_dict",
               "--resume")
     # a changed reward is refused on resume; in a new run it fails at the first step with the reward's name
     assert_one_line(out, "reward.function")
@@ -255,7 +255,7 @@ def test_a_reward_returning_a_dict_stops_with_one_line(tiny_model_dir, run_copy,
 
 def test_ctrl_c_is_one_line_naming_the_checkpoint_and_exit_130(tiny_model_dir, run_copy):
     proc = subprocess.Popen(ppo_command([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_copy}",
-                                         "ppo.total_steps=200", "--resume"], ranks=0), stdout=subprocess.PIPE,
+                                         "train.total_steps=200", "--resume"], ranks=0), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run_copy / "step-000003").exists():

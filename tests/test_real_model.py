@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
 
-FEW = ["run.progress=false", "ppo.total_steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
-       "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "generation.max_new_tokens=6", "data.eval_size=4",
+FEW = ["run.progress=false", "train.total_steps=2", "train.rollout_batch_size=4", "train.mini_batch_size=4",
+       "train.micro_batch_size=4", "train.epochs=1", "generation.max_new_tokens=6", "data.eval_size=4",
        "run.save_every=1", "run.device=cpu"]
 
 

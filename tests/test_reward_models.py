@@ -147,8 +147,8 @@ def test_minilm_reward_model_then_ppo_with_it(tmp_path, tiny_model_dir):
 
     run = subprocess.run([sys.executable, str(REPO / "launch" / "ppo.py"), "--config",
                           str(REPO / "configs" / "tiny_learned_reward.yaml"), f"model.name_or_path={tiny_model_dir}",
-                          f"run.output_dir={tmp_path / 'run'}", "ppo.total_steps=2", "ppo.rollout_batch_size=16",
-                          "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "data.eval_size=16", "run.progress=false",
+                          f"run.output_dir={tmp_path / 'run'}", "train.total_steps=2", "train.rollout_batch_size=16",
+                          "train.mini_batch_size=8", "train.micro_batch_size=8", "data.eval_size=16", "run.progress=false",
                           f"reward.components=[{{model: {rm_dir}, text_fn: saved}}]"],
                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -177,9 +177,9 @@ def test_reference_normalisation_is_fitted_once_and_checkpointed(tiny_model_dir,
                       "reward.normalize=reference")
     trainer = make_trainer(cfg)
     trainer.fit_reward_normalizer()
-    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size and trainer.reward_norm.std > 0
+    assert trainer.reward_norm.count == cfg.train.rollout_batch_size and trainer.reward_norm.std > 0
     trainer.train_step()
-    assert trainer.reward_norm.count == cfg.ppo.rollout_batch_size  # fixed after fitting, unlike running
+    assert trainer.reward_norm.count == cfg.train.rollout_batch_size  # fixed after fitting, unlike running
     path = trainer.save_checkpoint(tmp_path / "run" / "step-000001")
     again = make_trainer(cfg)
     again.load_checkpoint(path)

@@ -46,7 +46,7 @@ def test_plot_of_a_folder_without_a_log_is_a_clear_error(tmp_path):
 
 
 def test_eval_reports_reward_before_after_and_kl_to_base(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "ppo.lr=1e-2"))
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "train.lr=1e-2"))
     trainer.train_step()
     trainer.train_step()
     checkpoint = trainer.save_checkpoint(tmp_path / "run" / "final")

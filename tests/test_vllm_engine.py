@@ -215,9 +215,9 @@ def test_zero3_ranks_sampling_with_vllm_train_as_one_process_with_llmrl_engine(v
     full-batch step per rollout make the runs comparable; a stale or partial sync would change steps 2-3."""
     equal = [*EQUAL, "run.device=cpu", "data.max_prompt_length=8", f"model.name_or_path={vllm_model_dir}",
              *SMALL_VLLM]
-    single = launch_ppo([*equal, "ppo.micro_batch_size=4", f"run.output_dir={tmp_path / 'single'}"], ranks=0)
+    single = launch_ppo([*equal, "train.micro_batch_size=4", f"run.output_dir={tmp_path / 'single'}"], ranks=0)
     assert single.returncode == 0, single.stderr[-3000:]
-    zero3 = launch_ppo([*equal, "generation.engine=vllm", "deepspeed.zero_stage=3", "ppo.micro_batch_size=8",
+    zero3 = launch_ppo([*equal, "generation.engine=vllm", "deepspeed.zero_stage=3", "train.micro_batch_size=8",
                         f"run.output_dir={tmp_path / 'zero3'}"], ranks=2)
     assert zero3.returncode == 0, zero3.stderr[-3000:]
     single, zero3 = training_rows(tmp_path / "single"), training_rows(tmp_path / "zero3")

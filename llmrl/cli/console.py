@@ -11,7 +11,7 @@ NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
 def config_parser(description: str, config_help: str, required: bool = True,
-                  overrides_help: str = "single-key overrides: section.key=value (e.g. ppo.total_steps=10)"
+                  overrides_help: str = "single-key overrides: section.key=value (e.g. train.total_steps=10)"
                   ) -> argparse.ArgumentParser:
     """The arguments every llmrl command shares: ``--config YAML`` and ``section.key=value`` overrides.
 

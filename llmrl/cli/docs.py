@@ -6,7 +6,7 @@ from pathlib import Path
 
 from llmrl.config import Config, RewardComponentConfig, RewardTrainConfig, help_text
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+OUT = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def reference() -> str:

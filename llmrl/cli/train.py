@@ -82,8 +82,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     trainer.process_started = started
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-        if "ppo.lr" in changed:
-            trainer.set_learning_rate(cfg.ppo.lr)
+        if "train.lr" in changed:
+            trainer.set_learning_rate(cfg.train.lr)
         say(main, f"resumed from {resume_from} at step {trainer.step}" +
             (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}" if changed else ""))
     elif cfg.reward.normalize == "reference":

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, step_checkpoints
-from llmrl.config import Config, ConfigError, to_dict
+from llmrl.config import Config, ConfigError, to_dict, upgrade_saved_config
 
 # What a run writes in run.output_dir, and inside each of its checkpoints.
 RUN_ENTRY = re.compile(r"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
@@ -26,9 +26,8 @@ LEFTOVER = re.compile(r"^\.(tmp|old)-")
 # config.yaml is refused by name. Sizes, the algorithm, the model, LoRA, data and rewards fix what the saved
 # state means; these only steer how the rest of the run proceeds or reports.
 RESUMABLE = {
-    "ppo.total_steps": "train longer (or shorter); a linear or cosine schedule stretches to the new end",
-    "ppo.lr": "the learning rate from now on (e.g. lower, after a divergence)",
-    "dpo.steps": "DPO: train longer",
+    "train.total_steps": "train longer (or shorter); a linear or cosine schedule stretches to the new end",
+    "train.lr": "the learning rate from now on (e.g. lower, after a divergence)",
     "reward.timeout": "how long the reward may take",
     "run.progress": "", "run.eval_every": "", "run.save_every": "", "run.keep_last": "", "run.log_samples": "",
     "run.report_to": "", "run.threads": "", "run.device": "", "run.output_dir": "the run folder moved",
@@ -128,7 +127,7 @@ def resume_changes(checkpoint: Path, cfg: Config) -> dict[str, tuple]:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"checkpoint {checkpoint}: config.yaml cannot be read ({str(e).splitlines()[0]}): move this "
                           f"folder away to resume from the checkpoint before it") from None
-    old, new = _flat(saved), _flat(to_dict(cfg))
+    old, new = _flat(upgrade_saved_config(saved) if isinstance(saved, dict) else saved), _flat(to_dict(cfg))
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
     def allowed(key: str) -> bool:

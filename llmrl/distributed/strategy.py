@@ -393,7 +393,7 @@ def check_config_file(ds_cfg) -> None:
     for key in ("optimizer", "scheduler"):
         if key in data:
             raise ConfigError(f"deepspeed.config_file = {ds_cfg.config_file!r} sets {key!r}: llmrl builds the "
-                              f"optimizer and its schedule (ppo.lr, ppo.lr_schedule...); remove {key!r} from the JSON")
+                              f"optimizer and its schedule (train.lr, train.lr_schedule...); remove {key!r} from the JSON")
     stage = (data.get("zero_optimization") or {}).get("stage", ds_cfg.zero_stage)
     if stage != ds_cfg.zero_stage:
         raise ConfigError(f"deepspeed.config_file sets ZeRO stage {stage} but deepspeed.zero_stage is "
@@ -419,8 +419,8 @@ def make_strategy(cfg):
             # Measured with deepspeed 0.19.8 on CPU: under ZeRO-3 only the last microbatch's gradient survived
             # accumulation (tests/test_deepspeed.py shows the check; README, "Scaling out").
             raise ConfigError(f"ZeRO-3 with gradient accumulation ({accum} microbatches per optimizer step) kept "
-                              f"only the last microbatch's gradient in our tests: set ppo.micro_batch_size = "
-                              f"ppo.mini_batch_size / ranks = {cfg.ppo.mini_batch_size // world}, or use ZeRO-2")
+                              f"only the last microbatch's gradient in our tests: set train.micro_batch_size = "
+                              f"train.mini_batch_size / ranks = {cfg.train.mini_batch_size // world}, or use ZeRO-2")
         if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions "
                               "parameters)")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
-from llmrl.config import Config, ConfigError, from_dict
+from llmrl.config import Config, ConfigError, from_dict, upgrade_saved_config
 from llmrl.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,7 +30,7 @@ def load_checkpoint_config(checkpoint: Path) -> Config:
     if not (checkpoint / "adapter" / "adapter_config.json").is_file() or not (checkpoint / "config.yaml").is_file():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint (no adapter/ and "
                           f"config.yaml inside): pass a run's final/ or step-N/ folder")
-    return from_dict(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    return from_dict(Config, upgrade_saved_config(yaml.safe_load((checkpoint / "config.yaml").read_text())))
 
 
 def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.dtype = torch.float32,
@@ -118,7 +118,7 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         for row in read_log(checkpoint.parent):
             if row.get("step", 0) <= state["step"] and "samples" not in row:
                 metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
-    p, algorithm = cfg.ppo, cfg.algorithm.upper()
+    p, t, algorithm = cfg.ppo, cfg.train, cfg.algorithm.upper()
     how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
            if adapter_only else "merged into the base here. Loads with `transformers` alone: "
            "`AutoModelForCausalLM.from_pretrained(this_folder)`")
@@ -134,8 +134,8 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         f"| prompts | `{cfg.data.source}` |",
         f"| steps | {state['step']} |",
         f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
-        f"| optimisation | lr={p.lr}, rollout={p.rollout_batch_size}, minibatch={p.mini_batch_size}, "
-        f"epochs={p.ppo_epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
+        f"| optimisation | lr={t.lr}, rollout={t.rollout_batch_size}, minibatch={t.mini_batch_size}, "
+        f"epochs={t.epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
         f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
         f"final beta={state['kl_ctl']['value']:.4g} |" if "kl_ctl" in state else
         f"| KL | DPO's implicit KL, beta={cfg.dpo.beta} |",

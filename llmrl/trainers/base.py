@@ -64,7 +64,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.sizes = cfg.sizes(strategy.world_size)
         self.params = policy.trainable_parameters()
-        p = cfg.ppo
+        p = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(p.lr_schedule, p.warmup_steps, self.sizes.optimizer_steps))
@@ -132,8 +132,8 @@ class Trainer:
         shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "optim/grad_norm")
                           if isinstance(stats.get(k), float))
         raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
-                         f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower ppo.lr (or clip "
-                         f"harder with ppo.max_grad_norm) and {'pass --resume' if last else 'start again'}")
+                         f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower train.lr (or clip "
+                         f"harder with train.max_grad_norm) and {'pass --resume' if last else 'start again'}")
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -246,7 +246,7 @@ class Trainer:
         return self.wall_seconds_before + time.perf_counter() - self.process_started
 
     def set_learning_rate(self, lr: float) -> None:
-        """A new base learning rate from the current step on (``ppo.lr`` changed on resume): the schedule's factor
+        """A new base learning rate from the current step on (``train.lr`` changed on resume): the schedule's factor
         stays where the run is."""
         self.scheduler.base_lrs = [lr] * len(self.scheduler.base_lrs)
         factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]

@@ -25,7 +25,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                           f"step-N/ folder")
     if config is None:
         check_checkpoint_algorithm(checkpoint / "config.yaml", list(overrides), trust_checkpoint_code)
-    cfg = load_config(config or checkpoint / "config.yaml", list(overrides))
+    cfg = load_config(config or checkpoint / "config.yaml", list(overrides), saved=config is None)
     if config is None:
         check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code)
     trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)

@@ -29,10 +29,10 @@ class PPOTrainer(Trainer):
         self.reward = reward
         self.reward_norm = rl.RunningMeanStd()  # used when reward.normalize is running or reference
         self.train_rows = train_rows
-        if len(train_rows) < cfg.ppo.rollout_batch_size // cfg.group_size:
+        if len(train_rows) < cfg.train.rollout_batch_size // cfg.group_size:
             raise ConfigError(f"data.source has {len(train_rows)} prompts, fewer than the "
-                              f"{cfg.ppo.rollout_batch_size // cfg.group_size} one rollout needs: add prompts or "
-                              f"lower ppo.rollout_batch_size")
+                              f"{cfg.train.rollout_batch_size // cfg.group_size} one rollout needs: add prompts or "
+                              f"lower train.rollout_batch_size")
         # reward.eval_function, when set, scores evaluations; else the training reward does
         super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward or reward)
         p = cfg.ppo
@@ -40,7 +40,7 @@ class PPOTrainer(Trainer):
         self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
 
     def accumulation(self) -> tuple[int, int]:
-        return self.sizes.grad_accum_steps, self.cfg.ppo.micro_batch_size
+        return self.sizes.grad_accum_steps, self.cfg.train.micro_batch_size
 
     def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked whitening over the global batch (all ranks), not only this rank's share."""
@@ -55,7 +55,7 @@ class PPOTrainer(Trainer):
         Derived from the step number alone, so a resumed run draws exactly the prompts it would have.
         """
         k = self.cfg.group_size  # completions per prompt, consecutive in the batch
-        B = self.cfg.ppo.rollout_batch_size // k
+        B = self.cfg.train.rollout_batch_size // k
         per_epoch = len(self.train_rows) // B
         epoch, offset = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
@@ -122,7 +122,7 @@ class PPOTrainer(Trainer):
         exp.ref_logprobs, exp.values = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
         entropy = exp.entropy
         order = torch.argsort(exp.lengths, stable=True)
-        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(self.cfg.ppo.micro_batch_size)]
+        chunks = [(idx, exp.select(idx).trimmed()) for idx in order.split(self.cfg.train.micro_batch_size)]
         for idx, chunk in chunks if policy_pass else ():
             T = chunk.response.shape[1]
             exp.logprobs[idx, :T], v, entropy[idx, :T] = self.forward_logprobs(chunk, critic)
@@ -199,18 +199,18 @@ class PPOTrainer(Trainer):
     # update
 
     def update(self, exp: Experience) -> dict:
-        """``ppo_epochs`` passes over ``exp``; each pass reshuffles it into minibatches of microbatches."""
-        cfg, sizes = self.cfg.ppo, self.sizes
+        """``train.epochs`` passes over ``exp``; each pass reshuffles it into minibatches of microbatches."""
+        cfg, t, sizes = self.cfg.ppo, self.cfg.train, self.sizes
         self.policy.train()
         B = exp.query.shape[0]
-        local_mini = cfg.mini_batch_size // sizes.world_size
+        local_mini = t.mini_batch_size // sizes.world_size
         # Detached statistics accumulate on the device and are read once, after the last microbatch: an .item()
         # per statistic and microbatch would wait for the device each time.
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: zero.clone())
         total_tokens = zero.clone()
         grad_norms = []
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(t.epochs):
             perm = torch.randperm(B, device=self.device)
             for mb_start in range(0, B, local_mini):
                 mb_idx = perm[mb_start:mb_start + local_mini]
@@ -220,9 +220,9 @@ class PPOTrainer(Trainer):
                 # gradients are averaged, the divisor is the global count / world size.
                 num_tokens = (self.strategy.all_reduce_sum(exp.response_mask[mb_idx].sum()).float()
                               / sizes.world_size).clamp(min=1.0)
-                starts = range(0, local_mini, cfg.micro_batch_size)
+                starts = range(0, local_mini, t.micro_batch_size)
                 for j, micro_start in enumerate(starts):
-                    mb = exp.select(mb_idx[micro_start:micro_start + cfg.micro_batch_size]).trimmed()
+                    mb = exp.select(mb_idx[micro_start:micro_start + t.micro_batch_size]).trimmed()
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
                     pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
@@ -276,7 +276,7 @@ class PPOTrainer(Trainer):
         stats = self.strategy.all_reduce_mean(stats)  # before the KL update: every rank moves beta alike
         self.check_finite(self.step + 1, stats)
         if self.estimator.kl_in_reward:
-            self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.rollout_batch_size)
+            self.kl_ctl.update(stats["objective/kl"], self.cfg.train.rollout_batch_size)
         self.step += 1
         return stats
 
