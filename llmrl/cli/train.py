@@ -9,12 +9,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, load_state_file, write_text_atomically
+from llmrl.cli.console import config_parser, run_cli
 from llmrl.config import Config, RunStopped, load_config, to_dict
 from llmrl.data.prompts import check_prompt_lengths, load_prompts
-from llmrl.cli.console import config_parser, run_cli
-from llmrl.rewards.base import build_eval_reward, build_reward
+from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, load_state_file, write_text_atomically
 from llmrl.distributed.run_dir import check_run_dir, make_run_dir, resume_changes
+from llmrl.rewards.base import build_eval_reward, build_reward
 from llmrl.tracking import read_log
 
 
@@ -56,7 +56,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     resume_from = check_run_dir(run_dir, resume, overwrite)
     changed = {}
     if resume_from is not None:
-        strategy.check_resumable(resume_from, load_state_file(resume_from / COMPLETE_MARK))  # plain vs DeepSpeed
+        resume_state = load_state_file(resume_from / COMPLETE_MARK)
+        strategy.check_resumable(resume_from, resume_state)  # plain vs DeepSpeed
         changed = resume_changes(resume_from, cfg)  # settings a resume may not change are refused here
     strategy.barrier()  # every rank has read the run directory before the main rank changes it
     if main:
@@ -81,7 +82,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     trainer.process_started = started
     if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
+        trainer.load_checkpoint(resume_from, resume_state)
         if "train.lr" in changed:
             trainer.set_learning_rate(cfg.train.lr)
         say(main, f"resumed from {resume_from} at step {trainer.step}" +
@@ -106,7 +107,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                dynamic_ncols=True)
     stats, after = {}, None
     try:
-        stats, after = train_loop(trainer, logger, bar, cfg)
+        stats, after = trainer.fit(logger, bar)
     except KeyboardInterrupt:
         bar.close()
         last = latest_checkpoint(run_dir)
@@ -144,29 +145,6 @@ class Interrupted(RunStopped):
     """Ctrl-C: the command exits with 130, as a shell expects."""
 
     exit_code = 130
-
-
-def train_loop(trainer, logger, bar, cfg: Config) -> tuple[dict, dict | None]:
-    """Steps until ``cfg.total_steps``, evaluating and checkpointing as the config says; returns the last step's
-    metrics and the last evaluation (None when no step was left to take)."""
-    total = cfg.total_steps
-    stats, after = {}, None
-    while trainer.step < total:
-        stats = trainer.train_step()
-        step = trainer.step
-        if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            after = trainer.evaluate()
-            stats["eval/reward"] = after["eval/reward"]
-            logger.log_samples(step, trainer.last_eval_samples[:cfg.run.log_samples])
-        logger.log(step, stats)
-        bar.update(1)
-        if "reward/mean" in stats:
-            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['objective/kl']:.3f}", refresh=False)
-        else:  # DPO: no rollouts
-            bar.set_postfix(loss=f"{stats['loss/dpo']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}", refresh=False)
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
-            trainer.save_checkpoint(trainer.checkpoint_path(step))  # collective: every rank takes part
-    return stats, after
 
 
 def last_training_row(run_dir: Path) -> dict:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from llmrl.config import Config, ConfigError, RunStopped, save_config
 from llmrl.data.chat import as_completions, content, render_prompts
+from llmrl.errors import first_line
 from llmrl.distributed.checkpoint import (COMPLETE_MARK, begin_checkpoint, commit_checkpoint, latest_checkpoint,
                                           load_state_file, prune_checkpoints, step_dir_name)
 from llmrl.models.policy import context_length, fingerprint_mismatch
@@ -86,6 +87,32 @@ class Trainer:
     def train_step(self) -> dict:
         """One training step; returns its metrics, averaged over the ranks."""
         raise NotImplementedError
+
+    def progress(self, stats: dict) -> dict:
+        """What the progress bar shows after a step."""
+        return {}
+
+    def fit(self, logger, bar=None) -> tuple[dict, dict | None]:
+        """The run loop every trainer shares: steps until ``train.total_steps``, evaluating and checkpointing as
+        ``run:`` says, metrics to ``logger``; returns the last step's metrics and the last evaluation (None when
+        no step was left to take)."""
+        cfg = self.cfg
+        total = cfg.total_steps
+        stats, after = {}, None
+        while self.step < total:
+            stats = self.train_step()
+            step = self.step
+            if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                after = self.evaluate()
+                stats["eval/reward"] = after["eval/reward"]
+                logger.log_samples(step, self.last_eval_samples[:cfg.run.log_samples])
+            logger.log(step, stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(self.progress(stats), refresh=False)
+            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
+                self.save_checkpoint(self.checkpoint_path(step))  # collective: every rank takes part
+        return stats, after
 
     def extra_state(self) -> dict:
         """What this trainer adds to a checkpoint's trainer_state.pt (tensors, numbers, strings only)."""
@@ -234,7 +261,7 @@ class Trainer:
         elif getattr(failure[0], "errno", None) == errno.ENOSPC or (free_bytes is not None and free_bytes < 2**20):
             why = "no space left on the device"  # torch.save says "enforce fail at inline_container.cc"
         else:
-            why = (str(failure[0]).strip().splitlines() or [type(failure[0]).__name__])[0][:160]
+            why = first_line(failure[0], 160)
         last = latest_checkpoint(self.run_dir)
         raise RunStopped(f"step {self.step}: could not write checkpoint {target} ({why}; {free}): nothing was "
                          f"replaced and the half-written folder was removed. Last good checkpoint: "
@@ -286,9 +313,11 @@ class Trainer:
             raise ConfigError(f"checkpoint {path}: value_head.safetensors does not fit this model "
                               f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
+        """Continue from checkpoint ``path``; ``state``: its trainer_state.pt, when the caller has read it already."""
         path = Path(path)
-        state = load_state_file(path / COMPLETE_MARK)
+        if state is None:
+            state = load_state_file(path / COMPLETE_MARK)
         if self.strategy.loads_module_weights:
             self.check_base(path)
         else:

@@ -11,8 +11,8 @@ import time
 import torch
 
 from llmrl import rl
-from llmrl.data.chat import content, is_conversation, message_problem, render_prompts
 from llmrl.config import ConfigError
+from llmrl.data.chat import content, is_conversation, message_problem, render_prompts
 from llmrl.rollout.experience import Experience, right_padded
 from llmrl.trainers.base import Trainer
 
@@ -72,6 +72,9 @@ class DPOTrainer(Trainer):
         logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
         logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
         return (logprobs * exp.response_mask).sum(1)
+
+    def progress(self, stats: dict) -> dict:
+        return {"loss": f"{stats['loss/dpo']:.3f}", "acc": f"{stats['rewards/accuracy']:.2f}"}
 
     def train_step(self) -> dict:
         start = time.perf_counter()

@@ -280,6 +280,9 @@ class PPOTrainer(Trainer):
         self.step += 1
         return stats
 
+    def progress(self, stats: dict) -> dict:
+        return {"reward": f"{stats['reward/mean']:.3f}", "kl": f"{stats['objective/kl']:.3f}"}
+
     def extra_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "reward_norm": self.reward_norm.state_dict(),
                 "estimator": self.estimator.state_dict()}

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llmrl.data.chat import content, is_conversation
-from llmrl.distributed.checkpoint import write_atomically
 from llmrl.config import ConfigError, RewardTrainConfig
+from llmrl.data.chat import content, is_conversation
+from llmrl.data.tasks import is_held_out
+from llmrl.distributed.checkpoint import write_atomically
 from llmrl.models.reward_model import META_FILE, format_texts, load_reward_tokenizer, load_text_fn
 from llmrl.models.sources import resolve_model
-from llmrl.data.tasks import is_held_out
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
