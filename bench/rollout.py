@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_models import SIZES, build as build_model, median_seconds  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
-from llmrl.rollout.engine import RolloutEngine, Sampling  # noqa: E402
 from llmrl.models.policy import add_lora  # noqa: E402
+from llmrl.rollout.engine import RolloutEngine, Sampling  # noqa: E402
 
 
 def build(name: str, dtype: torch.dtype, device: torch.device, save_to: Path | None = None):

@@ -5,6 +5,12 @@ This module imports nothing, so that every part of llmrl can raise these without
 """
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), at most ``limit`` characters: for
+    quoting another library's exception inside one of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class UserError(Exception):
     """A failure the message tells the user how to fix."""
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import make_trainer, tiny_config
 
-from llmrl.data.chat import as_completions, render_prompt
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
+from llmrl.data.chat import as_completions, render_prompt
 from llmrl.data.prompts import check_prompt_lengths
 from llmrl.rewards.base import RewardError, build_reward
 

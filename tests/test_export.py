@@ -230,3 +230,9 @@ def test_the_card_names_the_algorithm_and_every_reward_component(trained):
     assert "# GRPO fine-tune of" in card and "| algorithm | grpo |" in card and "PPO" not in card
     assert "| reward | `llmrl.rules:exact_match` x 1 + `runs/rm` x 0.5 |" in card
     assert "| steps | 2 |" in card
+    # the metadata block is the hub's: huggingface_hub reads it back, a custom estimator's path included
+    from huggingface_hub import ModelCard
+
+    cfg.algorithm = "my_estimators.py:Sign"
+    data = ModelCard(model_card(cfg, checkpoint, "fp32", 0.0, 1e-3, adapter_only=True)).data
+    assert data.library_name == "peft" and data.tags == ["llmrl", "rlhf", "my_estimators.py:Sign", "lora"]

@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from llmrl.rollout.engine import RolloutEngine, Sampling
 from llmrl.models.policy import Policy
 from llmrl.models.prompt_cache import plan_prompts
+from llmrl.rollout.engine import RolloutEngine, Sampling
 
 V = 40
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
+from llmrl.rewards.base import Component, CombinedReward, RewardError, build_reward
 from llmrl.rewards.remote import RemoteReward
 from llmrl.rewards.server import make_server
-from llmrl.rewards.base import Component, CombinedReward, RewardError, build_reward
 
 REPO = Path(__file__).resolve().parent.parent
 

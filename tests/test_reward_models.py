@@ -12,8 +12,8 @@ import torch
 from conftest import build_tiny_reward_model
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig, RewardTrainConfig
 from llmrl.models.reward_model import LearnedReward
-from llmrl.rewards.base import build_reward
 from llmrl.models.sources import resolve_model
+from llmrl.rewards.base import build_reward
 
 REPO = Path(__file__).resolve().parent.parent
 

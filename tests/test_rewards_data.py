@@ -8,8 +8,8 @@ import pytest
 
 from llmrl.config import ConfigError, DataConfig, RewardComponentConfig, RewardConfig
 from llmrl.data.prompts import check_prompt_lengths, load_prompts
-from llmrl.rewards.base import RewardError, build_reward, call_reward, load_reward_function
 from llmrl.data.tasks import task_rows
+from llmrl.rewards.base import RewardError, build_reward, call_reward, load_reward_function
 
 
 def test_reward_from_module_path():

@@ -87,3 +87,12 @@ def test_every_subcommand_explains_its_options():
         out = subprocess.run([sys.executable, "-m", "llmrl", name, "--help"], capture_output=True, text=True,
                              cwd=REPO, timeout=120)
         assert out.returncode == 0 and "usage: llmrl" in out.stdout and "options:" in out.stdout, name
+
+
+def test_first_line_quotes_one_line_of_another_librarys_error():
+    from llmrl.errors import first_line
+
+    assert first_line(OSError("No space left on device\nTraceback: ...")) == "No space left on device"
+    assert first_line(KeyError()) == "KeyError"  # no message: its type
+    assert first_line(ValueError("  \n  ")) == "ValueError"
+    assert first_line(RuntimeError("x" * 300), 160) == "x" * 160

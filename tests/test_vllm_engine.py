@@ -11,8 +11,8 @@ import torch
 from helpers import EQUAL, launch_ppo, make_trainer, tiny_config, training_rows
 
 from llmrl.config import ConfigError, LoraConfig
-from llmrl.rollout.engine import RolloutEngine, Sampling
 from llmrl.models.policy import add_lora
+from llmrl.rollout.engine import RolloutEngine, Sampling
 from llmrl.rollout.experience import right_padded, truncate_at_eos
 from llmrl.rollout.vllm_engine import max_model_len, merged_lora_weights, prompt_token_ids, sampling_arguments
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from llmrl.data.chat import message_problem, render_prompt
 from llmrl.config import ConfigError, DataConfig
+from llmrl.data.chat import message_problem, render_prompt
 from llmrl.data.tasks import task_rows
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

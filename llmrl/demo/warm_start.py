@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmrl.distributed.checkpoint import write_atomically
 from llmrl.config import Config, ConfigError
 from llmrl.data.tasks import SEPARATOR, task_rows, teacher_demonstrations
 from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
+from llmrl.distributed.checkpoint import write_atomically
 
 
 def supervised_batch(tokenizer, pairs: list[tuple[str, str]]):

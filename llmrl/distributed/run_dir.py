@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, step_checkpoints
 from llmrl.config import Config, ConfigError, to_dict, upgrade_saved_config
+from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, step_checkpoints
 
 # What a run writes in run.output_dir, and inside each of its checkpoints.
 RUN_ENTRY = re.compile(r"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"

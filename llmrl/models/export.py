@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
 from llmrl.config import Config, ConfigError, from_dict, upgrade_saved_config
+from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
 from llmrl.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,9 +122,13 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
     how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
            if adapter_only else "merged into the base here. Loads with `transformers` alone: "
            "`AutoModelForCausalLM.from_pretrained(this_folder)`")
+    from huggingface_hub import ModelCardData
+
+    # the hub's metadata block, written (and quoted) by huggingface_hub; the body is llmrl's own table
+    metadata = ModelCardData(library_name="peft" if adapter_only else "transformers",
+                             tags=["llmrl", "rlhf", cfg.algorithm, "lora" if adapter_only else "lora-merged"])
     lines = [
-        "---", "library_name: " + ("peft" if adapter_only else "transformers"),
-        f"tags: [llmrl, rlhf, {cfg.algorithm}, {'lora' if adapter_only else 'lora-merged'}]", "---", "",
+        "---", metadata.to_yaml(), "---", "",
         f"# {algorithm} fine-tune of `{cfg.model.name_or_path}`", "",
         f"Trained with llmrl ({algorithm} on a LoRA adapter); {how}.", "",
         "| | |", "|---|---|",

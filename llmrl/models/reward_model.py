@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
-from llmrl.data.chat import content, is_conversation, plain_conversation
 from llmrl.config import ConfigError
+from llmrl.data.chat import content, is_conversation, plain_conversation
+from llmrl.errors import first_line
 from llmrl.models.sources import resolve_model
 
 META_FILE = "llmrl_reward.json"  # written by launch/train_reward.py: how the model expects its text
@@ -103,7 +104,7 @@ class LearnedReward:
         except ConfigError:
             raise
         except Exception as e:  # transformers raises many types for a missing or damaged folder
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise ConfigError(f"{key} = {model!r}: no tokenizer could be loaded from it ({first}): point it at a "
                               f"reward model folder, or a hub name available offline") from None
         self.batch_size, self.max_length = batch_size, max_length
@@ -119,7 +120,7 @@ class LearnedReward:
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         except Exception as e:  # a damaged config.json or weights file, an architecture without such a head
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise ConfigError(f"{key} = {model!r} could not be loaded as a sequence-classification model "
                               f"({first})") from None
         if self.model.config.num_labels != 1:

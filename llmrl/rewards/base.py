@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llmrl.data.chat import content
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
+from llmrl.data.chat import content
 from llmrl.errors import RewardCallFailed, RewardError  # noqa: F401 (imported from here too)
 from llmrl.user_functions import BUILTIN, load_reward_function  # noqa: F401 (imported from here too)
 

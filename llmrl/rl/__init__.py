@@ -26,8 +26,8 @@ from llmrl.rl.ops import (
 )
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
 from llmrl.rl.dpo import dpo_loss
-from llmrl.rl.sequence import informative_groups, sequence_policy_loss
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from llmrl.rl.sequence import informative_groups, sequence_policy_loss
 from llmrl.rl.ppo import (
     compute_gae,
     compute_token_rewards,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from llmrl.models.prompt_cache import cache_of, encode_prompts, plan_prompts
 
@@ -32,17 +33,12 @@ class Sampling:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k, then nucleus (top-p) filtering of (B, V) logits: the rest set to -inf (generate's order)."""
+    """Top-k, then nucleus (top-p) filtering of (B, V) logits, the rest set to -inf: transformers' own warpers in
+    generate's order, so the fast engine keeps exactly the tokens ``generate`` keeps."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop_sorted[:, 0] = False
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        logits = TopPLogitsWarper(top_p)(None, logits)
     return logits
 
 
