@@ -169,7 +169,7 @@ def test_resume_refuses_changed_settings_by_name(tiny_model_dir, run_copy, chang
 def test_resume_applies_a_new_learning_rate(tiny_model_dir, run_copy):
     out = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "train.lr=1e-6", "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "changed: train.lr 0.001 -> 1e-06" in out.stdout
+    assert "train.lr 0.001 -> 1e-06" in out.stdout.split("changed: ")[1]  # listed with the moved run folder
     rows = [json.loads(line) for line in (run_copy / "log.jsonl").read_text().splitlines() if "optim/lr" in line]
     assert rows[-1]["step"] == 3 and rows[-1]["optim/lr"] == pytest.approx(1e-6)
     summary = json.loads((run_copy / "summary.json").read_text())

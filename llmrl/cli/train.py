@@ -32,7 +32,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     from llmrl.models.sources import resolve_model
     from llmrl.demo.warm_start import run_warm_start
     from llmrl.distributed.strategy import make_strategy
-    from llmrl.trainers.online import PPOTrainer
+    from llmrl.trainers.online import OnlineTrainer
     from llmrl.tracking import MetricsLogger
 
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         trainer = DPOTrainer(cfg, policy, tokenizer, load_pairs(cfg.dpo.data), eval_rows, strategy, run_dir,
                              eval_reward or reward)
     else:
-        trainer = PPOTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
+        trainer = OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     trainer.process_started = started
     if resume_from is not None:
         trainer.load_checkpoint(resume_from, resume_state)

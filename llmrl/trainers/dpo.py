@@ -1,6 +1,6 @@
 """DPO: learn from preference pairs directly, no reward and no rollouts (``algorithm: dpo``).
 
-The reference is the base with the adapter disabled. ``DPOTrainer`` and the online ``PPOTrainer`` are siblings on
+The reference is the base with the adapter disabled. ``DPOTrainer`` and the online ``OnlineTrainer`` are siblings on
 ``Trainer``: the run loop, evaluation, checkpoints, resume and logging are shared; DPO has no training reward,
 no rollouts and no KL controller.
 """

@@ -20,7 +20,7 @@ from llmrl.rollout.experience import Experience
 from llmrl.trainers.base import Trainer
 
 
-class PPOTrainer(Trainer):
+class OnlineTrainer(Trainer):
     """Online RL: rollout, score, advantages from the configured estimator (PPO's critic and GAE, or a
     critic-free one), epochs of clipped updates over shuffled minibatches."""
 
@@ -293,7 +293,7 @@ class PPOTrainer(Trainer):
         self.estimator.load_state_dict(state["estimator"])
 
 
-def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> PPOTrainer:
+def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineTrainer:
     """A PPO trainer on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
 
     ``run_dir`` defaults to ``run.output_dir``. ``llmrl.cli.train.run`` does more in between (run directory,
@@ -306,5 +306,5 @@ def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> PPOTrai
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
     train_rows, eval_rows = load_prompts(cfg.data)
-    return PPOTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
+    return OnlineTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
                       strategy, Path(run_dir or cfg.run.output_dir), build_eval_reward(cfg.reward))
