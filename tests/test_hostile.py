@@ -256,10 +256,14 @@ def test_a_reward_returning_a_dict_stops_with_one_line(tiny_model_dir, run_copy,
 def test_ctrl_c_is_one_line_naming_the_checkpoint_and_exit_130(tiny_model_dir, run_copy):
     proc = subprocess.Popen(ppo_command([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_copy}",
                                          "train.total_steps=200", "--resume"], ranks=0), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env(),
+                            # a test runner started in the background by a script inherits SIGINT ignored, and
+                            # Python then never raises KeyboardInterrupt: the run would train to its end
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run_copy / "step-000003").exists():
         time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     out = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
