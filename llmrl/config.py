@@ -330,11 +330,6 @@ class Config:
         optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
-    @property
-    def total_steps(self) -> int:
-        """Training steps of the run: rollouts and their updates, or DPO optimizer steps."""
-        return self.train.total_steps
-
     def validate(self) -> None:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""
         from llmrl.algorithms import OFFLINE, estimator_class
@@ -508,7 +503,7 @@ def to_dict(cfg: Any) -> dict:
 def apply_override(data: dict, assignment: str) -> None:
     """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so 3, 1e-4, null, [q, v] work)."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like section.key=value (e.g. ppo.total_steps=10)")
+        raise ConfigError(f"override {assignment!r} must look like section.key=value (e.g. train.total_steps=10)")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     node = data

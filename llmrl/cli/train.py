@@ -102,7 +102,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         say(main, f"eval reward before training (greedy, {len(eval_rows)} held-out prompts): "
                   f"{trainer.eval_reward_before:.4f}")
 
-    total = cfg.total_steps
+    total = cfg.train.total_steps
     bar = tqdm(total=total, initial=trainer.step, desc="ppo", disable=not (cfg.run.progress and strategy.is_main),
                dynamic_ncols=True)
     stats, after = {}, None

@@ -97,7 +97,7 @@ class Trainer:
         ``run:`` says, metrics to ``logger``; returns the last step's metrics and the last evaluation (None when
         no step was left to take)."""
         cfg = self.cfg
-        total = cfg.total_steps
+        total = cfg.train.total_steps
         stats, after = {}, None
         while self.step < total:
             stats = self.train_step()
