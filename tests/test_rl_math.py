@@ -130,6 +130,46 @@ def test_gae_matches_plain_loop_on_ragged_batch():
         assert torch.allclose(ret, ref_ret, atol=1e-5)
 
 
+def test_gae_skips_the_environment_tokens_of_a_multi_turn_episode():
+    # Model tokens at 0, 1 and 4; positions 2-3 are the environment's reply, 5 is padding. Their rewards and
+    # values (7, 9, ...) must not count, and the model token at 1 is followed by the one at 4.
+    rewards = torch.tensor([[0.5, 1.0, 7.0, 7.0, 2.0, 7.0]])
+    values = torch.tensor([[0.2, 0.4, 9.0, 9.0, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    adv, ret = rl.compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # t=4: delta = 2.0 + 0 - 0.3 = 1.7                     A4 = 1.7
+    # t=1: delta = 1.0 + 0.9 * 0.3 - 0.4 = 0.87            A1 = 0.87 + 0.45 * 1.7 = 1.635
+    # t=0: delta = 0.5 + 0.9 * 0.4 - 0.2 = 0.66            A0 = 0.66 + 0.45 * 1.635 = 1.39575
+    assert torch.allclose(adv, torch.tensor([[1.39575, 1.635, 0.0, 0.0, 1.7, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[1.59575, 2.035, 0.0, 0.0, 2.0, 0.0]]), atol=1e-6)
+
+
+def test_gapped_gae_equals_gae_over_the_model_tokens_alone():
+    """The reference: pull each row's model tokens together, run the plain loop, put the results back."""
+    torch.manual_seed(2)
+    B, T = 5, 12
+    mask = (torch.rand(B, T) < 0.6).float()
+    mask[:, 0] = 1.0
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.7)):
+        adv, ret = rl.compute_gae(rewards, values, mask, gamma, lam)
+        for b in range(B):
+            keep = mask[b].bool()
+            n = int(keep.sum())
+            ref_adv, ref_ret = gae_loop(rewards[b, keep][None], values[b, keep][None], torch.ones(1, n), gamma, lam)
+            assert torch.allclose(adv[b, keep], ref_adv[0], atol=1e-5)
+            assert torch.allclose(ret[b, keep], ref_ret[0], atol=1e-5)
+            assert (adv[b, ~keep] == 0).all() and (ret[b, ~keep] == 0).all()
+
+
+def test_the_score_goes_to_the_last_model_token_of_a_gapped_mask():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert rl.last_token_index(mask).tolist() == [3, 0]
+    zeros = torch.zeros(2, 5)
+    rewards, _ = rl.compute_token_rewards(torch.tensor([2.0, 3.0]), zeros, zeros, mask, kl_coef=0.1)
+    assert rewards.tolist() == [[0.0, 0.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0]]
+
+
 def test_policy_loss_hand_worked():
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.5, 0.5, 0.5]]))  # ratios 1.5, 0.5, 0.5

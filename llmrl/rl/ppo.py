@@ -10,12 +10,13 @@ from llmrl.rl.ops import kl_penalty, masked_mean
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) response mask -> (B,) index of the last real token (responses are contiguous from 0)."""
-    lengths = mask.sum(dim=1).long()
-    if (lengths == 0).any():
-        bad = torch.nonzero(lengths == 0).flatten().tolist()
+    """(B, T) response mask -> (B,) index of the last real token (a multi-turn mask may have gaps)."""
+    real = mask > 0
+    if not real.any(dim=1).all():
+        bad = torch.nonzero(~real.any(dim=1)).flatten().tolist()
         raise ValueError(f"responses {bad} have no tokens; every response needs at least one token")
-    return lengths - 1
+    T = mask.shape[1]
+    return T - 1 - real.flip(1).float().argmax(dim=1)
 
 
 def compute_token_rewards(
@@ -25,14 +26,19 @@ def compute_token_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     kl_estimator: str = "k1",
+    step_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards r_t = -beta * KL_t, with the sequence score added at the last response token.
 
     Returns (rewards, kl), both (B, T) and zero on masked positions (Ziegler et al. 2019, eq. 2). A row with no
     response token (a sample the reward skipped, whose mask is all zero) gets no reward at all.
+    ``step_scores`` (B, T): scores already on their tokens (a multi-turn episode's per-turn rewards); they are
+    added where they are instead of ``scores`` at the last token.
     """
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
     rewards = -kl_coef * kl
+    if step_scores is not None:
+        return rewards + step_scores.to(rewards.dtype) * mask, kl
     rows = torch.nonzero(mask.sum(dim=1) > 0).flatten()
     last = last_token_index(mask[rows])
     rewards[rows, last] += scores[rows].to(rewards.dtype)
@@ -44,23 +50,29 @@ def compute_gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens, right to left (Schulman et al. 2016, eq. 16).
 
-        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)        with V = 0 after the last real token
-        A_t     = delta_t + gamma * lam * A_{t+1}
+        delta_t = r_t + gamma * V(s_t') - V(s_t)        t' the next real token; V = 0 after the last one
+        A_t     = delta_t + gamma * lam * A_t'
         returns = A_t + V(s_t)
 
+    Masked positions are skipped, not treated as steps: in a multi-turn episode the environment's tokens
+    between two model turns (mask 0) carry no reward and no value, and the model's last token of one turn is
+    followed by its first token of the next. A right-padded mask (one turn) gives the textbook recursion.
     Returns (advantages, returns), both (B, T), zero on masked positions. Advantages are not whitened.
     """
     values = values * mask
     rewards = rewards * mask
     T = rewards.shape[1]
-    last_gae = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
+    real = mask > 0
+    next_values = torch.zeros_like(values[:, 0])  # V of the next real token to the right
+    last_gae = torch.zeros_like(rewards[:, 0])  # A of the next real token to the right
+    advantages = torch.zeros_like(rewards)
     for t in reversed(range(T)):
-        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages_reversed.append(last_gae)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+        gae = delta + gamma * lam * last_gae
+        last_gae = torch.where(real[:, t], gae, last_gae)
+        next_values = torch.where(real[:, t], values[:, t], next_values)
+        advantages[:, t] = gae
+    advantages = advantages * mask
     returns = (advantages + values) * mask
     return advantages, returns
 
