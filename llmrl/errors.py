@@ -30,5 +30,10 @@ class RewardError(UserError, RuntimeError):
     """A reward raised, hung or returned something unusable; the message names the reward and the sample."""
 
 
+class EnvError(UserError, RuntimeError):
+    """An environment raised in ``reset``/``step`` or returned something unusable; the message names the
+    environment, the episode and the turn."""
+
+
 class RewardCallFailed(RewardError):
     """The reward raised or hung: possibly passing (a busy service), unlike a bad returned value."""

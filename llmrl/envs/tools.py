@@ -1,0 +1,147 @@
+"""Tool use: arithmetic questions the model may answer with the help of a tool whose result it reads.
+
+The model replies either ``calc: EXPRESSION`` (``python: CODE`` for the Python tool), and the environment answers
+``= RESULT``, or ``answer: NUMBER``, which ends the episode: reward 1 when it is right. A tool that raises,
+runs too long or returns something that is not a short line of text ends the episode with reward 0 and the reason
+in ``info["reason"]``; the run goes on. ``tool: false`` builds the same questions without the tool, to measure
+what the tool adds.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import re
+import string
+
+import gymnasium as gym
+from gymnasium import spaces
+
+from llmrl.envs.sandbox import Limits, SandboxError, run_python
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+       ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+class ToolError(RuntimeError):
+    """The tool could not give a result; the message says why."""
+
+
+def calculate(expression: str) -> str:
+    """The value of an arithmetic expression of numbers, + - * / // % ** and parentheses; nothing else is run.
+
+    >>> calculate("12 * (3 + 4)"), calculate("7 / 2")
+    ('84', '3.5')
+    """
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise ToolError(f"not an arithmetic expression: {expression[:60]!r}") from None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ToolError(f"exponent {right} is too large")
+            try:
+                return OPS[type(node.op)](left, right)
+            except (ZeroDivisionError, OverflowError) as e:
+                raise ToolError(str(e)) from None
+        raise ToolError(f"only numbers and + - * / // % ** are allowed, not {ast.dump(node)[:40]}")
+
+    result = value(tree.body)
+    if isinstance(result, float):
+        result = round(result, 6)
+        if result == int(result):
+            result = int(result)
+    return str(result)
+
+
+class ToolArithmetic(gym.Env):
+    """Questions ``a OP b`` on ``digits``-digit numbers (``options={"question": ..., "answer": ...}`` gives one);
+    subclasses say which tool there is."""
+
+    metadata = {"render_modes": []}
+    tool_name = ""
+
+    def __init__(self, digits: int = 3, ops: str = "*", tool: bool = True, max_result_chars: int = 200):
+        if digits < 1 or not ops or set(ops) - set("+-*"):
+            raise ValueError(f"digits ({digits}) must be >= 1 and ops ({ops!r}) drawn from + - *")
+        self.digits, self.ops, self.tool, self.max_result_chars = digits, ops, tool, max_result_chars
+        self.observation_space = spaces.Text(max_length=500, charset=string.printable)
+        self.action_space = spaces.Text(max_length=500, charset=string.printable)
+        self.answer: float | None = None
+
+    def use_tool(self, argument: str) -> str:
+        raise NotImplementedError
+
+    def tool_help(self) -> str:
+        raise NotImplementedError
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "question" in options:
+            question, self.answer = str(options["question"]), float(options["answer"])
+        else:
+            low, high = 10 ** (self.digits - 1), 10 ** self.digits
+            a, b = (int(self.np_random.integers(low, high)) for _ in range(2))
+            op = self.ops[int(self.np_random.integers(len(self.ops)))]
+            question, self.answer = f"{a} {op} {b}", float(BINARY[op](a, b))
+        how = self.tool_help() if self.tool else ""
+        return (f"What is {question}? {how}Reply 'answer: NUMBER' with your final answer.",
+                {"answer": self.answer})
+
+    def step(self, action: str):
+        if self.answer is None:
+            raise RuntimeError("step before reset")
+        text = action.strip()
+        prefix = f"{self.tool_name}:"
+        if self.tool and text.lower().startswith(prefix):
+            try:
+                result = self.use_tool(text[len(prefix):])
+            except (ToolError, SandboxError) as e:
+                return f"{self.tool_name} failed: {e}", 0.0, True, False, {"success": False,
+                                                                          "reason": f"tool error: {e}"[:120]}
+            if not isinstance(result, str) or len(result) > self.max_result_chars or "\x00" in result:
+                return (f"{self.tool_name} returned something unusable", 0.0, True, False,
+                        {"success": False, "reason": "tool returned garbage"})
+            return f"= {result.strip()}", 0.0, False, False, {"success": False, "tool_call": True}
+        found = NUMBER.search(text.split("answer:", 1)[-1])
+        if found is None:
+            return "No number found.", 0.0, True, False, {"success": False, "reason": "no answer"}
+        right = abs(float(found.group()) - self.answer) < 1e-6
+        return ("Correct." if right else "Wrong."), float(right), True, False, {"success": right}
+
+
+class CalculatorArithmetic(ToolArithmetic):
+    tool_name = "calc"
+
+    def tool_help(self) -> str:
+        return "You may use a calculator: reply 'calc: EXPRESSION' and it replies '= VALUE'. "
+
+    def use_tool(self, argument: str) -> str:
+        return calculate(argument)
+
+
+class PythonArithmetic(ToolArithmetic):
+    """The tool runs Python in a sandbox (``llmrl.envs.sandbox``) and returns what it printed."""
+
+    tool_name = "python"
+
+    def __init__(self, cpu_seconds: int = 2, memory_mb: int = 256, wall_seconds: float = 5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.limits = Limits(cpu_seconds, memory_mb, wall_seconds)
+
+    def tool_help(self) -> str:
+        return "You may run Python: reply 'python: CODE' and it replies with what the code prints. "
+
+    def use_tool(self, argument: str) -> str:
+        return run_python(argument.strip(), self.limits)
