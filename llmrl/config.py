@@ -205,6 +205,24 @@ class DPOConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = opt("", "An environment the model acts in, turn by turn (a Gymnasium Env with text observations "
+                        "and actions): a built-in name (guess_number, calculator, python_tool), "
+                        "path/to/file.py:Class or package.module:Class. Empty: one completion per prompt.")
+    kwargs: dict = opt({}, "Keyword arguments the environment class is built with.")
+    max_turns: int = opt(4, "Model turns per episode; an episode still running then is truncated.")
+    max_episode_tokens: int = opt(64, "Tokens after the first observation (the model's and the environment's); an "
+                                      "episode that would pass it is truncated.")
+    train_seeds: int = opt(10000, "Without data.source: training episodes use seeds 0 .. train_seeds - 1.")
+    eval_seed_offset: int = opt(1_000_000, "Without data.source: held-out episodes use seeds from here on "
+                                           "(data.eval_size of them), never trained on.")
+    observation_format: str = opt("{observation}", "How an observation is written after a model turn for a model "
+                                                   "without a chat template ({observation} is replaced).")
+    chat: Literal["auto", "on", "off"] = opt("auto", "Render observations as user turns of the chat template: auto "
+                                                     "when the tokenizer has one.")
+
+
+@dataclass
 class WarmStartConfig:
     steps: int = opt(1000, "Supervised steps.")
     batch_size: int = opt(64, "Sequences per supervised step.")
@@ -235,6 +253,8 @@ class RunConfig:
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = opt(2, "Step checkpoints kept on disk (the final one is always kept).")
     eval_every: int = opt(0, "Greedy evaluation every N steps (0: only before and after training).")
+    eval_sampled: bool = opt(False, "Evaluate with sampled rollouts (the generation settings) instead of greedy "
+                                    "decoding: a policy's success rate, where greedy shows only its likeliest path.")
     device: str = opt("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.")
     strategy: Literal["auto", "single", "deepspeed"] = opt(
         "auto", "auto (DeepSpeed under its launcher, else one process), single or deepspeed.")
@@ -306,6 +326,7 @@ class Config:
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO settings, used under the deepspeed launcher.")
+    env: EnvConfig = opt(EnvConfig(), "Multi-turn episodes against an environment (the reward is the environment's).")
     warm_start: WarmStartConfig | None = opt(None, "Optional: when model.name_or_path does not exist yet, build "
                                                    "it there by supervised training of a tiny GPT-2 on the task.")
 
@@ -342,9 +363,22 @@ class Config:
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
-            (self.data.source != "", "data.source", "is empty: name a task (task:reverse) or a prompt file"),
-            (self.reward.function != "" or self.reward.components, "reward.function",
+            (self.data.source != "" or self.env.name != "", "data.source",
+             "is empty: name a task (task:reverse) or a prompt file (or an env.name to play)"),
+            (self.reward.function != "" or self.reward.components or self.env.name != "", "reward.function",
              "is empty and there are no reward.components: name a reward (e.g. module:function)"),
+            (self.env.name == "" or (self.reward.function == "" and not self.reward.components), "reward.function",
+             f"is set with env.name = {self.env.name!r}: the environment's rewards are the episode's; remove the "
+             f"reward section (a reward on whole transcripts is not supported yet)"),
+            (self.env.name == "" or self.algorithm != "dpo", "algorithm",
+             "is dpo with an env.name: DPO trains on fixed pairs and plays no episodes; remove env or pick an "
+             "online algorithm"),
+            (self.env.max_turns >= 1, "env.max_turns", f"is {self.env.max_turns}: must be at least 1"),
+            (self.env.max_episode_tokens >= 1, "env.max_episode_tokens",
+             f"is {self.env.max_episode_tokens}: must be at least 1"),
+            (self.env.train_seeds >= 1, "env.train_seeds", f"is {self.env.train_seeds}: must be at least 1"),
+            ("{observation}" in self.env.observation_format, "env.observation_format",
+             f"is {self.env.observation_format!r}: it must contain {{observation}}"),
             (self.generation.temperature > 0, "generation.temperature",
              f"is {self.generation.temperature}: must be > 0 (use a small value for near-greedy sampling)"),
             (self.generation.max_new_tokens > 0, "generation.max_new_tokens",

@@ -57,7 +57,7 @@ def test_a_skipped_sample_stays_out_of_its_siblings_baseline(tiny_model_dir, tmp
     exp, stats = trainer.make_experience(trainer.rows_for_step(0))
     skipped = torch.arange(8) % 4 == 2
     assert stats["reward/skipped"] == 2.0
-    assert exp.response_mask[skipped].sum() == 0 and exp.response_mask[~skipped].sum(1).min() >= 1
+    assert exp.loss_mask[skipped].sum() == 0 and exp.loss_mask[~skipped].sum(1).min() >= 1
     assert torch.equal(exp.advantages, torch.zeros_like(exp.advantages))
 
 

@@ -126,7 +126,7 @@ def test_dapo_trains_only_on_groups_whose_scores_differ(tiny_model_dir, tmp_path
     exp, stats = trainer.make_experience(rows)
     scores = exp.scores.view(-1, 4)
     informative = (scores.max(1).values > scores.min(1).values).repeat_interleave(4)
-    trained = exp.response_mask.sum(1) > 0
+    trained = exp.loss_mask.sum(1) > 0
     assert not informative.all()  # the prompts that do not start with "a" gave uniform groups
     assert torch.equal(trained, informative)  # exactly the groups whose scores differ
     assert stats["train/kept"] == pytest.approx(informative.float().mean().item())

@@ -55,8 +55,12 @@ class Estimator:
         """(B,) bool: the scored samples to train on (all of them by default)."""
         return valid
 
-    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
-        """(advantages (B, T), returns (B, T) or None without a critic)."""
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid, step_rewards=None):
+        """(advantages (B, T), returns (B, T) or None without a critic).
+
+        ``step_rewards`` (B, T), multi-turn episodes only: each step's reward on the last token of the model turn
+        that earned it, summing per row to ``scores``. A sequence-level estimator may ignore it; the trainer
+        passes it only when there is one, so estimators written without it still run on single-turn data."""
         raise NotImplementedError
 
     def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
@@ -100,7 +104,7 @@ class SequenceEstimator(Estimator):
         """(B,) advantages of the (B,) sequence scores."""
         raise NotImplementedError
 
-    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid, step_rewards=None):
         seq = self.sequence_advantages(self.sequence_scores(scores, logprobs, ref_logprobs, mask, kl_coef), valid)
         return seq.unsqueeze(1) * mask, None
 

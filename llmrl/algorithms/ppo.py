@@ -11,9 +11,11 @@ class PPOEstimator(Estimator):
 
     name, uses_critic = "ppo", True
 
-    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid):
-        # A skipped sample (``valid`` False) has an all-zero ``mask``: no reward, no advantage, no return.
-        rewards, _ = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, self.ppo.kl_estimator)
+    def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid, step_rewards=None):
+        # A skipped sample (``valid`` False) has an all-zero ``mask``: no reward, no advantage, no return. In a
+        # multi-turn episode each turn's reward stays on its turn (``step_rewards``) and GAE skips the environment.
+        rewards, _ = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, self.ppo.kl_estimator,
+                                              step_rewards)
         if self.ppo.whiten_rewards:
             rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
         return rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)

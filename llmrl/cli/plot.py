@@ -11,6 +11,9 @@ PANELS = [
     ("response length (tokens)", ["response/length"]),
     ("clip fraction", ["policy/clipfrac", "value/clipfrac"]),
     ("seconds per phase", ["time/generate", "time/reward", "time/forward", "time/update"]),
+    ("episode success rate (env runs)", ["env/success", "eval/success"]),
+    ("turns per episode (env runs)", ["env/turns", "eval/turns"]),
+    ("episodes truncated (env runs)", ["env/truncated", "eval/truncated"]),
 ]
 
 
@@ -29,7 +32,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = [r for r in read_log(run_dir) if "samples" not in r]
     if not rows:
         raise ConfigError(f"{run_dir / 'log.jsonl'} has no metrics yet")
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
     for ax, (title, keys) in zip(axes.flat, PANELS):
         drawn = False
         for key in keys:

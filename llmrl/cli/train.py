@@ -39,9 +39,15 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     run_dir = Path(cfg.run.output_dir)
     strategy = make_strategy(cfg)
     main = strategy.is_main
-    reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
-    eval_reward = build_eval_reward(cfg.reward)
-    train_rows, eval_rows = load_prompts(cfg.data)
+    if cfg.env.name:  # the environment's rewards; a wrong name or kwargs fail here, before anything heavy
+        from llmrl.envs import make_env
+
+        make_env(cfg.env.name, cfg.env.kwargs)
+        reward = eval_reward = None
+    else:
+        reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
+        eval_reward = build_eval_reward(cfg.reward)
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
     columns = set(train_rows[0]) - {cfg.data.prompt_column}
     for r in (reward, eval_reward):
         if r is not None:
@@ -69,7 +75,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
     context = context_length(policy.model)
-    for rows, where in ((train_rows, "data.source"), (eval_rows, "data.eval_source")):
+    for rows, where in () if cfg.env.name else ((train_rows, "data.source"), (eval_rows, "data.eval_source")):
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
                              cfg.generation.max_new_tokens, context, where)
 
@@ -99,7 +105,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         trainer.eval_reward_before = before["eval/reward"]
         logger.log(0, {"eval/reward": trainer.eval_reward_before})
         logger.log_samples(0, trainer.last_eval_samples[:cfg.run.log_samples])
-        say(main, f"eval reward before training (greedy, {len(eval_rows)} held-out prompts): "
+        how = "sampled" if cfg.run.eval_sampled else "greedy"
+        say(main, f"eval reward before training ({how}, {len(eval_rows)} held-out {'episodes' if cfg.env.name else 'prompts'}): "
                   f"{trainer.eval_reward_before:.4f}")
 
     total = cfg.train.total_steps

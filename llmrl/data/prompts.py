@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from llmrl.config import ConfigError, DataConfig
+from llmrl.config import ConfigError, DataConfig, EnvConfig
 from llmrl.data.chat import message_problem, render_prompt
 from llmrl.data.tasks import task_rows
 
@@ -57,8 +57,35 @@ def read_table(source: str, key: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def load_prompts(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows), each a list of dicts holding at least ``cfg.prompt_column``."""
+def episode_rows(cfg: DataConfig, env: EnvConfig) -> tuple[list[dict], list[dict]]:
+    """The rows of episodes against ``env.name``: seeds alone when there is no data.source (training seeds
+    0 .. train_seeds - 1, held-out ones from eval_seed_offset on); else the data's rows, each given to the
+    environment's ``reset`` as ``options`` (with a ``seed`` column, or its row number as the seed)."""
+    if not cfg.source:
+        if env.eval_seed_offset < env.train_seeds:
+            raise ConfigError(f"env.eval_seed_offset = {env.eval_seed_offset} is below env.train_seeds = "
+                              f"{env.train_seeds}: held-out episodes would replay training seeds; raise it")
+        return ([{"seed": s} for s in range(env.train_seeds)],
+                [{"seed": env.eval_seed_offset + i} for i in range(cfg.eval_size)])
+    train = read_table(cfg.source, "data.source")
+    if cfg.eval_source is not None:
+        evals = read_table(cfg.eval_source, "data.eval_source")
+    elif len(train) <= cfg.eval_size:
+        raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than data.eval_size = "
+                          f"{cfg.eval_size}: lower eval_size or set data.eval_source")
+    else:
+        train, evals = train[:-cfg.eval_size], train[-cfg.eval_size:]
+    for rows, offset in ((train, 0), (evals, env.eval_seed_offset)):
+        for i, row in enumerate(rows):
+            row.setdefault("seed", offset + i)
+    return train, evals[:cfg.eval_size]
+
+
+def load_prompts(cfg: DataConfig, env: EnvConfig | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), each a list of dicts holding at least ``cfg.prompt_column`` (with ``env``
+    naming an environment: the episodes' rows, see ``episode_rows``)."""
+    if env is not None and env.name:
+        return episode_rows(cfg, env)
     train = _load_rows(cfg.source, cfg, "train", "data.source")
     if cfg.eval_source is not None:
         evals = _load_rows(cfg.eval_source, cfg, "eval", "data.eval_source")

@@ -17,7 +17,13 @@ class Experience:
     query: torch.Tensor  # (B, P) prompt token ids, left padded
     query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
     response: torch.Tensor  # (B, T) sampled token ids, pad after the stop token
-    response_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (the EOS included)
+    response_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (the EOS included): what is attended to
+    # (B, T) float, 1 on the tokens to train on: the model's own (a multi-turn episode's environment tokens are 0,
+    # and the trainer zeroes samples it drops). None: every real response token (one sampled completion).
+    action_mask: torch.Tensor | None = None
+    # (B, T) the environment's per-turn rewards at the last token of each model turn (multi-turn episodes; their
+    # row sums are the raw scores); None: the whole score belongs at the last token.
+    step_rewards: torch.Tensor | None = None
     ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
     entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
@@ -26,6 +32,10 @@ class Experience:
     scores: torch.Tensor | None = None  # (B,) sequence reward after EOS penalty and clipping
     advantages: torch.Tensor | None = None  # (B, T) whitened GAE advantages
     returns: torch.Tensor | None = None  # (B, T) advantages + values (before whitening)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:  # (B, T) the tokens losses, KL and advantages count
+        return self.response_mask if self.action_mask is None else self.response_mask * self.action_mask
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -94,11 +104,43 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     rounding: tested).
     """
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    tokens, sampled = decode(model, tokenizer, enc["input_ids"], enc["attention_mask"], cfg, cfg.max_new_tokens,
+                             greedy, synced_gpus, engine, all_finished)
+    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
+                     response_mask=response_mask, ended=ended)
+    if sampled is not None:
+        exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
+    return exp
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, contexts: list[list[int]], cfg: GenerationConfig, device: torch.device,
+                 max_new_tokens: int, greedy: bool = False, synced_gpus: bool = False,
+                 engine: RolloutEngine | None = None, all_finished: Callable[[torch.Tensor], bool] | None = None
+                 ) -> list[list[int]]:
+    """Continue token-id ``contexts`` (a multi-turn episode so far, never re-tokenised): the sampled ids of
+    each, up to and including the stop token."""
+    P = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(contexts), P, dtype=torch.long)
+    for row, c in enumerate(contexts):
+        ids[row, P - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[row, P - len(c):] = 1
+    tokens, _ = decode(model, tokenizer, ids.to(device), mask.to(device), cfg, max_new_tokens, greedy, synced_gpus,
+                       engine, all_finished)
+    response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return [row[m.bool()].tolist() for row, m in zip(response.cpu(), response_mask.cpu())]
+
+
+def decode(model, tokenizer, input_ids, attention_mask, cfg: GenerationConfig, max_new_tokens: int, greedy: bool,
+           synced_gpus: bool, engine: RolloutEngine | None, all_finished):
+    """(sampled tokens (B, N), (log-probs, entropy) the engine recorded or None) of a left-padded batch."""
     greedy = greedy or not cfg.do_sample
     sampled = None  # (log-probs, entropy) the engine recorded while sampling
     if engine is not None:
         sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        tokens, *sampled = engine.generate(model, enc["input_ids"], enc["attention_mask"], cfg.max_new_tokens,
+        tokens, *sampled = engine.generate(model, input_ids, attention_mask, max_new_tokens,
                                            sampling, all_finished=all_finished if synced_gpus else None,
                                            with_entropy=True)
         if greedy or sampled[0] is None:  # greedy decoding scores the raw logits, not logits / temperature
@@ -107,16 +149,11 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
         out = model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
             **kwargs)
-        tokens = out[:, enc["input_ids"].shape[1]:]
-    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
-                     response_mask=response_mask, ended=ended)
-    if sampled is not None:
-        exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
-    return exp
+        tokens = out[:, input_ids.shape[1]:]
+    return tokens, sampled
 
 
 def decode_completions(tokenizer, exp: Experience) -> list[str]:

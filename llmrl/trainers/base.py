@@ -104,7 +104,7 @@ class Trainer:
             step = self.step
             if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
                 after = self.evaluate()
-                stats["eval/reward"] = after["eval/reward"]
+                stats.update({k: v for k, v in after.items() if k.startswith("eval/") and k != "eval/skipped"})
                 logger.log_samples(step, self.last_eval_samples[:cfg.run.log_samples])
             logger.log(step, stats)
             if bar is not None:
@@ -167,13 +167,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64) -> dict:
-        """Greedy completions of the held-out prompts; mean raw reward and a few samples (a conversation is shown
+        """Greedy (or, with run.eval_sampled, sampled) completions of the held-out prompts; mean raw reward and a few samples (a conversation is shown
         by its last message)."""
         self.policy.eval()
         scores, samples, skipped = [], [], 0
         for start in range(0, len(self.eval_rows), batch_size):
             rows = self.eval_rows[start:start + batch_size]
-            exp = self.generate(self.prompt_texts(rows), greedy=True)
+            exp = self.generate(self.prompt_texts(rows), greedy=not self.cfg.run.eval_sampled)
             completions, result = self.score(rows, exp, self.eval_reward)
             kept = [s for s, ok in zip(result.scores, result.valid) if ok]
             scores.extend(kept)

@@ -39,12 +39,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     after_samples = trainer.last_eval_samples
 
     # KL(policy || base) on sampled completions of the policy: the mean over prompts of the summed k1.
-    prompts = trainer.prompt_texts(eval_rows)
     kls = []
-    for start in range(0, len(prompts), 64):
-        exp = trainer.generate(prompts[start:start + 64])
+    for start in range(0, len(eval_rows), 64):
+        rows = eval_rows[start:start + 64]
+        exp = trainer.rollout(rows)[0] if trainer.plays_episodes else trainer.generate(trainer.prompt_texts(rows))
         trainer.fill_logprobs(exp)
-        kls.extend(((exp.logprobs - exp.ref_logprobs) * exp.response_mask).sum(1).tolist())
+        kls.extend(((exp.logprobs - exp.ref_logprobs) * exp.loss_mask).sum(1).tolist())
 
     samples = [{"prompt": b[0], "before": b[1], "reward_before": b[2], "after": a[1], "reward_after": a[2]}
                for b, a in zip(before_samples[:n_samples], after_samples[:n_samples])]

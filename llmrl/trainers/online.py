@@ -16,7 +16,8 @@ from llmrl import rl
 from llmrl.algorithms import make_estimator
 from llmrl.config import Config, ConfigError
 from llmrl.rewards.base import CombinedReward, RewardError, RewardResult
-from llmrl.rollout.experience import Experience
+from llmrl.rollout.episodes import Episode, TurnRenderer, episode_stats, episodes_to_experience, play_episodes
+from llmrl.rollout.experience import Experience, generate_ids
 from llmrl.trainers.base import Trainer
 
 
@@ -24,9 +25,13 @@ class OnlineTrainer(Trainer):
     """Online RL: rollout, score, advantages from the configured estimator (PPO's critic and GAE, or a
     critic-free one), epochs of clipped updates over shuffled minibatches."""
 
-    def __init__(self, cfg: Config, policy, tokenizer, reward: CombinedReward, train_rows: list[dict],
+    def __init__(self, cfg: Config, policy, tokenizer, reward: CombinedReward | None, train_rows: list[dict],
                  eval_rows: list[dict], strategy, run_dir: Path, eval_reward: CombinedReward | None = None):
+        """``reward`` is None when the episodes are played against ``env.name``, whose rewards they are."""
         self.reward = reward
+        self.plays_episodes = bool(cfg.env.name)
+        self.renderer = TurnRenderer(tokenizer, cfg.env) if self.plays_episodes else None
+        self.envs: list = []  # environment instances, reused from one batch of episodes to the next
         self.reward_norm = rl.RunningMeanStd()  # used when reward.normalize is running or reference
         self.train_rows = train_rows
         if len(train_rows) < cfg.train.rollout_batch_size // cfg.group_size:
@@ -69,14 +74,78 @@ class OnlineTrainer(Trainer):
         """Completion texts and the scores of ``reward`` (default: the training reward)."""
         return super().score(rows, exp, reward or self.reward)
 
+    def rollout(self, rows: list[dict], greedy: bool = False) -> tuple[Experience, RewardResult, list[Episode]]:
+        """Sample (or greedily decode) a batch and score it: one completion per row, or one episode per row
+        against the environment (then the episodes too; else an empty list)."""
+        if not self.plays_episodes:
+            exp = self.generate(self.prompt_texts(rows), greedy=greedy)
+            return exp, self.score(rows, exp)[1], []
+        episodes = self.play(rows, greedy)
+        result = RewardResult([ep.total_reward for ep in episodes], [ep.error is None for ep in episodes],
+                              episode_stats(episodes))
+        return episodes_to_experience(episodes, self.tokenizer.pad_token_id, self.device), result, episodes
+
+    # ------------------------------------------------------------------------------------------
+    # episodes against an environment
+
+    def env_pool(self, n: int) -> list:
+        from llmrl.envs import make_env
+
+        while len(self.envs) < n:
+            self.envs.append(make_env(self.cfg.env.name, self.cfg.env.kwargs))
+        return self.envs[:n]
+
+    @torch.no_grad()
+    def play(self, rows: list[dict], greedy: bool = False) -> list[Episode]:
+        """One episode per row: ``reset(seed=row["seed"], options=the row)`` (a row of seeds only: no options)."""
+        from llmrl.models.policy import context_length
+
+        cfg = self.cfg
+        starts = [(row.get("seed"), None if set(row) == {"seed"} else row) for row in rows]
+        context = context_length(self.policy.model)
+        kwargs = self.strategy.generate_kwargs
+
+        def sample(contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+            longest = max(len(c) for c in contexts)
+            if context is not None and longest + max_new_tokens > context:
+                raise ConfigError(f"an episode of env {cfg.env.name!r} reached {longest} tokens, and "
+                                  f"{max_new_tokens} more would pass the model's context of {context}: lower "
+                                  f"env.max_episode_tokens (or generation.max_new_tokens)")
+            return generate_ids(self.policy.model, self.tokenizer, contexts, cfg.generation, self.device,
+                                max_new_tokens, greedy=greedy, engine=self.engine, **kwargs)
+
+        # Without gathered weights ZeRO-3 runs collectives in every forward: ranks play the same number of turns
+        any_active = ((lambda n: self.strategy.all_reduce_sum(torch.tensor(float(n), device=self.device)).item() > 0)
+                      if kwargs.get("synced_gpus") else None)
+        with self.strategy.generation_context(self.policy):
+            return play_episodes(self.env_pool(len(rows)), starts, sample, self.tokenizer, self.renderer, cfg.env,
+                                 cfg.generation.max_new_tokens, cfg.env.name, cfg.reward.on_error == "skip",
+                                 any_active)
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> dict:
+        """Single-turn: the base trainer's. Episodes: held-out episodes played greedily (sampled with
+        run.eval_sampled); the mean return, the
+        success rate and turns, and their transcripts as the samples."""
+        if not self.plays_episodes:
+            return super().evaluate(batch_size)
+        self.policy.eval()
+        episodes = []
+        for start in range(0, len(self.eval_rows), batch_size):
+            episodes += self.play(self.eval_rows[start:start + batch_size], greedy=not self.cfg.run.eval_sampled)
+        kept = [ep.total_reward for ep in episodes if ep.error is None]
+        self.last_eval_samples = [(ep.transcript[0][1] if ep.transcript else "", ep.transcript_text(),
+                                   ep.total_reward if ep.error is None else None) for ep in episodes]
+        return {"eval/reward": sum(kept) / len(kept) if kept else math.nan, **episode_stats(episodes, "eval"),
+                "samples": self.last_eval_samples[:5]}
+
     @torch.no_grad()
     def fit_reward_normalizer(self) -> None:
         """reward.normalize: reference: the mean/std of scores of the reference policy's completions."""
         rows = self.rows_for_step(0)
         with self.policy.reference():
             self.policy.eval()
-            exp = self.generate(self.prompt_texts(rows))
-        _, result = self.score(rows, exp)
+            _, result, _ = self.rollout(rows)
         scores, valid = (torch.tensor(x, device=self.device) for x in (result.scores, result.valid))
         moments = self.strategy.all_reduce_sum(rl.masked_moments(scores, valid.double()))
         n, mean, m2 = rl.moments_stats(moments)  # over every rank's samples
@@ -138,9 +207,13 @@ class OnlineTrainer(Trainer):
         cfg = self.cfg
         self.policy.eval()
         t0 = time.perf_counter()
-        exp = self.generate(self.prompt_texts(rows))
-        t1 = time.perf_counter()
-        _, result = self.score(rows, exp)
+        if self.plays_episodes:  # the environment's rewards come with the episodes
+            exp, result, _ = self.rollout(rows)
+            t1 = time.perf_counter()
+        else:
+            exp = self.generate(self.prompt_texts(rows))
+            t1 = time.perf_counter()
+            _, result = self.score(rows, exp)
         t2 = time.perf_counter()
 
         raw = torch.tensor(result.scores, dtype=torch.float32, device=self.device)
@@ -151,7 +224,7 @@ class OnlineTrainer(Trainer):
         if cfg.reward.normalize != "none":
             scores = self.reward_norm.normalize(scores).float()
         eos = exp.ended
-        if cfg.generation.missing_eos_penalty is not None:
+        if cfg.generation.missing_eos_penalty is not None and not self.plays_episodes:
             scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
         if cfg.reward.clip is not None:
             scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
@@ -161,13 +234,14 @@ class OnlineTrainer(Trainer):
         exp.scores = scores
         # Skipped samples (reward.on_error: skip) keep their tokens out of every baseline, loss and statistic;
         # samples the estimator does not train on (DAPO's uninformative groups) out of the update.
-        scored = exp.response_mask * valid.unsqueeze(1).float()
+        scored = exp.loss_mask * valid.unsqueeze(1).float()
         trained = self.estimator.keep(scores, valid)
-        exp.response_mask = mask = exp.response_mask * trained.unsqueeze(1).float()
+        exp.action_mask = mask = exp.loss_mask * trained.unsqueeze(1).float()
 
         kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * scored
+        extra = {} if exp.step_rewards is None else {"step_rewards": self.step_rewards(exp, raw, scores, mask)}
         advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
-                                                            mask, self.kl_ctl.value, trained)
+                                                            mask, self.kl_ctl.value, trained, **extra)
         if self.estimator.uses_critic and self.strategy.all_reduce_sum(mask.sum()) >= 2:  # critic-free: scaled
             exp.advantages = self.whiten(advantages, mask)
         else:
@@ -195,6 +269,16 @@ class OnlineTrainer(Trainer):
         }
         return exp, stats
 
+    @staticmethod
+    def step_rewards(exp: Experience, raw: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The per-turn rewards with what normalising and clipping changed in an episode's return (``scores`` -
+        ``raw``) added on its last model token, so that each row still sums to its score."""
+        step = exp.step_rewards.clone()
+        rows = torch.nonzero(mask.sum(1) > 0).flatten()
+        if len(rows):
+            step[rows, rl.last_token_index(mask[rows])] += (scores - raw)[rows].to(step.dtype)
+        return step * mask
+
     # ------------------------------------------------------------------------------------------
     # update
 
@@ -218,7 +302,7 @@ class OnlineTrainer(Trainer):
                 # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
                 # the token mean over the whole minibatch whatever the microbatch size. Over ranks, whose
                 # gradients are averaged, the divisor is the global count / world size.
-                num_tokens = (self.strategy.all_reduce_sum(exp.response_mask[mb_idx].sum()).float()
+                num_tokens = (self.strategy.all_reduce_sum(exp.loss_mask[mb_idx].sum()).float()
                               / sizes.world_size).clamp(min=1.0)
                 starts = range(0, local_mini, t.micro_batch_size)
                 for j, micro_start in enumerate(starts):
@@ -226,15 +310,15 @@ class OnlineTrainer(Trainer):
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
                     pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
-                                                                   mb.response_mask, num_tokens, local_mini)
-                    ent = rl.masked_mean(entropy, mb.response_mask, num_tokens)
+                                                                   mb.loss_mask, num_tokens, local_mini)
+                    ent = rl.masked_mean(entropy, mb.loss_mask, num_tokens)
                     loss = pg_loss - cfg.ent_coef * ent
                     if critic:
-                        vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.response_mask,
+                        vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.loss_mask,
                                                           cfg.clip_range_value, num_tokens)
                         loss = loss + cfg.vf_coef * vf_loss
                     if self.estimator.loss_kl_coef:  # GRPO: KL to the reference as a loss term (k3)
-                        kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.response_mask,
+                        kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.loss_mask,
                                                  num_tokens)
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
                         sums["loss/kl"] += kl_loss.detach().double() * num_tokens.double()
@@ -244,7 +328,7 @@ class OnlineTrainer(Trainer):
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)
 
-                    n = mb.response_mask.sum().double()
+                    n = mb.loss_mask.sum().double()
                     total_tokens += n
                     # pg_loss etc. are already scaled by n / num_tokens; the *_stats are microbatch means.
                     scale = num_tokens.double()
@@ -305,6 +389,7 @@ def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineT
 
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
-    train_rows, eval_rows = load_prompts(cfg.data)
-    return OnlineTrainer(cfg, policy, tokenizer, build_reward(cfg.reward, strategy.device), train_rows, eval_rows,
-                      strategy, Path(run_dir or cfg.run.output_dir), build_eval_reward(cfg.reward))
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
+    reward = None if cfg.env.name else build_reward(cfg.reward, strategy.device)
+    return OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy,
+                         Path(run_dir or cfg.run.output_dir), build_eval_reward(cfg.reward))
