@@ -1,4 +1,5 @@
-"""What a config would run that is not llmrl's: model code from the hub, reward files and modules, servers.
+"""What a config would run that is not llmrl's: model code from the hub, reward and environment files and modules,
+servers.
 
 A user's own config (``--config``) is trusted: it names what to import. A checkpoint's ``config.yaml`` is not:
 a downloaded checkpoint could name any file, module or URL. ``llmrl eval`` and export read it, so they refuse
@@ -32,6 +33,10 @@ def untrusted_parts(cfg: Config, rewards: bool = True) -> list[str]:
         found.append("model.trust_remote_code: true (model code from the hub)")
     if not rewards:
         return found
+    from llmrl.envs import BUILTIN_ENVS
+
+    if cfg.env.name and cfg.env.name not in BUILTIN_ENVS and not cfg.env.name.startswith("llmrl."):
+        found.append(f"env.name = {cfg.env.name!r} (an environment's code)")
     r = cfg.reward
     for key, spec in (("reward.function", r.function), ("reward.eval_function", r.eval_function)):
         if not safe_function(spec):

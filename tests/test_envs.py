@@ -274,9 +274,42 @@ def test_environment_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="building it with env.kwargs"):
         make_env("guess_number", {"low": 5, "high": 1})
     (tmp_path / "e.py").write_text("class NotAnEnv:\n    pass\n")
-    with pytest.raises(ConfigError, match="no reset and step"):
+    with pytest.raises(ConfigError, match="has no reset method"):
         make_env(f"{tmp_path}/e.py:NotAnEnv", {})
     with pytest.raises(ConfigError, match="reward.function is set with env.name"):
         load_config(REPO / "configs" / "guess_number.yaml", ["reward.function=exact_match"])
     with pytest.raises(ConfigError, match="env.max_turns is 0"):
         load_config(REPO / "configs" / "guess_number.yaml", ["env.max_turns=0"])
+
+
+class Counter:
+    """A TRL-style environment (GRPOTrainer's environment_factory): reset(), tool methods, get_reward()."""
+
+    def reset(self):
+        self.count = 0
+        return "Count to 3 with the increment tool, then say done."
+
+    def increment(self, by: int = 1) -> str:
+        """Adds ``by`` to the count."""
+        if by > 10:
+            raise ValueError("too far")
+        self.count += by
+        return f"count is {self.count}"
+
+    def get_reward(self) -> float:
+        return float(self.count == 3)
+
+
+def test_a_trl_style_environment_runs_as_a_gymnasium_one():
+    env = make_env("tests/test_envs.py:Counter", {})
+    obs, info = env.reset(seed=0, options={"prompt": "Hello."})
+    assert obs == "Hello.\nCount to 3 with the increment tool, then say done." and info["tools"] == ["increment"]
+    call = '<tool_call>{"name": "increment", "arguments": {"by": 2}}</tool_call>'
+    assert env.step(call) == ("count is 2", 0.0, False, False, {"tool_call": "increment"})
+    assert env.step('{"name": "increment"}')[0] == "count is 3"
+    assert env.step("done")[1:3] == (1.0, True)  # no tool call: the episode ends, scored by get_reward
+    env.reset()
+    _, reward, terminated, _, info = env.step('{"name": "increment", "arguments": {"by": 50}}')
+    assert terminated and reward == 0.0 and info["reason"] == "tool error: ValueError: too far"
+    env.reset()
+    assert env.step('{"name": "reset"}')[1:3] == (0.0, True)  # only tools are callable, not reset or get_reward

@@ -17,10 +17,10 @@ CONFIG = REPO / "configs" / "guess_number.yaml"
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """The shipped recipe as it is (warm start, 100 steps of GRPO), in a temporary run directory."""
+    """The shipped recipe (warm start, 100 steps of PPO), evaluated before and after only, in a temporary folder."""
     base = tmp_path_factory.mktemp("guess")
     out = subprocess.run(ppo_command([f"model.name_or_path={base / 'warm'}", f"run.output_dir={base / 'run'}",
-                                      "run.progress=false"], ranks=0, config=CONFIG),
+                                      "run.progress=false", "run.eval_every=0"], ranks=0, config=CONFIG),
                          capture_output=True, text=True, timeout=900, cwd=REPO, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
     return base
@@ -47,6 +47,7 @@ def test_llmrl_eval_plays_held_out_episodes_and_writes_their_transcripts(learned
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["prompts"] == 256 and result["reward_after"] > result["reward_before"]
+    assert result["episodes_after"]["eval/success"] > result["episodes_before"]["eval/success"]
     assert all("ended:" in s["after"] for s in result["samples"])
     assert "> " in (tmp_path / "eval" / "eval.md").read_text()
 
@@ -88,7 +89,25 @@ def test_two_zero3_ranks_play_episodes_of_unequal_lengths_in_step(learned, tmp_p
     out = launch_ppo([*COMMON, f"model.name_or_path={learned / 'warm'}", "train.total_steps=1",
                       "deepspeed.zero_stage=3", "deepspeed.gather_for_generation=false", "train.micro_batch_size=4",
                       "train.rollout_batch_size=8", "data.eval_size=4", f"run.output_dir={tmp_path / 'z3'}"],
-                     ranks=2, config=CONFIG, timeout=600)
+                     ranks=2, config=CONFIG, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = training_rows(tmp_path / "z3")
     assert [r["step"] for r in rows] == [1] and 1 <= rows[0]["env/turns"] <= 3
+
+
+def test_eval_refuses_an_environment_file_named_by_the_checkpoint(learned, tmp_path):
+    import shutil
+
+    import yaml
+
+    checkpoint = tmp_path / "final"
+    shutil.copytree(learned / "run" / "final", checkpoint)
+    data = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    data["env"]["name"] = f"{tmp_path / 'evil.py'}:Env"
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\nclass Env:\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "llmrl", "eval", "--checkpoint", str(checkpoint)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=subprocess_env())
+    assert out.returncode == 2 and "env.name" in out.stderr and "--trust-checkpoint-code" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()

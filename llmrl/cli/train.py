@@ -103,10 +103,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     if trainer.eval_reward_before is None:
         before = trainer.evaluate()
         trainer.eval_reward_before = before["eval/reward"]
-        logger.log(0, {"eval/reward": trainer.eval_reward_before})
+        logger.log(0, {k: v for k, v in before.items() if k.startswith("eval/") and k != "eval/skipped"})
         logger.log_samples(0, trainer.last_eval_samples[:cfg.run.log_samples])
-        how = "sampled" if cfg.run.eval_sampled else "greedy"
-        say(main, f"eval reward before training ({how}, {len(eval_rows)} held-out {'episodes' if cfg.env.name else 'prompts'}): "
+        how, what = "sampled" if cfg.run.eval_sampled else "greedy", "episodes" if cfg.env.name else "prompts"
+        say(main, f"eval reward before training ({how}, {len(eval_rows)} held-out {what}): "
                   f"{trainer.eval_reward_before:.4f}")
 
     total = cfg.train.total_steps

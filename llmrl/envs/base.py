@@ -22,20 +22,24 @@ def env_class(spec: str, key: str = "env.name") -> type:
         raise ConfigError(f"{key} = {spec!r} must be a built-in environment ({', '.join(BUILTIN_ENVS)}), "
                           f"'package.module:Class' or 'path/to/file.py:Class'")
     cls = load_named(target, key)
-    if not (hasattr(cls, "reset") and hasattr(cls, "step")):
-        raise ConfigError(f"{key} = {spec!r} has no reset and step methods: name a gymnasium.Env subclass (or a "
-                          f"class with reset(seed, options) and step(action))")
+    if not hasattr(cls, "reset"):
+        raise ConfigError(f"{key} = {spec!r} has no reset method: name a gymnasium.Env subclass (reset(seed, options) "
+                          f"and step(action)), or a TRL-style environment (reset() and tool methods)")
     return cls
 
 
 def make_env(spec: str, kwargs: dict, key: str = "env.name"):
-    """One environment instance; a constructor that raises is a ConfigError naming ``spec`` and ``kwargs``."""
+    """One environment instance (a TRL-style one wrapped, see ``llmrl.envs.trl_style``); a constructor that raises is
+    a ConfigError naming ``spec`` and ``kwargs``."""
+    from llmrl.envs.trl_style import TRLStyleEnv, is_trl_style
+
     cls = env_class(spec, key)
     try:
-        return cls(**kwargs)
+        env = cls(**kwargs)
     except Exception as e:  # the user's constructor: any exception is a wrong setting
         raise ConfigError(f"{key} = {spec!r}: building it with env.kwargs = {kwargs} raised "
                           f"{type(e).__name__}: {str(e)[:150]}: fix env.kwargs") from None
+    return TRLStyleEnv(env) if is_trl_style(cls) else env
 
 
 def where(name: str, seed, turn: int | None) -> str:

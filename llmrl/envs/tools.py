@@ -1,7 +1,8 @@
 """Tool use: arithmetic questions the model may answer with the help of a tool whose result it reads.
 
 The model replies either ``calc: EXPRESSION`` (``python: CODE`` for the Python tool), and the environment answers
-``= RESULT``, or ``answer: NUMBER``, which ends the episode: reward 1 when it is right. A tool that raises,
+``= RESULT``, or ``answer: NUMBER``, which ends the episode: reward 1 when it is right (``tool_reward``, 0 by
+default, shapes the start: a reward for a tool call that returned a result). A tool that raises,
 runs too long or returns something that is not a short line of text ends the episode with reward 0 and the reason
 in ``info["reason"]``; the run goes on. ``tool: false`` builds the same questions without the tool, to measure
 what the tool adds.
@@ -71,10 +72,12 @@ class ToolArithmetic(gym.Env):
     metadata = {"render_modes": []}
     tool_name = ""
 
-    def __init__(self, digits: int = 3, ops: str = "*", tool: bool = True, max_result_chars: int = 200):
+    def __init__(self, digits: int = 3, ops: str = "*", tool: bool = True, max_result_chars: int = 200,
+                 tool_reward: float = 0.0):
         if digits < 1 or not ops or set(ops) - set("+-*"):
             raise ValueError(f"digits ({digits}) must be >= 1 and ops ({ops!r}) drawn from + - *")
         self.digits, self.ops, self.tool, self.max_result_chars = digits, ops, tool, max_result_chars
+        self.tool_reward = tool_reward  # for a tool call that returned a result: a shaping reward, 0 by default
         self.observation_space = spaces.Text(max_length=500, charset=string.printable)
         self.action_space = spaces.Text(max_length=500, charset=string.printable)
         self.answer: float | None = None
@@ -82,7 +85,7 @@ class ToolArithmetic(gym.Env):
     def use_tool(self, argument: str) -> str:
         raise NotImplementedError
 
-    def tool_help(self) -> str:
+    def tool_help(self, question: str) -> str:
         raise NotImplementedError
 
     def reset(self, seed=None, options=None):
@@ -95,25 +98,25 @@ class ToolArithmetic(gym.Env):
             a, b = (int(self.np_random.integers(low, high)) for _ in range(2))
             op = self.ops[int(self.np_random.integers(len(self.ops)))]
             question, self.answer = f"{a} {op} {b}", float(BINARY[op](a, b))
-        how = self.tool_help() if self.tool else ""
-        return (f"What is {question}? {how}Reply 'answer: NUMBER' with your final answer.",
-                {"answer": self.answer})
+        how = self.tool_help(question) if self.tool else ""
+        return (f"{how}Reply 'answer: NUMBER' with your final answer. What is {question}?", {"answer": self.answer})
 
     def step(self, action: str):
         if self.answer is None:
             raise RuntimeError("step before reset")
         text = action.strip()
         prefix = f"{self.tool_name}:"
-        if self.tool and text.lower().startswith(prefix):
+        at = text.lower().find(prefix)
+        if self.tool and at >= 0 and "answer:" not in text[:at].lower():  # a call, wherever the reply puts it
             try:
-                result = self.use_tool(text[len(prefix):])
+                result = self.use_tool(text[at + len(prefix):].split("\n", 1)[0])
             except (ToolError, SandboxError) as e:
                 return f"{self.tool_name} failed: {e}", 0.0, True, False, {"success": False,
                                                                           "reason": f"tool error: {e}"[:120]}
             if not isinstance(result, str) or len(result) > self.max_result_chars or "\x00" in result:
                 return (f"{self.tool_name} returned something unusable", 0.0, True, False,
                         {"success": False, "reason": "tool returned garbage"})
-            return f"= {result.strip()}", 0.0, False, False, {"success": False, "tool_call": True}
+            return f"= {result.strip()}", self.tool_reward, False, False, {"success": False, "tool_call": True}
         found = NUMBER.search(text.split("answer:", 1)[-1])
         if found is None:
             return "No number found.", 0.0, True, False, {"success": False, "reason": "no answer"}
@@ -124,8 +127,8 @@ class ToolArithmetic(gym.Env):
 class CalculatorArithmetic(ToolArithmetic):
     tool_name = "calc"
 
-    def tool_help(self) -> str:
-        return "You may use a calculator: reply 'calc: EXPRESSION' and it replies '= VALUE'. "
+    def tool_help(self, question: str) -> str:
+        return f"To use the calculator, reply 'calc: {question}' and it replies with the value. "
 
     def use_tool(self, argument: str) -> str:
         return calculate(argument)
@@ -140,8 +143,8 @@ class PythonArithmetic(ToolArithmetic):
         super().__init__(**kwargs)
         self.limits = Limits(cpu_seconds, memory_mb, wall_seconds)
 
-    def tool_help(self) -> str:
-        return "You may run Python: reply 'python: CODE' and it replies with what the code prints. "
+    def tool_help(self, question: str) -> str:
+        return f"You may run Python: reply 'python: print({question})' and it replies with what the code prints. "
 
     def use_tool(self, argument: str) -> str:
         return run_python(argument.strip(), self.limits)

@@ -126,7 +126,10 @@ class RolloutEngine:
         B, P = input_ids.shape
         device = input_ids.device
         cache_kw, keeps_logits = forward_arguments(model)
-        plan = plan_prompts(input_ids, attention_mask) if self.share_prompts else None
+        # Ranks kept in step (``all_finished`` given: ZeRO-3 without gathered weights) encode prompts plainly: the
+        # shared-prompt passes take one or two forwards depending on the prompts, and ZeRO-3's per-forward
+        # collectives need the same count on every rank.
+        plan = plan_prompts(input_ids, attention_mask) if self.share_prompts and all_finished is None else None
         encoded = encode_prompts(model, plan, cache_kw, keeps_logits) if plan is not None else None
         if encoded is not None:  # the prompts' keys are laid out as prefix + padding + suffix: width K, not P
             prompt_mask, next_position, cache = encoded.key_mask, encoded.lengths, encoded.cache

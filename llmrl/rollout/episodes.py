@@ -50,7 +50,7 @@ class Episode:
     def transcript_text(self) -> str:
         """The episode after its first observation, one line per turn: ``> model`` and ``< environment``."""
         lines = [("> " if role == "model" else "< ") + text for role, text in self.transcript[1:]]
-        why = self.reason + (f": {self.env_reason}" if self.env_reason else "") + (f": {self.error}" if self.error else "")
+        why = ": ".join(part for part in (self.reason, self.env_reason, self.error) if part)
         return "\n".join(lines + [f"[{self.turns} turns, reward {self.total_reward:g}, ended: {why}]"])
 
     def end(self, reason: str, terminated: bool = False, truncated: bool = False) -> None:
@@ -142,17 +142,17 @@ def play_episodes(envs: list, starts: list[tuple[int | None, dict | None]], samp
                            f"policy needs at least one token to continue from")
     for turn in range(1, cfg.max_turns + 1):
         active = [i for i, ep in enumerate(episodes) if not ep.done]
-        if any_active is not None:
+        if any_active is not None:  # ranks in step: the same turns, each decoding the same number of tokens
             if not any_active(len(active)):
                 break
             if not active:
-                sample([[eos]], 1)  # keeps this rank in step with the others
+                sample([[eos]], max_new_tokens)  # a throwaway row, so that this rank runs the same forwards
                 continue
         if not active:
             break
         budget = {i: cfg.max_episode_tokens - len(episodes[i].ids) for i in active}
-        sampled = sample([episodes[i].prompt_ids + episodes[i].ids for i in active],
-                         min(max_new_tokens, max(budget.values())))
+        longest = max_new_tokens if any_active is not None else min(max_new_tokens, max(budget.values()))
+        sampled = sample([episodes[i].prompt_ids + episodes[i].ids for i in active], longest)
         for i, tokens in zip(active, sampled):
             ep, env = episodes[i], envs[i]
             cut = len(tokens) > budget[i]

@@ -51,6 +51,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     result = {"checkpoint": str(checkpoint), "prompts": len(eval_rows),
               "reward_before": before["eval/reward"], "reward_after": after["eval/reward"],
               "kl_to_base": sum(kls) / len(kls), "samples": samples}
+    if trainer.plays_episodes:  # success rate, turns, truncations and how episodes ended, before and after
+        result["episodes_before"], result["episodes_after"] = (
+            {k: v for k, v in m.items() if k.startswith("eval/") and k != "eval/reward"} for m in (before, after))
     out = Path(out) if out else checkpoint / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -65,7 +68,11 @@ def markdown(result: dict) -> str:
              f"- held-out prompts: {result['prompts']}",
              f"- reward (greedy) before, the base with the adapter disabled: {result['reward_before']:.4f}",
              f"- reward (greedy) after, with the trained adapter: {result['reward_after']:.4f}",
-             f"- KL(policy || base) per completion, on sampled completions: {result['kl_to_base']:.4f}", "",
+             f"- KL(policy || base) per completion, on sampled completions: {result['kl_to_base']:.4f}",
+             *([f"- episode success rate before {result['episodes_before']['eval/success']:.4f}, after "
+                f"{result['episodes_after']['eval/success']:.4f}; turns per episode before "
+                f"{result['episodes_before']['eval/turns']:.2f}, after {result['episodes_after']['eval/turns']:.2f}"]
+               if "episodes_before" in result else []), "",
              "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
     for s in result["samples"]:
         lines.append(f"| {cell(s['prompt'])} | {cell(s['before'])} | {s['reward_before']} | {cell(s['after'])} | "

@@ -124,9 +124,8 @@ class OnlineTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64) -> dict:
-        """Single-turn: the base trainer's. Episodes: held-out episodes played greedily (sampled with
-        run.eval_sampled); the mean return, the
-        success rate and turns, and their transcripts as the samples."""
+        """Single-turn: the base trainer's. Episodes: the held-out episodes played greedily (sampled with
+        run.eval_sampled); the mean return, success rate and turns, and the transcripts as the samples."""
         if not self.plays_episodes:
             return super().evaluate(batch_size)
         self.policy.eval()
