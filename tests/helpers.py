@@ -2,6 +2,7 @@
 ``launch/ppo.py`` in a subprocess, in one process or on CPU ranks under the deepspeed launcher."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,14 @@ def make_trainer(cfg, strategy=None):
 # rollout and one PPO epoch make the update one full-batch gradient step: so such runs must agree.
 EQUAL = ["generation.do_sample=false", "train.total_steps=3", "train.rollout_batch_size=16", "train.mini_batch_size=16",
          "train.epochs=1", "run.eval_every=0", "run.progress=false", "data.eval_size=16", "run.threads=1"]
-MASTER_PORT = 29500 + os.getpid() % 1000  # launch_ppo's: fixed for the test session, apart from other sessions'
+MASTER_PORT = 29500 + os.getpid() % 1000  # launch_ppo's: fixed for the test process, apart from other processes'
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher of its own (pytest-xdist runs test files side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env() -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import EQUAL, MASTER_PORT, launch_ppo, subprocess_env, training_rows
+from helpers import EQUAL, MASTER_PORT, free_port, launch_ppo, subprocess_env, training_rows
 
 from llmrl.config import ConfigError, load_config
 
@@ -237,7 +237,7 @@ def test_zero3_rollout_gathers_once_and_ranks_may_decode_unequal_lengths(warm, t
     other mode, gather_for_generation: false, where the ranks must decode in lockstep instead."""
     script = tmp_path / "generate.py"
     script.write_text(ZERO3_GENERATION)
-    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
+    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                           str(script), str(REPO / "tests"), str(warm), str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
@@ -276,7 +276,7 @@ def test_zero3_gradient_accumulation_problem_is_real(tmp_path):
         "from llmrl.distributed.strategy import unlink_cpu_allreduce_buffer\n"
         "unlink_cpu_allreduce_buffer(rank)  # plain DeepSpeed leaves it in /dev/shm\n"
         "torch.distributed.destroy_process_group()\n")
-    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
+    out = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                           str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     norm = float(out.stdout.split("NORM")[1].split()[0])

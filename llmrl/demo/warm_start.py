@@ -18,21 +18,9 @@ from llmrl.distributed.checkpoint import write_atomically
 
 def supervised_batch(tokenizer, pairs: list[tuple[str, str]]):
     """(input_ids, attention_mask, labels): prompt + completion + EOS, loss on the completion and EOS only."""
-    seqs, prompt_lens = [], []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append(p + c)
-        prompt_lens.append(len(p))
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), tokenizer.pad_token_id)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    labels = torch.full((len(seqs), L), -100)
-    for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-        labels[i, n:len(s)] = torch.tensor(s[n:])
-    return ids, mask, labels
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return padded_segments(tokenizer, [[(encode(prompt), False), (encode(completion) + [tokenizer.eos_token_id], True)]
+                                       for prompt, completion in pairs])
 
 
 def padded_segments(tokenizer, episodes: list[list[tuple[list[int], bool]]]):

@@ -19,7 +19,7 @@ import torch
 from llmrl.config import EnvConfig
 from llmrl.envs.base import checked_reset, checked_step
 from llmrl.errors import ConfigError, EnvError
-from llmrl.rollout.experience import Experience, right_padded
+from llmrl.rollout.experience import Experience, left_padded, right_padded
 
 END_REASONS = ("terminated", "env_truncated", "max_turns", "token_budget", "env_error")
 PROBE = "\u2063probe\u2063"  # an assistant message no chat template writes by itself
@@ -88,7 +88,7 @@ class TurnRenderer:
         if PROBE not in closed:
             raise ConfigError("the chat template does not write assistant messages as given: use env.chat: off")
         self.after_assistant = closed[closed.rindex(PROBE) + len(PROBE):]  # e.g. "<|im_end|>\n"
-        self.closed_probe = probe
+        self.closed_probe, self.closed_text = probe, closed
 
     def first(self, observation: str) -> list[int]:
         if not self.chat:
@@ -99,7 +99,7 @@ class TurnRenderer:
         """The environment's tokens after a model turn; ``model_ended``: the turn ended with the stop token."""
         if not self.chat:
             return self.encode(self.format.format(observation=observation))
-        closed = self._render(self.closed_probe, False)
+        closed = self.closed_text
         opened = self._render(self.closed_probe + [{"role": "user", "content": observation}], True)
         if not opened.startswith(closed):
             raise ConfigError("the chat template rewrites earlier turns when a user turn is added, so turns cannot "
@@ -195,12 +195,7 @@ def play_episodes(envs: list, starts: list[tuple[int | None, dict | None]], samp
 def episodes_to_experience(episodes: list[Episode], pad_token_id: int, device) -> Experience:
     """The batch the trainer trains on: prompts left-padded, everything after them right-padded, with
     ``action_mask`` (the model's tokens) and ``step_rewards`` (each step's reward on its turn's last token)."""
-    P = max(len(ep.prompt_ids) for ep in episodes)
-    query = torch.full((len(episodes), P), pad_token_id, dtype=torch.long)
-    query_mask = torch.zeros(len(episodes), P, dtype=torch.long)
-    for row, ep in enumerate(episodes):
-        query[row, P - len(ep.prompt_ids):] = torch.tensor(ep.prompt_ids)
-        query_mask[row, P - len(ep.prompt_ids):] = 1
+    query, query_mask = left_padded([ep.prompt_ids for ep in episodes], pad_token_id)
     response, response_mask = right_padded([ep.ids for ep in episodes], pad_token_id)
     action = torch.zeros_like(response_mask)
     step_rewards = torch.zeros_like(response_mask)

@@ -79,6 +79,18 @@ def right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.T
     return ids, mask
 
 
+def left_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, N) ids left-padded with ``pad_token_id``, (B, N) long mask of the real ones)."""
+    width = max(1, max(len(seq) for seq in sequences))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
     """(B, T) sampled ids -> (ids with pad after the first EOS, float mask up to and including it, has_eos (B,))."""
     is_eos = response == eos_token_id
@@ -121,12 +133,7 @@ def generate_ids(model, tokenizer, contexts: list[list[int]], cfg: GenerationCon
                  ) -> list[list[int]]:
     """Continue token-id ``contexts`` (a multi-turn episode so far, never re-tokenised): the sampled ids of
     each, up to and including the stop token."""
-    P = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), P), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(contexts), P, dtype=torch.long)
-    for row, c in enumerate(contexts):
-        ids[row, P - len(c):] = torch.tensor(c, dtype=torch.long)
-        mask[row, P - len(c):] = 1
+    ids, mask = left_padded(contexts, tokenizer.pad_token_id)
     tokens, _ = decode(model, tokenizer, ids.to(device), mask.to(device), cfg, max_new_tokens, greedy, synced_gpus,
                        engine, all_finished)
     response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
