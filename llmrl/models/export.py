@@ -73,9 +73,12 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
     return model, tokenizer, cfg
 
 
-def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
-    """Prompts to compare logits on: the run's held-out prompts when they load here, else fixed text."""
+def sample_inputs(cfg: Config, tokenizer, n: int = 8, trusted: bool = False) -> list[str]:
+    """Prompts to compare logits on: the run's held-out prompts (of an environment run: the first observations
+    of its held-out episodes, from built-in environments or with ``trusted``) when they load here, else fixed text."""
     try:
+        if cfg.env.name:
+            return episode_inputs(cfg, tokenizer, n, trusted)
         from llmrl.data.chat import render_prompts
         from llmrl.data.prompts import load_prompts
 
@@ -85,7 +88,28 @@ def sample_inputs(cfg: Config, tokenizer, n: int = 8) -> list[str]:
             return prompts
     except (ConfigError, OSError):
         pass
-    return ["The", "Hello, world. This is a test of the exported model."]
+    return FIXED_TEXT
+
+
+FIXED_TEXT = ["The", "Hello, world. This is a test of the exported model."]
+
+
+def episode_inputs(cfg: Config, tokenizer, n: int, trusted: bool) -> list[str]:
+    """The prompts of the run's first ``n`` held-out episodes; fixed text for an environment of the checkpoint's
+    own that the user did not trust (its code is not imported)."""
+    from llmrl.data.prompts import episode_rows
+    from llmrl.envs import make_env
+    from llmrl.rollout.episodes import TurnRenderer
+    from llmrl.trust import untrusted_parts
+
+    if not trusted and any(part.startswith("env.name") for part in untrusted_parts(cfg)):
+        return FIXED_TEXT
+    env, renderer = make_env(cfg.env.name, cfg.env.kwargs), TurnRenderer(tokenizer, cfg.env)
+    texts = []
+    for row in episode_rows(cfg.data, cfg.env)[1][:n]:
+        observation, _ = env.reset(seed=row.get("seed"), options=None if set(row) == {"seed"} else row)
+        texts.append(renderer.first_text(observation))
+    return texts or FIXED_TEXT
 
 
 @torch.no_grad()
@@ -134,8 +158,9 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         "| | |", "|---|---|",
         f"| base model | `{cfg.model.name_or_path}` (trained with quantization: {cfg.model.quantization}) |",
         f"| algorithm | {cfg.algorithm} |",
-        f"| reward | {reward_description(cfg)} |",
-        f"| prompts | `{cfg.data.source}` |",
+        *([f"| environment | `{cfg.env.name}` {json.dumps(cfg.env.kwargs)}, at most {cfg.env.max_turns} turns; reward "
+           f"from the environment |", f"| episodes | `{cfg.data.source or 'seeds'}` |"] if cfg.env.name else
+          [f"| reward | {reward_description(cfg)} |", f"| prompts | `{cfg.data.source}` |"]),
         f"| steps | {state['step']} |",
         f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
         f"| optimisation | lr={t.lr}, rollout={t.rollout_batch_size}, minibatch={t.mini_batch_size}, "
@@ -177,7 +202,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
         bar.set_postfix_str("loading base + adapter")
         reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32, trust_checkpoint_code)
         base_location = base_model_location(base or cfg.model.name_or_path)
-        prompts = sample_inputs(cfg, tokenizer)
+        prompts = sample_inputs(cfg, tokenizer, trusted=trust_checkpoint_code)
         ref_logits, mask = logits_of(reference, tokenizer, prompts)
         bar.update(1)
         result = {}

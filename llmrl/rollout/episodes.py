@@ -90,10 +90,12 @@ class TurnRenderer:
         self.after_assistant = closed[closed.rindex(PROBE) + len(PROBE):]  # e.g. "<|im_end|>\n"
         self.closed_probe, self.closed_text = probe, closed
 
+    def first_text(self, observation: str) -> str:
+        """The prompt of an episode as text: the first observation, as a user turn when there is a template."""
+        return self._render([{"role": "user", "content": observation}], True) if self.chat else observation
+
     def first(self, observation: str) -> list[int]:
-        if not self.chat:
-            return self.encode(observation)
-        return self.encode(self._render([{"role": "user", "content": observation}], True))
+        return self.encode(self.first_text(observation))
 
     def reply(self, observation: str, model_ended: bool) -> list[int]:
         """The environment's tokens after a model turn; ``model_ended``: the turn ended with the stop token."""

@@ -47,7 +47,9 @@ def make_engine(cfg: Config, tokenizer, strategy, context: int | None = None):
         return RolloutEngine(tokenizer.eos_token_id, tokenizer.pad_token_id, compile=g.compile,
                              share_prompts=cfg.model.share_prompts)
     if g.engine == "vllm":
-        return VLLMEngine(cfg.model, g, cfg.data.max_prompt_length, cfg.run.seed + strategy.rank,
+        # an episode's later turns continue the whole transcript so far: up to env.max_episode_tokens past the prompt
+        longest_context = cfg.data.max_prompt_length + (cfg.env.max_episode_tokens if cfg.env.name else 0)
+        return VLLMEngine(cfg.model, g, longest_context, cfg.run.seed + strategy.rank,
                           tokenizer.eos_token_id, tokenizer.pad_token_id, context, strategy.gathered)
     return None
 
@@ -167,22 +169,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64) -> dict:
-        """Greedy (or, with run.eval_sampled, sampled) completions of the held-out prompts; mean raw reward and a few samples (a conversation is shown
-        by its last message)."""
+        """Greedy (or, with run.eval_sampled, sampled) rollouts of the held-out rows: the mean raw reward of those
+        scored, what ``eval_samples`` adds, and a few samples. The random generators are left as they were, so
+        that evaluating (how often, or a last evaluation before a run is extended with --resume) never changes
+        what training samples."""
         self.policy.eval()
-        scores, samples, skipped = [], [], 0
+        rng = self.strategy.rng_state()
+        try:
+            samples, stats = self.eval_samples(batch_size)
+        finally:
+            self.strategy.set_rng_state(rng)
+        scores = [score for *_, score in samples if score is not None]
+        self.last_eval_samples = samples
+        return {"eval/reward": sum(scores) / len(scores) if scores else math.nan, **stats, "samples": samples[:5]}
+
+    def eval_samples(self, batch_size: int) -> tuple[list[tuple[str, str, float | None]], dict]:
+        """((prompt, completion, reward or None when it was not scored) of every held-out prompt (a conversation
+        is shown by its last message), {"eval/skipped": the unscored})."""
+        samples = []
         for start in range(0, len(self.eval_rows), batch_size):
             rows = self.eval_rows[start:start + batch_size]
             exp = self.generate(self.prompt_texts(rows), greedy=not self.cfg.run.eval_sampled)
             completions, result = self.score(rows, exp, self.eval_reward)
-            kept = [s for s, ok in zip(result.scores, result.valid) if ok]
-            scores.extend(kept)
-            skipped += len(rows) - len(kept)
             samples.extend((content(r[self.cfg.data.prompt_column]), c, s if ok else None)
                            for r, c, s, ok in zip(rows, completions, result.scores, result.valid))
-        mean = sum(scores) / len(scores) if scores else math.nan
-        self.last_eval_samples = samples
-        return {"eval/reward": mean, "eval/skipped": skipped, "samples": samples[:5]}
+        return samples, {"eval/skipped": sum(score is None for *_, score in samples)}
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

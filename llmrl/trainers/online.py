@@ -123,20 +123,17 @@ class OnlineTrainer(Trainer):
                                  any_active)
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 64) -> dict:
-        """Single-turn: the base trainer's. Episodes: the held-out episodes played greedily (sampled with
-        run.eval_sampled); the mean return, success rate and turns, and the transcripts as the samples."""
+    def eval_samples(self, batch_size: int) -> tuple[list[tuple[str, str, float | None]], dict]:
+        """Single-turn: the base trainer's. Episodes: the held-out episodes, their transcripts as the samples (the
+        return, or None for an episode dropped by an env error), with the success rate, turns and end reasons."""
         if not self.plays_episodes:
-            return super().evaluate(batch_size)
-        self.policy.eval()
+            return super().eval_samples(batch_size)
         episodes = []
         for start in range(0, len(self.eval_rows), batch_size):
             episodes += self.play(self.eval_rows[start:start + batch_size], greedy=not self.cfg.run.eval_sampled)
-        kept = [ep.total_reward for ep in episodes if ep.error is None]
-        self.last_eval_samples = [(ep.transcript[0][1] if ep.transcript else "", ep.transcript_text(),
-                                   ep.total_reward if ep.error is None else None) for ep in episodes]
-        return {"eval/reward": sum(kept) / len(kept) if kept else math.nan, **episode_stats(episodes, "eval"),
-                "samples": self.last_eval_samples[:5]}
+        samples = [(ep.transcript[0][1] if ep.transcript else "", ep.transcript_text(),
+                    ep.total_reward if ep.error is None else None) for ep in episodes]
+        return samples, episode_stats(episodes, "eval")
 
     @torch.no_grad()
     def fit_reward_normalizer(self) -> None:
