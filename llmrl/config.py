@@ -229,6 +229,8 @@ class WarmStartConfig:
     lr: float = opt(3e-3, "AdamW learning rate (full fine-tuning of the tiny model).")
     teacher_accuracy: float = opt(0.4, "Share of demonstrations the teacher gets right; the rest repeat the "
                                        "task's typical mistake, which PPO must learn to avoid.")
+    base: str | None = opt(None, "A pretrained model to fine-tune (all its weights) on the teacher's episodes of "
+                                 "env.name, instead of a tiny GPT-2 built from scratch; saved at model.name_or_path.")
     n_layer: int = opt(2, "Layers of the tiny GPT-2 built from scratch.")
     n_embd: int = opt(128, "Width of the tiny GPT-2.")
     n_head: int = opt(4, "Attention heads of the tiny GPT-2.")

@@ -211,6 +211,64 @@ def test_an_environment_that_never_ends_is_truncated_at_max_turns_or_the_token_b
     assert ep.reason == "token_budget" and len(ep.ids) == 7 and ep.turns == 3 and len(ep.rewards) == 2
 
 
+def test_a_teachers_episodes_are_the_tokens_a_rollout_of_the_same_replies_gives(chat_model_dir):
+    """The warm start trains on what rollouts will produce: the teacher's turns rendered through the chat template
+    exactly as play_episodes renders sampled turns, the loss on the same tokens as the rollout's action mask."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from llmrl.demo.warm_start import TEACHERS, teacher_episodes
+
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    cfg = EnvConfig(name="calculator", kwargs={"digits": 3}, max_turns=2, max_episode_tokens=200)
+    renderer = TurnRenderer(tok, cfg)
+    for accuracy, turns in ((1.0, 2), (0.0, 1)):  # the expert calls the tool; the other answers with an estimate
+        env = make_env("calculator", cfg.kwargs)
+        (segments,) = teacher_episodes(env, renderer, tok, TEACHERS["calculator"], 2, accuracy, random.Random(0), 1)
+        replies = [ids for ids, trained in segments if trained]
+        texts = [tok.decode(ids[:-1]) for ids in replies]
+        assert len(replies) == turns and all(ids[-1] == tok.eos_token_id for ids in replies)
+        if accuracy:
+            assert texts == [f"calc: {env.question}", f"answer: {int(env.answer)}"], texts
+        else:
+            assert texts[0].startswith("answer: ") and texts[0] != f"answer: {int(env.answer)}", texts
+        sample, _ = scripted(replies)
+        seed = random.Random(0).randrange(2**31)  # the teacher's first draw
+        ep, = play_episodes([make_env("calculator", cfg.kwargs)], [(seed, None)], sample, tok, renderer, cfg, 32,
+                            "calculator")
+        assert ep.prompt_ids + ep.ids == [t for ids, _ in segments for t in ids]
+        assert [0] * len(ep.prompt_ids) + ep.action == [int(trained) for ids, trained in segments for _ in ids]
+        assert ep.total_reward == accuracy
+
+
+def test_the_warm_start_fine_tunes_a_pretrained_base_on_the_teachers_episodes(chat_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from llmrl.demo.tiny import tiny_gpt2
+    from llmrl.demo.warm_start import run_env_warm_start
+
+    def config(base):
+        return load_config(REPO / "configs" / "smollm2_calculator.yaml", [
+            f"warm_start.base={base}", f"model.name_or_path={tmp_path / 'warm'}", "warm_start.steps=2",
+            "warm_start.batch_size=2", "warm_start.lr=1e-2", "env.kwargs.digits=2"])
+    with pytest.raises(ConfigError, match=r"teacher episode of env 'calculator' is \d+ tokens, longer than the "
+                                          r"model's context of 128"):  # its byte-level BPE knows few words
+        run_env_warm_start(config(chat_model_dir), progress=False)
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=512, seed=0).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    assert run_env_warm_start(config(tmp_path / "base"), progress=False) == tmp_path / "warm"
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "warm").state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    cfg = load_config(REPO / "configs" / "smollm2_calculator.yaml", ["warm_start.base=null", "env.name=python_tool"])
+    with pytest.raises(ConfigError, match="warm_start builds a tiny model for env guess_number"):
+        run_env_warm_start(cfg, progress=False)
+
+
 def test_calculator():
     assert calculate("12 * (3 + 4) - 2 ** 3") == "76"
     assert calculate("7 / 2") == "3.5"

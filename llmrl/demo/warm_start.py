@@ -1,5 +1,6 @@
-"""Supervised warm start of the embedded default: a tiny GPT-2 built from scratch learns a task from an
-imperfect teacher, so that PPO starts from a model that often makes the teacher's mistake.
+"""Supervised warm start: a tiny GPT-2 built from scratch (or, for an environment, ``warm_start.base``, a pretrained
+model) learns a task from an imperfect teacher, so that PPO starts from a model that often makes the teacher's
+mistake.
 """
 from __future__ import annotations
 
@@ -40,51 +41,116 @@ def padded_segments(tokenizer, episodes: list[list[tuple[list[int], bool]]]):
     return ids, mask, labels
 
 
-def guess_number_demonstrations(env, tokenizer, max_turns: int, teacher_accuracy: float, rng: random.Random,
-                                n: int) -> list[list[tuple[list[int], bool]]]:
-    """Episodes of guess_number (symbols) played by a teacher: binary search with chance ``teacher_accuracy``,
-    else guesses drawn at random that ignore the feedback (the mistake RL has to unlearn)."""
+class GuessTeacher:
+    """guess_number: binary search on the feedback (``expert``), else guesses drawn at random that ignore it (the
+    mistake RL has to unlearn)."""
+
+    def __init__(self, env, expert: bool, rng: random.Random):
+        self.env, self.expert, self.rng = env, expert, rng
+        self.low, self.high, self.guess = env.low, env.high, None
+
+    def act(self, observation: str) -> str:
+        if self.guess is not None:  # the feedback on the last guess: "+" or "Higher." means the secret is above it
+            higher = observation.strip() in ("+", "Higher.")
+            self.low, self.high = (self.guess + 1, self.high) if higher else (self.low, self.guess - 1)
+        self.guess = (self.low + self.high) // 2 if self.expert else self.rng.randint(self.env.low, self.env.high)
+        return str(self.guess)
+
+
+class ToolTeacher:
+    """calculator / python_tool: calls the tool and copies its result (``expert``), else answers at once with a
+    mental estimate, the value to two significant figures (the mistake RL has to unlearn: it is seldom exact)."""
+
+    def __init__(self, env, expert: bool, rng: random.Random):
+        self.env, self.expert, self.called = env, expert, False
+
+    def act(self, observation: str) -> str:
+        if not self.expert:
+            return f"answer: {int(float(f'{self.env.answer:.2g}'))}"
+        if not self.called:
+            self.called = True
+            return self.env.tool_call(self.env.question)
+        return f"answer: {observation.strip().removeprefix('= ')}"
+
+
+TEACHERS = {"guess_number": GuessTeacher, "calculator": ToolTeacher, "python_tool": ToolTeacher}
+
+
+def teacher_episodes(env, renderer, tokenizer, teacher, max_turns: int, teacher_accuracy: float,
+                     rng: random.Random, n: int) -> list[list[tuple[list[int], bool]]]:
+    """``n`` episodes played by ``teacher`` (an expert with chance ``teacher_accuracy``), as token segments
+    (ids, trained) rendered as rollouts render them: the teacher's turns and their stop token are trained."""
     eos, episodes = tokenizer.eos_token_id, []
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for _ in range(n):
         obs, _ = env.reset(seed=rng.randrange(2**31))
-        segments, low, high = [(encode(obs), False)], env.low, env.high
-        searches = rng.random() < teacher_accuracy
+        player = teacher(env, rng.random() < teacher_accuracy, rng)
+        segments = [(renderer.first(obs), False)]
         for _ in range(max_turns):
-            guess = (low + high) // 2 if searches else rng.randint(env.low, env.high)
-            segments.append((encode(str(guess)) + [eos], True))
-            obs, _, terminated, _, _ = env.step(str(guess))
-            if terminated:
+            action = player.act(obs)
+            segments.append((renderer.encode(action) + [eos], True))
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
                 break
-            low, high = (guess + 1, high) if obs == "+" else (low, guess - 1)
-            segments.append((encode(obs), False))
+            segments.append((renderer.reply(obs, model_ended=True), False))
         episodes.append(segments)
     return episodes
 
 
 def run_env_warm_start(cfg: Config, progress: bool = True) -> Path:
-    """The tiny model warm-started on guess_number episodes of an imperfect teacher (see
-    ``guess_number_demonstrations``), saved at ``cfg.model.name_or_path``."""
+    """A model warm-started on episodes of an imperfect teacher of ``env.name`` (see ``TEACHERS``), saved at
+    ``cfg.model.name_or_path``: the tiny model (guess_number with symbols), or ``warm_start.base`` fine-tuned."""
     from llmrl.envs import make_env
+    from llmrl.rollout.episodes import TurnRenderer
 
     ws = cfg.warm_start
-    if cfg.env.name != "guess_number" or cfg.env.kwargs.get("style", "symbols") != "symbols":
+    if ws.base is None and (cfg.env.name != "guess_number" or cfg.env.kwargs.get("style", "symbols") != "symbols"):
         raise ConfigError(f"warm_start builds a tiny model for env guess_number (style symbols) only, not "
-                          f"env.name = {cfg.env.name!r} with {cfg.env.kwargs}: remove warm_start or change the env")
+                          f"env.name = {cfg.env.name!r} with {cfg.env.kwargs}: set warm_start.base to a pretrained "
+                          f"model to fine-tune, remove warm_start or change the env")
+    if cfg.env.name not in TEACHERS:
+        raise ConfigError(f"warm_start has a teacher for env {', '.join(TEACHERS)} only, not env.name = "
+                          f"{cfg.env.name!r}: remove warm_start, or warm-start a model of your own")
     env = make_env(cfg.env.name, cfg.env.kwargs)
-    chars = "".join(str(d) for d in range(env.low, env.high + 1)) + "?+-=!"
-    tokenizer = char_tokenizer(chars)
-    model = tiny_gpt2(tokenizer, ws.n_layer, ws.n_embd, ws.n_head, ws.n_positions, seed=cfg.run.seed)
-    if 1 + cfg.env.max_episode_tokens + 1 > ws.n_positions:
-        raise ConfigError(f"warm_start.n_positions = {ws.n_positions} is too short for episodes of "
-                          f"env.max_episode_tokens = {cfg.env.max_episode_tokens}: raise it")
     rng = random.Random(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
+    if ws.base is not None:
+        model, tokenizer = pretrained_to_fine_tune(ws.base)
+    else:
+        chars = "".join(str(d) for d in range(env.low, env.high + 1)) + "?+-=!"
+        tokenizer = char_tokenizer(chars)
+        model = tiny_gpt2(tokenizer, ws.n_layer, ws.n_embd, ws.n_head, ws.n_positions, seed=cfg.run.seed)
+        if 1 + cfg.env.max_episode_tokens + 1 > ws.n_positions:
+            raise ConfigError(f"warm_start.n_positions = {ws.n_positions} is too short for episodes of "
+                              f"env.max_episode_tokens = {cfg.env.max_episode_tokens}: raise it")
+    renderer = TurnRenderer(tokenizer, cfg.env)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
     def batch():
-        return padded_segments(tokenizer, guess_number_demonstrations(env, tokenizer, cfg.env.max_turns,
-                                                                      ws.teacher_accuracy, rng, ws.batch_size))
+        ids, mask, labels = padded_segments(tokenizer, teacher_episodes(
+            env, renderer, tokenizer, TEACHERS[cfg.env.name], cfg.env.max_turns, ws.teacher_accuracy, rng,
+            ws.batch_size))
+        if context is not None and ids.shape[1] > context:
+            raise ConfigError(f"a teacher episode of env {cfg.env.name!r} is {ids.shape[1]} tokens, longer than the "
+                              f"model's context of {context}: use a model with a longer context or shorter episodes")
+        return ids, mask, labels
     return _train_and_save(cfg, model, tokenizer, batch, progress)
+
+
+def pretrained_to_fine_tune(name: str):
+    """(model in float32, tokenizer) of ``warm_start.base``, from a local folder or a package (``pkg:``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmrl.models.sources import resolve_model
+
+    path = resolve_model(name, "warm_start.base")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"warm_start.base = {name!r} could not be loaded ({e}): point it at a model folder") from e
+    if tokenizer.pad_token is None:  # padding is masked out of the loss: any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def _train_and_save(cfg: Config, model, tokenizer, batch, progress: bool) -> Path:

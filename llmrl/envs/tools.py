@@ -81,8 +81,13 @@ class ToolArithmetic(gym.Env):
         self.observation_space = spaces.Text(max_length=500, charset=string.printable)
         self.action_space = spaces.Text(max_length=500, charset=string.printable)
         self.answer: float | None = None
+        self.question = ""
 
     def use_tool(self, argument: str) -> str:
+        raise NotImplementedError
+
+    def tool_call(self, question: str) -> str:
+        """The reply that asks the tool for the value of ``question``."""
         raise NotImplementedError
 
     def tool_help(self, question: str) -> str:
@@ -98,6 +103,7 @@ class ToolArithmetic(gym.Env):
             a, b = (int(self.np_random.integers(low, high)) for _ in range(2))
             op = self.ops[int(self.np_random.integers(len(self.ops)))]
             question, self.answer = f"{a} {op} {b}", float(BINARY[op](a, b))
+        self.question = question
         how = self.tool_help(question) if self.tool else ""
         return (f"{how}Reply 'answer: NUMBER' with your final answer. What is {question}?", {"answer": self.answer})
 
@@ -127,8 +133,11 @@ class ToolArithmetic(gym.Env):
 class CalculatorArithmetic(ToolArithmetic):
     tool_name = "calc"
 
+    def tool_call(self, question: str) -> str:
+        return f"calc: {question}"
+
     def tool_help(self, question: str) -> str:
-        return f"To use the calculator, reply 'calc: {question}' and it replies with the value. "
+        return f"To use the calculator, reply '{self.tool_call(question)}' and it replies with the value. "
 
     def use_tool(self, argument: str) -> str:
         return calculate(argument)
@@ -143,8 +152,11 @@ class PythonArithmetic(ToolArithmetic):
         super().__init__(**kwargs)
         self.limits = Limits(cpu_seconds, memory_mb, wall_seconds)
 
+    def tool_call(self, question: str) -> str:
+        return f"python: print({question})"
+
     def tool_help(self, question: str) -> str:
-        return f"You may run Python: reply 'python: print({question})' and it replies with what the code prints. "
+        return f"You may run Python: reply '{self.tool_call(question)}' and it replies with what the code prints. "
 
     def use_tool(self, argument: str) -> str:
         return run_python(argument.strip(), self.limits)
