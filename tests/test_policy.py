@@ -200,3 +200,19 @@ def test_entropy_bonus_reaches_the_gradient(tiny_model_dir, tmp_path):
         norms[coef] = stats["optim/grad_norm"]
         assert stats["policy/entropy"] > 0
     assert abs(norms[0.5] - norms[0.0]) > 1e-3 * norms[0.0], norms
+
+
+def test_a_sampled_evaluation_leaves_training_samples_as_they_were(tiny_model_dir, tmp_path):
+    """A sampled evaluation draws from the generators training samples from. Before the fix, a finished run
+    extended with --resume (its last checkpoint written after its final evaluation) sampled other rollouts than
+    the longer uninterrupted run, which never evaluated at that step."""
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path, "run.eval_sampled=true", "data.eval_size=8"))
+    prompts = ["abc>", "fed>", "ab>", "cafe>"]
+    torch.manual_seed(3)
+    plain = trainer.generate(prompts).response
+    torch.manual_seed(3)
+    first = trainer.evaluate()
+    assert trainer.generate(prompts).response.tolist() == plain.tolist()
+    torch.manual_seed(4)  # the evaluation did sample: from another state, other completions
+    trainer.evaluate()
+    assert [s[1] for s in trainer.last_eval_samples[:5]] != [s[1] for s in first["samples"]]
