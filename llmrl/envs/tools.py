@@ -17,7 +17,8 @@ import string
 import gymnasium as gym
 from gymnasium import spaces
 
-from llmrl.envs.sandbox import Limits, SandboxError, run_python
+from llmrl.envs.sandbox import INSTALL_HINT, Limits, SandboxError, isolation_problem, run_python
+from llmrl.errors import ConfigError
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -144,13 +145,21 @@ class CalculatorArithmetic(ToolArithmetic):
 
 
 class PythonArithmetic(ToolArithmetic):
-    """The tool runs Python in a sandbox (``llmrl.envs.sandbox``) and returns what it printed."""
+    """The tool runs Python in a sandbox (``llmrl.envs.sandbox``: bubblewrap namespaces, its own uid, limits) and
+    returns what it printed. Without bubblewrap it refuses to start, unless ``unsafe_no_isolation`` is true."""
 
     tool_name = "python"
 
-    def __init__(self, cpu_seconds: int = 2, memory_mb: int = 256, wall_seconds: float = 5.0, **kwargs):
+    def __init__(self, cpu_seconds: int = 2, memory_mb: int = 256, wall_seconds: float = 5.0, disk_mb: int = 16,
+                 max_processes: int = 16, unsafe_no_isolation: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.limits = Limits(cpu_seconds, memory_mb, wall_seconds)
+        self.limits = Limits(cpu_seconds, memory_mb, wall_seconds, disk_mb=disk_mb, max_processes=max_processes)
+        self.isolated = not unsafe_no_isolation
+        problem = isolation_problem() if self.isolated else None
+        if problem:
+            raise ConfigError(f"env python_tool runs model-written code in a bubblewrap sandbox, but {problem}: "
+                              f"{INSTALL_HINT}; or set env.kwargs.unsafe_no_isolation: true to run it with rlimits "
+                              f"only, NOT isolated (the code could read your files and signal your processes)")
 
     def tool_call(self, question: str) -> str:
         return f"python: print({question})"
@@ -159,4 +168,4 @@ class PythonArithmetic(ToolArithmetic):
         return f"You may run Python: reply '{self.tool_call(question)}' and it replies with what the code prints. "
 
     def use_tool(self, argument: str) -> str:
-        return run_python(argument.strip(), self.limits)
+        return run_python(argument.strip(), self.limits, isolated=self.isolated)
