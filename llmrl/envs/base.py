@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from llmrl.errors import ConfigError, EnvError
+from llmrl.errors import ConfigError, EnvError, UserError
 
 BUILTIN_ENVS = {
     "guess_number": "llmrl.envs.guess_number:GuessNumber",
@@ -36,6 +36,8 @@ def make_env(spec: str, kwargs: dict, key: str = "env.name"):
     cls = env_class(spec, key)
     try:
         env = cls(**kwargs)
+    except UserError:  # already one line saying what to do (e.g. python_tool without a sandbox)
+        raise
     except Exception as e:  # the user's constructor: any exception is a wrong setting
         raise ConfigError(f"{key} = {spec!r}: building it with env.kwargs = {kwargs} raised "
                           f"{type(e).__name__}: {str(e)[:150]}: fix env.kwargs") from None
