@@ -77,6 +77,15 @@ def checked_step(env, name: str, seed, turn: int, action: str) -> tuple[str, flo
     if not isinstance(obs, str):
         raise EnvError(f"{where(name, seed, turn)}: step returned a {type(obs).__name__} observation "
                        f"{str(obs)[:60]!r}: observations must be text (gymnasium.spaces.Text)")
-    if isinstance(reward, bool) or not isinstance(reward, Real) or not math.isfinite(float(reward)):
-        raise EnvError(f"{where(name, seed, turn)}: step returned reward {reward!r}: it must be a finite number")
-    return obs, float(reward), bool(terminated), bool(truncated), info if isinstance(info, dict) else {}
+    value = None
+    if not isinstance(reward, bool) and isinstance(reward, Real):
+        try:
+            value = float(reward)
+        except (OverflowError, ValueError):  # an int past 1.8e308: no float holds it
+            pass
+    if value is None or not math.isfinite(value):
+        from llmrl.rewards.base import shown
+
+        raise EnvError(f"{where(name, seed, turn)}: step returned reward {shown(reward)}: it must be a finite number "
+                       f"(a float, at most 1.8e308 in size)")
+    return obs, value, bool(terminated), bool(truncated), info if isinstance(info, dict) else {}

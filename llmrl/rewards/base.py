@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from llmrl.config import ConfigError, RewardComponentConfig, RewardConfig
 from llmrl.data.chat import content
-from llmrl.errors import RewardCallFailed, RewardError  # noqa: F401 (imported from here too)
+from llmrl.errors import RewardCallFailed, RewardError, first_line  # noqa: F401 (imported from here too)
 from llmrl.user_functions import BUILTIN, load_reward_function  # noqa: F401 (imported from here too)
 
 RewardFn = Callable[..., list]
@@ -61,34 +61,78 @@ async def _await(awaitable):
     return await awaitable
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for naming a returned value in a one-line message: a
+    401-digit number or a big array is abbreviated, and a repr that fails (an int past Python's 4300-digit
+    limit for text) does not become the error."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 (a user's object or a huge int: its type still names it)
+        if isinstance(value, int):
+            return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+        return f"a {type(value).__name__} that cannot be shown"
+    text = " ".join(text.split())  # a numpy array's repr spans lines: the message is one
+    if len(text) > limit:
+        kind = "digits" if isinstance(value, int) else "characters"
+        text = f"{text[:limit]}... ({len(text)} {kind})"
+    return text
+
+
+def _as_float(s: Any) -> tuple[float | None, str, str]:
+    """``(float(s), "", "")``, or ``(None, what, why)`` for a value that is not a finite number: float() of an int
+    past 1.8e308 raises OverflowError, of Decimal('sNaN') ValueError, of a many-element array TypeError."""
+    if isinstance(s, (bool, str, bytes)) or not hasattr(s, "__float__"):
+        return None, f"{shown(s)} ({type(s).__name__})", "scores must be numbers or None"
+    try:
+        f = float(s)
+    except OverflowError:
+        return None, shown(s), ("it is too large for a float (over 1.8e308): scores must be finite numbers, so "
+                                "scale it down")
+    except Exception as e:  # noqa: BLE001 (the user's value: any failure to convert is a bad score)
+        return None, f"{shown(s)} ({type(s).__name__})", (
+            f"it is not a number ({type(e).__name__}: {first_line(e, 80)}): scores must be finite numbers or None")
+    if not math.isfinite(f):
+        return None, str(f), "scores must be finite"
+    return f, "", ""
+
+
 def check_scores(scores: Any, name: str, completions: list[str], invalid: list[int] | None = None
                  ) -> list[float | None]:
     """One finite float or None per completion, or a RewardError naming the reward and the sample.
 
-    With an ``invalid`` list, a bad value (NaN, inf, a string) becomes None and its index is appended there
-    instead of raising; a wrong count always raises.
+    With an ``invalid`` list, a bad value (NaN, inf, a number too large for a float, a string) becomes None and
+    its index is appended there instead of raising; a wrong count or shape always raises.
     """
+    n = len(completions)
+    ndim = getattr(scores, "ndim", None)  # a numpy array or a tensor: one score per completion is a 1-D one
+    if isinstance(ndim, int) and ndim != 1:
+        raise RewardError(f"reward {name!r} returned a {ndim}-D {type(scores).__name__} of shape "
+                          f"{tuple(getattr(scores, 'shape', ()))} ({shown(scores)}), not one score per completion: "
+                          f"return a list (or 1-D array) of {n} scores (or None), in order")
     if isinstance(scores, (str, bytes, dict, set, frozenset)) or not hasattr(scores, "__len__"):
         raise RewardError(f"reward {name!r} returned {type(scores).__name__}, not a list of floats: return one "
                           f"score (or None) per completion, in order")
-    scores = list(scores)
-    if len(scores) != len(completions):
-        raise RewardError(f"reward {name!r} returned {len(scores)} values for {len(completions)} completions: "
+    try:
+        scores = list(scores)
+    except Exception as e:  # noqa: BLE001 (a __len__ without iteration, a 0-d array of another library)
+        raise RewardError(f"reward {name!r} returned {type(scores).__name__} {shown(scores)}, which cannot be read "
+                          f"as a list ({type(e).__name__}: {first_line(e, 80)}): return a list of {n} scores (or "
+                          f"None), in order") from None
+    if len(scores) != n:
+        raise RewardError(f"reward {name!r} returned {len(scores)} values for {n} completions: "
                           f"return exactly one score (or None) per completion")
     out: list[float | None] = []
     for i, s in enumerate(scores):
         if s is None:
             out.append(None)
             continue
-        if isinstance(s, (bool, str, bytes)) or not hasattr(s, "__float__"):
-            problem = f"returned {s!r} ({type(s).__name__}) for sample {i}: scores must be numbers or None"
-        elif not math.isfinite(float(s)):
-            problem = f"returned {float(s)} for sample {i}: scores must be finite"
-        else:
-            out.append(float(s))
+        value, what, why = _as_float(s)
+        if value is not None:
+            out.append(value)
             continue
         if invalid is None:
-            raise RewardError(f"reward {name!r} {problem}. Completion: {content(completions[i])[:80]!r}")
+            raise RewardError(f"reward {name!r} returned {what} for sample {i}: {why}. Completion: "
+                              f"{content(completions[i])[:80]!r}")
         invalid.append(i)
         out.append(None)
     return out
@@ -127,6 +171,21 @@ class CombinedReward:
     @property
     def name(self) -> str:
         return "+".join(c.name for c in self.components)
+
+    def missing_arguments(self, given: set[str]) -> dict[str, list[str]]:
+        """Component name -> the arguments it requires that neither ``given`` (the names a call passes) nor its
+        own kwargs hold; a component whose signature cannot be read is left out (found out when called)."""
+        missing = {}
+        for c in self.components:
+            try:
+                params = inspect.signature(c.fn).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            lacking = [p.name for p in params if p.default is p.empty and p.name not in given | set(c.kwargs)
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if lacking:
+                missing[c.name] = lacking
+        return missing
 
     def check_arguments(self, columns: set[str], source: str) -> None:
         """At start-up: every argument a component requires is one llmrl passes. It passes prompts,

@@ -84,7 +84,7 @@ class RemoteReward:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                answer = json.loads(self._post(request))
+                answer = json.loads(self._post(request), parse_int=_parse_int)
                 self.last_metrics = {"attempts": float(attempt + 1)}
                 if not isinstance(answer, dict) or "scores" not in answer:
                     raise RuntimeError(f"{self.url} answered without a 'scores' list: {str(answer)[:200]}")
@@ -103,6 +103,12 @@ class RemoteReward:
                 last_error = repr(getattr(e, "reason", e))
         raise RuntimeError(f"{self.url} did not answer after {self.retries + 1} attempts (last error: {last_error}); "
                            f"is the reward server running?")
+
+
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer; past Python's 4300-digit limit for int() it is read as a float (so inf), which the scores'
+    check then names, as it names 10**400, instead of a ValueError about sys.set_int_max_str_digits."""
+    return int(digits) if len(digits) <= 4000 else float(digits)
 
 
 def jsonable(kwargs: dict) -> dict:
