@@ -254,6 +254,10 @@ class RunConfig:
     seed: int = opt(0, "Base seed; rank r uses seed + r.")
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = opt(2, "Step checkpoints kept on disk (the final one is always kept).")
+    stop_grace_seconds: float = opt(30.0, "On SIGTERM (a scheduler's stop; SIGKILL follows), every rank finishes its "
+                                          "step, saves it if the step ended within this many seconds of the signal "
+                                          "(the last save's duration included), and exits with 143 naming the "
+                                          "checkpoint to --resume from; 0: stop without saving.")
     eval_every: int = opt(0, "Greedy evaluation every N steps (0: only before and after training).")
     eval_sampled: bool = opt(False, "Evaluate with sampled rollouts (the generation settings) instead of greedy "
                                     "decoding: a policy's success rate, where greedy shows only its likeliest path.")
@@ -298,6 +302,12 @@ class RewardTrainConfig:
             raise ConfigError(f"eval_fraction is {self.eval_fraction}: must be between 0 and 1")
         if self.batch_size <= 0 or self.epochs <= 0:
             raise ConfigError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads is {self.threads}: must be at least 1 (torch CPU threads), or null for "
+                              f"torch's default")
+        if self.max_length < 1 or self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_length ({self.max_length}) and max_steps ({self.max_steps}) must be at least 1 "
+                              f"(max_steps may be null)")
 
 
 @dataclass
@@ -416,12 +426,50 @@ class Config:
             (self.ppo.kl_target > 0, "ppo.kl_target", f"is {self.ppo.kl_target}: must be > 0 (e.g. 6)"),
             (self.run.device in ("auto", "cpu", "cuda") or self.run.device.startswith("cuda:"), "run.device",
              f"is {self.run.device!r}: use auto, cpu, cuda or cuda:N"),
+            (self.run.stop_grace_seconds >= 0, "run.stop_grace_seconds",
+             f"is {self.run.stop_grace_seconds}: must be >= 0 (seconds a SIGTERM leaves to save; 0: stop without "
+             f"saving)"),
             (self.reward.clip is None or self.reward.clip > 0, "reward.clip",
              f"is {self.reward.clip}: must be > 0 (scores are clipped to [-clip, clip]), or null for no clipping"),
             (not self.data.source.startswith("task:") or t.max_len <= 64 and strings <= 10**7, "data.task.max_len",
              f"is {t.max_len}: the task would enumerate {'more than 10^7' if t.max_len > 64 else f'{strings:,}'} "
              f"strings of alphabet {t.alphabet!r}; keep len(alphabet) ** max_len under 10^7 (e.g. max_len 8)"),
         ]
+        # Counts and durations that torch, the scheduler or the checkpoint loop would take without complaint (or
+        # fail on later, blaming something else).
+        r, tr = self.run, self.train
+        uses_task = any(src.startswith("task:") for src in (self.data.source, self.data.eval_source or ""))
+        checks += [
+            (r.threads is None or r.threads >= 1, "run.threads",
+             f"is {r.threads}: must be at least 1 (torch CPU threads), or null for torch's default"),
+            (0 <= r.seed < 2**31, "run.seed", f"is {r.seed}: must be in [0, 2**31) (numpy's seeds are unsigned)"),
+            (r.save_every >= 0, "run.save_every", f"is {r.save_every}: must be >= 0 (0: only at the end)"),
+            (r.keep_last >= 1, "run.keep_last", f"is {r.keep_last}: must be at least 1 (step checkpoints kept; to "
+                                                f"keep all, give one above train.total_steps)"),
+            (r.eval_every >= 0, "run.eval_every", f"is {r.eval_every}: must be >= 0 (0: only before and after)"),
+            (r.log_samples >= 0, "run.log_samples", f"is {r.log_samples}: must be >= 0 (0 disables)"),
+            (tr.warmup_steps >= 0, "train.warmup_steps", f"is {tr.warmup_steps}: must be >= 0 (0: no warmup)"),
+            (tr.weight_decay >= 0, "train.weight_decay", f"is {tr.weight_decay}: must be >= 0 (0: none)"),
+            (self.data.max_prompt_length >= 1, "data.max_prompt_length",
+             f"is {self.data.max_prompt_length}: must be at least 1 (tokens)"),
+            (not uses_task or 0 < t.eval_fraction < 1, "data.task.eval_fraction",
+             f"is {t.eval_fraction}: must be between 0 and 1, exclusive (a share held out; the rest is trained on)"),
+            (not uses_task or t.max_per_length >= 1, "data.task.max_per_length",
+             f"is {t.max_per_length}: must be at least 1"),
+            (self.lora.r >= 1, "lora.r", f"is {self.lora.r}: must be at least 1 (e.g. 8)"),
+            (0 <= self.lora.dropout < 1, "lora.dropout", f"is {self.lora.dropout}: must be in [0, 1)"),
+            (self.reward.timeout is None or self.reward.timeout > 0, "reward.timeout",
+             f"is {self.reward.timeout}: must be > 0 seconds, or null to wait forever"),
+        ]
+        for i, c in enumerate(self.reward.components):
+            key = f"reward.components[{i}]"
+            checks += [
+                (c.timeout is None or c.timeout > 0, f"{key}.timeout",
+                 f"is {c.timeout}: must be > 0 seconds, or null to wait forever"),
+                (c.retries >= 0, f"{key}.retries", f"is {c.retries}: must be >= 0 (attempts after the first)"),
+                (c.batch_size >= 1, f"{key}.batch_size", f"is {c.batch_size}: must be at least 1"),
+                (c.max_length >= 1, f"{key}.max_length", f"is {c.max_length}: must be at least 1 (tokens)"),
+            ]
         for key, value in _floats(self):
             checks.insert(0, (math.isfinite(value), key, f"is {value}: must be a finite number"))
         for ok, key, why in checks:
@@ -550,7 +598,7 @@ def apply_override(data: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw, f"override {assignment!r}") if raw.strip() else ""
     except yaml.YAMLError as e:
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. "
@@ -558,12 +606,58 @@ def apply_override(data: dict, assignment: str) -> None:
     node[keys[-1]] = value  # numbers written 1e-4 are read by _convert, as those of a file are
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what makes a YAML mean something else than it reads: a key given twice in
+    one mapping (PyYAML keeps the last one silently), and anchors and aliases (a chain of them loads fast but
+    expands exponentially when the config is written into every checkpoint)."""
+
+    where = "YAML"  # the file or override, for the error messages
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(f"{self.where} line {mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                              f"accepted in a config: write the value out in full where it is used")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: PyYAML's own error says so below
+                    continue
+                mark = key_node.start_mark
+                if first is not mark:
+                    lines = (f"lines {first.line + 1} and {mark.line + 1}" if first.line != mark.line else
+                             f"line {mark.line + 1}, columns {first.column + 1} and {mark.column + 1}")
+                    raise ConfigError(f"{self.where}: key {key!r} is given twice in one mapping ({lines}); only one "
+                                      f"would count: keep the one you mean and delete the other")
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str, where: str = "YAML") -> Any:
+    """``yaml.safe_load(text)``, but a duplicate key or an anchor/alias is a ConfigError naming ``where`` (a file
+    or an override) and the line(s). Every YAML llmrl reads from a user or a checkpoint goes through here."""
+    loader = _StrictLoader(text)
+    loader.where = where
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML, e.g. configs/tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_text(path.read_text(), f"config file {str(path)!r}") or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -617,7 +711,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_PlainDumper, sort_keys=False))
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value seen twice out again instead of as an alias: a saved config reads back through
+    ``load_yaml_text``, which refuses aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def help_text(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -14,12 +14,13 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def exact_match(prompts, completions, answer, **kwargs):
-    """1.0 when the completion equals the reference answer (surrounding spaces ignored), else 0.0.
+    """1.0 when the completion equals the reference answer (surrounding spaces ignored), else 0.0; None without
+    one (a row missing its answer: this reward does not apply, it is never compared with the text "None").
 
-    >>> exact_match(["abc>", "ab>"], ["cba", "ab"], answer=["cba", "ba"])
-    [1.0, 0.0]
+    >>> exact_match(["abc>", "ab>", "a>"], ["cba", "ab", "None"], answer=["cba", "ba", None])
+    [1.0, 0.0, None]
     """
-    return [float(content(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [None if a is None else float(content(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def numeric_match(prompts, completions, answer, tolerance=1e-6, **kwargs):

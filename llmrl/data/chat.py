@@ -17,16 +17,37 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def message_problem(prompt: Any) -> str | None:
-    """Why ``prompt`` is neither a text nor a well-formed conversation, or None when it is one of them."""
+def message_problem(prompt: Any, text: bool = True) -> str | None:
+    """Why ``prompt`` is neither a text nor a well-formed conversation, or None when it is one of them.
+    ``text``: also why its text is unusable (see ``text_problem``)."""
     if isinstance(prompt, str):
-        return None
+        return text_problem(prompt) if text else None
     if not is_conversation(prompt):
         return f"is {type(prompt).__name__} {str(prompt)[:60]!r}, neither text nor a list of messages"
     for j, m in enumerate(prompt):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return f"has message {j} = {str(m)[:60]!r}: each message needs a string role and a string content"
-    return None
+    return text_problem(prompt) if text else None
+
+
+def text_problem(prompt: str | list[dict]) -> str | None:
+    """Why a well-formed prompt (a text, or a conversation) cannot be trained on, with what to do; None when it can.
+
+    Empty or only whitespace: nothing to continue from (a chat template still adds tokens, so it would train
+    silently). A NUL character: a binary or badly converted file, which tokenizers pass through silently."""
+    fix = "fix or remove the row"
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    for j, t in enumerate(texts):
+        if "\x00" in t:
+            where = "" if isinstance(prompt, str) else f"message {j} "
+            return (f"{where}contains a NUL character (\\x00) at position {t.index(chr(0))}: the file holds binary "
+                    f"or badly converted text; {fix}")
+    if any(t.strip() for t in texts):
+        return None
+    if isinstance(prompt, str):
+        return ("is empty: a prompt needs at least one token to continue from" if not prompt else
+                f"is only whitespace ({prompt[:20]!r}): a prompt needs text to continue from; {fix}")
+    return f"has only empty or whitespace messages: a prompt needs text to continue from; {fix}"
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], where: str = "a prompt") -> str:

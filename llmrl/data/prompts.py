@@ -9,10 +9,13 @@ import random
 from pathlib import Path
 
 from llmrl.config import ConfigError, DataConfig, EnvConfig
-from llmrl.data.chat import message_problem, render_prompt
+from llmrl.data.chat import message_problem, render_prompt, text_problem
 from llmrl.data.tasks import task_rows
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# More characters per token than any tokenizer averages over a whole prompt: a prompt longer than this many
+# characters per token of its limit is refused before it is tokenised (which, for megabytes, takes minutes).
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]:
@@ -86,33 +89,40 @@ def load_prompts(cfg: DataConfig, env: EnvConfig | None = None) -> tuple[list[di
     naming an environment: the episodes' rows, see ``episode_rows``)."""
     if env is not None and env.name:
         return episode_rows(cfg, env)
-    train = _load_rows(cfg.source, cfg, "train", "data.source")
+    train = _checked_rows(cfg.source, cfg, "train", "data.source")
     if cfg.eval_source is not None:
-        evals = _load_rows(cfg.eval_source, cfg, "eval", "data.eval_source")
+        evals = _checked_rows(cfg.eval_source, cfg, "eval", "data.eval_source")
     elif cfg.source.startswith("task:"):
-        evals = _load_rows(cfg.source, cfg, "eval", "data.source")
+        evals = _checked_rows(cfg.source, cfg, "eval", "data.source")
     else:  # hold out the last rows of the file
         if len(train) <= cfg.eval_size:
             raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than "
                               f"data.eval_size = {cfg.eval_size}: lower eval_size or set data.eval_source")
         train, evals = train[: -cfg.eval_size], train[-cfg.eval_size:]
-    for name, rows in (("data.source", train), ("data.eval_source", evals)):
-        if not rows:
-            raise ConfigError(f"{name} gave an empty dataset: it needs at least one prompt")
-        if cfg.prompt_column not in rows[0]:
-            raise ConfigError(f"{name} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}): "
-                              f"set data.prompt_column")
-        for i, row in enumerate(rows):
-            problem = message_problem(row[cfg.prompt_column])
-            if problem is None and not row[cfg.prompt_column]:
-                problem = "is empty: a prompt needs at least one token to continue from"
-            if problem:
-                raise ConfigError(f"{name}: prompt {i} {problem}: the {cfg.prompt_column!r} column must hold "
-                                  f"text or conversations (lists of {{role, content}} messages, TRL's format)")
     if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
         pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
         evals = [evals[i] for i in sorted(pick)]
     return train, evals
+
+
+def _checked_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]:
+    """The rows of one source, every prompt checked before any split, so that an error names the row of the file."""
+    rows = _load_rows(source, cfg, split, key)
+    column = cfg.prompt_column
+    if not rows:
+        which = f" ({split} split)" if source.startswith("task:") else ""
+        raise ConfigError(f"{key} = {source!r}{which} gave an empty dataset: it needs at least one prompt")
+    if column not in rows[0]:
+        raise ConfigError(f"{key} has no column {column!r} (columns: {', '.join(rows[0])}): set data.prompt_column")
+    for i, row in enumerate(rows):
+        problem = message_problem(row[column], text=False)
+        if problem:
+            raise ConfigError(f"{key}: prompt {i} {problem}: the {column!r} column must hold text or conversations "
+                              f"(lists of {{role, content}} messages, TRL's format)")
+        problem = text_problem(row[column])
+        if problem:  # empty, only whitespace or a NUL: it would be trained on without a word
+            raise ConfigError(f"{key}: prompt {i} {problem} (row {i} of {source!r}, counting from 0)")
+    return rows
 
 
 def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_length: int,
@@ -127,6 +137,10 @@ def check_prompt_lengths(rows: list[dict], column: str, tokenizer, max_prompt_le
         limit = min(limit, context - max_new_tokens)
     for i, row in enumerate(rows):
         text = render_prompt(tokenizer, row[column], f"{where}: prompt {i}")
+        if len(text) > PROMPT_CHARS_PER_TOKEN * limit:  # tokenising megabytes would hang before the count below
+            raise ConfigError(f"{where}: prompt {i} has {len(text):,} characters, far more than {limit} tokens can "
+                              f"hold (at most {PROMPT_CHARS_PER_TOKEN} characters per token): shorten or remove the "
+                              f"row. Prompt: {text[:80]!r}")
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > limit:
             why = (f"data.max_prompt_length = {max_prompt_length}" if limit == max_prompt_length else

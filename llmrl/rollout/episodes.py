@@ -17,11 +17,16 @@ from typing import Callable
 import torch
 
 from llmrl.config import EnvConfig
-from llmrl.envs.base import checked_reset, checked_step
+from llmrl.envs.base import checked_reset, checked_step, where
 from llmrl.errors import ConfigError, EnvError
 from llmrl.rollout.experience import Experience, left_padded, right_padded
 
 END_REASONS = ("terminated", "env_truncated", "max_turns", "token_budget", "env_error")
+# An observation is tokenised whole before the token budget can cut it, and tokenising megabytes takes minutes:
+# one longer than this many characters per token it could use (no tokenizer averages more) is refused first.
+# The floor keeps room for a first observation (the prompt) longer than the budget after it.
+OBSERVATION_CHARS_PER_TOKEN = 16
+OBSERVATION_MIN_TOKENS = 4096
 PROBE = "\u2063probe\u2063"  # an assistant message no chat template writes by itself
 
 
@@ -112,6 +117,22 @@ class TurnRenderer:
         return self.encode(tail + opened[len(closed):])
 
 
+def observation_char_limit(cfg: EnvConfig) -> int:
+    return OBSERVATION_CHARS_PER_TOKEN * max(cfg.max_episode_tokens, OBSERVATION_MIN_TOKENS)
+
+
+def check_observation_size(obs: str, cfg: EnvConfig, name: str, seed, turn: int | None) -> str:
+    """``obs``, or an EnvError naming the environment, the episode and the turn when it is too long to tokenise."""
+    limit = observation_char_limit(cfg)
+    if len(obs) > limit:
+        call = "reset" if turn is None else "step"
+        raise EnvError(f"{where(name, seed, turn)}: {call} returned an observation of {len(obs):,} characters, more "
+                       f"than {limit:,} ({OBSERVATION_CHARS_PER_TOKEN} per token of env.max_episode_tokens = "
+                       f"{cfg.max_episode_tokens}, or of {OBSERVATION_MIN_TOKENS}): no episode can use it; make the "
+                       f"environment return shorter text. Starts: {obs[:60]!r}")
+    return obs
+
+
 # sample(contexts, max_new_tokens) -> the sampled ids of each context, cut after the stop token
 Sampler = Callable[[list[list[int]], int], list[list[int]]]
 
@@ -131,6 +152,7 @@ def play_episodes(envs: list, starts: list[tuple[int | None, dict | None]], samp
     for env, ep in zip(envs, episodes):
         try:
             obs, _ = checked_reset(env, name, ep.seed, ep.options)
+            check_observation_size(obs, cfg, name, ep.seed, None)
         except EnvError as e:
             if not skip_errors:
                 raise
@@ -169,6 +191,7 @@ def play_episodes(envs: list, starts: list[tuple[int | None, dict | None]], samp
                 continue
             try:
                 obs, reward, terminated, truncated, info = checked_step(env, name, ep.seed, turn, text)
+                check_observation_size(obs, cfg, name, ep.seed, turn)
             except EnvError as e:
                 if not skip_errors:
                     raise
