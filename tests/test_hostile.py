@@ -212,7 +212,10 @@ def test_a_full_disk_stops_cleanly_and_resume_then_works(tiny_model_dir, run_cop
     # a half-written last line of log.jsonl (the disk filled mid-line) is repaired, not a JSONDecodeError
     with open(run_copy / "log.jsonl", "a") as f:
         f.write('{"step": 3, "reward/mea')
-    (run_copy / ".tmp-step-000003").mkdir()  # and a temporary folder a killed run left is cleared at start
+    from llmrl.distributed.checkpoint import begin_checkpoint
+
+    begin_checkpoint(run_copy / ".tmp-step-000003")  # and a temporary folder a killed run left (marked as
+    # llmrl's when it was made) is cleared at start
     resumed = ppo(tiny_model_dir, run_copy, "train.total_steps=3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (run_copy / ".tmp-step-000003").exists()
@@ -295,7 +298,7 @@ def test_export_refuses_non_finite_logits_and_tolerances(tiny_model_dir, run_cop
     path = run_copy / "final" / "adapter" / "adapter_model.safetensors"
     weights = load_file(path)
     save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, path)
-    for extra, fragment in (([], "differ from base + adapter by nan"),
+    for extra, fragment in (([], "adapter_model.safetensors holds NaN or inf"),  # named before anything loads
                             (["--tolerance", "nan"], "--tolerance nan must be a finite number")):
         out = subprocess.run([sys.executable, "-m", "llmrl", "export", "--checkpoint", str(run_copy / "final"),
                               "--out", str(tmp_path / "merged"), *extra], capture_output=True, text=True, cwd=REPO,

@@ -4,22 +4,36 @@ from __future__ import annotations
 import argparse
 
 from llmrl.cli.console import run_cli
-from llmrl.models.export import DTYPES, TOLERANCE, export
+from llmrl.models.export import CHECKSUMS, DTYPES, TOLERANCE, export, verify_export
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export an llmrl checkpoint as a plain transformers model.")
-    parser.add_argument("--checkpoint", required=True, help="a run's final/ or step-N/ folder")
-    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--checkpoint", help="a run's final/ or step-N/ folder")
+    parser.add_argument("--out", help="output folder (must be empty or absent, or an earlier export with --overwrite;"
+                                      " never the checkpoint's run folder)")
+    parser.add_argument("--verify", metavar="EXPORT", default=None,
+                        help=f"check an earlier export's files against its {CHECKSUMS} instead of exporting")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the saved weights")
     parser.add_argument("--adapter-only", action="store_true", help="save the peft adapter instead of merging")
     parser.add_argument("--base", default=None, help="base model location, if it moved since training")
     parser.add_argument("--tolerance", type=float, default=None,
                         help=f"max logit difference allowed (default per dtype: {TOLERANCE})")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier export at --out (one whose files its {CHECKSUMS} lists)")
     parser.add_argument("--trust-checkpoint-code", action="store_true",
                         help="let the checkpoint's config.yaml run model code from the hub (model.trust_remote_code)")
     args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.checkpoint or args.out:
+            parser.error("--verify checks an earlier export: pass it without --checkpoint and --out")
+
+        def check():
+            print(f"verified {args.verify}: all {verify_export(args.verify)} files match {CHECKSUMS}")
+
+        return run_cli(check)
+    if not args.checkpoint or not args.out:
+        parser.error("--checkpoint and --out are required (or --verify EXPORT)")
 
     def body():
         diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from llmrl.cli.console import config_parser, run_cli
 from llmrl.config import Config, RunStopped, load_config, to_dict
 from llmrl.data.prompts import check_prompt_lengths, load_prompts
-from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, load_state_file, write_text_atomically
-from llmrl.distributed.run_dir import check_run_dir, make_run_dir, resume_changes
+from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_text_atomically
+from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
 from llmrl.rewards.base import build_eval_reward, build_reward
 from llmrl.tracking import read_log
 
@@ -32,6 +32,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     from llmrl.models.sources import resolve_model
     from llmrl.demo.warm_start import run_warm_start
     from llmrl.distributed.strategy import make_strategy
+    from llmrl.trainers.base import Terminated, last_checkpoint_text
     from llmrl.trainers.online import OnlineTrainer
     from llmrl.tracking import MetricsLogger
 
@@ -59,7 +60,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
               and not Path(name).exists())
     if not builds:
         resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
-    resume_from = check_run_dir(run_dir, resume, overwrite)
+    # the main rank locks run_dir before checking it; run_lock must live as long as the run (released when it ends)
+    resume_from, run_lock = claim_run_dir(run_dir, resume, overwrite, strategy)
     changed = {}
     if resume_from is not None:
         resume_state = load_state_file(resume_from / COMPLETE_MARK)
@@ -116,12 +118,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     try:
         stats, after = trainer.fit(logger, bar)
     except KeyboardInterrupt:
+        raise Interrupted(f"interrupted (Ctrl-C) at step {trainer.step}: {last_checkpoint_text(run_dir)}") from None
+    except Terminated:  # SIGTERM: every rank stopped at the same step (and saved it, if there was time)
+        logger.close()
+        strategy.close()  # as a finished run does: a process group left to the interpreter's exit may abort
+        raise
+    finally:
         bar.close()
-        last = latest_checkpoint(run_dir)
-        raise Interrupted(f"interrupted (Ctrl-C) at step {trainer.step}: the last checkpoint is "
-                          f"{last or 'none yet'}; {'pass --resume to continue from it' if last else 'start again'}"
-                          ) from None
-    bar.close()
 
     if after is None:  # resumed from the last step: nothing left to train, evaluate what is there
         after = trainer.evaluate()
@@ -150,7 +153,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
 
 class Interrupted(RunStopped):
-    """Ctrl-C: the command exits with 130, as a shell expects."""
+    """Ctrl-C: the command exits with 130, as a shell expects. (SIGTERM is ``llmrl.trainers.base.Terminated``, 143:
+    the trainer stops every rank at a step boundary and saves that step first.)"""
 
     exit_code = 130
 

@@ -3,6 +3,7 @@ so a run killed at any moment leaves either the previous checkpoints or a comple
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -11,29 +12,51 @@ from typing import Callable
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARK = "trainer_state.pt"
+# Inside every temporary folder llmrl makes (``.tmp-*``, ``.old-*``): the proof that it may clear it.
+OWNED_MARK = ".llmrl-temp"
 
 
 def begin_checkpoint(tmp: Path) -> Path:
-    """An empty temporary folder to write a checkpoint into (one left by a killed run is discarded)."""
+    """An empty temporary folder to write a checkpoint into, marked as llmrl's (one left by a killed run is
+    discarded; a folder of that name without the mark is not llmrl's and is left alone)."""
     tmp = Path(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
+    if is_own_temporary(tmp):
         shutil.rmtree(tmp)
+    elif tmp.exists() or tmp.is_symlink():
+        raise FileExistsError(errno.EEXIST, f"exists and was not made by llmrl (no {OWNED_MARK} inside): move it "
+                                            f"away", str(tmp))
     tmp.mkdir()
+    mark_own(tmp)
     return tmp
 
 
+def mark_own(folder: Path) -> None:
+    """Mark ``folder`` as a temporary folder llmrl made: only such folders are ever cleared as leftovers."""
+    (Path(folder) / OWNED_MARK).write_text(f"made by llmrl (pid {os.getpid()}); removed when complete\n")
+
+
+def is_own_temporary(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder holding llmrl's mark (a link or a folder without it is someone else's)."""
+    folder = Path(folder)
+    return folder.is_dir() and not folder.is_symlink() and (folder / OWNED_MARK).is_file() \
+        and not (folder / OWNED_MARK).is_symlink()
+
+
 def commit_checkpoint(tmp: Path, target: Path) -> Path:
-    """Flush ``tmp`` to disk and rename it to ``target``, replacing an older ``target``."""
+    """Flush ``tmp`` to disk and rename it to ``target``, replacing an older ``target``. The replaced folder is
+    marked before it is renamed aside (``.old-NAME-PID``), so that a run killed right then can put it back."""
     tmp, target = Path(tmp), Path(target)
     _fsync_tree(tmp)
     if target.exists():
         old = target.parent / f".old-{target.name}-{os.getpid()}"
+        mark_own(target)
         os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old)
     else:
         os.rename(tmp, target)
+    (target / OWNED_MARK).unlink(missing_ok=True)  # a complete folder is no longer temporary
     _fsync_dir(target.parent)
     return target
 
@@ -51,14 +74,18 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write a small file through a temporary name, so readers never see half of it."""
+    """Write a small file through a temporary (marked) folder beside it, so readers never see half of it and a
+    killed run leaves only a leftover that is provably llmrl's."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = begin_checkpoint(path.with_name(f".tmp-{path.name}-{os.getpid()}"))
+    try:
+        with open(tmp / path.name, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -1,5 +1,6 @@
-"""A run's folder (``run.output_dir``): what may be there, what ``--overwrite`` may delete, what ``--resume`` may
-change, and the leftovers of a run that was killed or ran out of disk.
+"""A run's folder (``run.output_dir``): who may write it (one run at a time, under a lock), what may be there, what
+``--overwrite`` may delete, what ``--resume`` may change, and the leftovers of a run that was killed or ran out of
+disk.
 """
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from pathlib import Path
 import yaml
 
 from llmrl.config import Config, ConfigError, to_dict, upgrade_saved_config
-from llmrl.distributed.checkpoint import COMPLETE_MARK, latest_checkpoint, step_checkpoints
+from llmrl.distributed.checkpoint import (COMPLETE_MARK, OWNED_MARK, STEP_DIR, is_own_temporary, latest_checkpoint,
+                                          step_checkpoints)
+from llmrl.distributed.lock import LOCK_FILE, RunLock, lock_run_dir
 
-# What a run writes in run.output_dir, and inside each of its checkpoints.
-RUN_ENTRY = re.compile(r"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
-                       r"\.(tmp|old)-.+)$")
+# Written by llmrl into every run folder it makes: a non-empty folder without it (or a checkpoint of an older
+# llmrl's run) is not a run folder, and llmrl neither writes into it nor deletes anything there.
+RUN_MARK = ".llmrl-run"
+# What a run writes in run.output_dir, and inside each of its checkpoints. Temporary folders (.tmp-*, .old-*)
+# are llmrl's only when they hold its mark (checkpoint.OWNED_MARK), whatever their name.
+RUN_ENTRY = re.compile(rf"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
+                       rf"{re.escape(RUN_MARK)}|{re.escape(LOCK_FILE)})$")
 CHECKPOINT_ENTRY = re.compile(rf"^(adapter|value_head\.safetensors|{re.escape(COMPLETE_MARK)}|config\.yaml|tokenizer|"
-                              r"base_fingerprint\.json|rng_rank\d+\.pt|deepspeed|eval)$")
-CHECKPOINT_FOLDER = re.compile(r"^(final|step-\d+|\.(tmp|old)-.+)$")
+                              rf"base_fingerprint\.json|rng_rank\d+\.pt|deepspeed|eval|{re.escape(OWNED_MARK)})$")
+CHECKPOINT_FOLDER = re.compile(r"^(final|step-\d+)$")
 EVAL_ENTRY = re.compile(r"^eval\.(json|md)$")
 LEFTOVER = re.compile(r"^\.(tmp|old)-")
 
@@ -31,16 +38,23 @@ RESUMABLE = {
     "reward.timeout": "how long the reward may take",
     "run.progress": "", "run.eval_every": "", "run.save_every": "", "run.keep_last": "", "run.log_samples": "",
     "run.report_to": "", "run.threads": "", "run.device": "", "run.output_dir": "the run folder moved",
+    "run.stop_grace_seconds": "",  # also: checkpoints written before the setting existed still resume
 }
 RESUMABLE_COMPONENT_KEYS = ("timeout", "retries", "batch_size")
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
     """What in ``run_dir`` llmrl did not write: checked at the top and one level inside each checkpoint (and its
-    eval/), so that ``--overwrite`` deletes a run's own files only. Links are never followed, so always foreign."""
+    eval/), so that ``--overwrite`` deletes a run's own files only. Links are never followed, so always foreign;
+    a ``.tmp-*``/``.old-*`` entry is llmrl's only when it is a folder holding llmrl's mark."""
     found = []
     for entry in sorted(run_dir.iterdir()):
-        if entry.is_symlink() or not RUN_ENTRY.match(entry.name):
+        if entry.is_symlink():
+            found.append(entry.name)
+        elif LEFTOVER.match(entry.name):
+            if not is_own_temporary(entry):
+                found.append(entry.name)
+        elif not RUN_ENTRY.match(entry.name):
             found.append(entry.name)
         elif entry.is_dir() and CHECKPOINT_FOLDER.match(entry.name):
             for inner in sorted(entry.iterdir()):
@@ -55,21 +69,73 @@ def foreign_entries(run_dir: Path) -> list[str]:
     return found
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints, and
-    folders that are not a run's. Reads only, so every rank can call it and reach the same verdict."""
+def is_run_folder(run_dir: Path) -> bool:
+    """Whether llmrl made ``run_dir`` for a run: it holds llmrl's mark, or (a run of an llmrl from before the mark)
+    a step-N or final checkpoint folder."""
+    if (run_dir / RUN_MARK).is_file() and not (run_dir / RUN_MARK).is_symlink():
+        return True
+    return any(e.is_dir() and not e.is_symlink() and (STEP_DIR.match(e.name) or e.name == "final")
+               for e in run_dir.iterdir())
+
+
+def shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def forbidden_place(run_dir: Path) -> str | None:
+    """Why ``run_dir`` can never be a run folder (the root, the home folder, llmrl's own source tree), or None."""
+    import llmrl
+
+    where = Path(os.path.abspath(run_dir)).resolve()
+    if where == Path(where.anchor):
+        return "the root folder"
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if home is not None and (where == home or where in home.parents):
+        return "your home folder" if where == home else f"a folder that holds your home folder {str(home)!r}"
+    package = Path(llmrl.__file__).resolve().parent
+    if where == package or where in package.parents or package in where.parents:
+        return f"llmrl's own source tree (the package {str(package)!r}, a folder inside it or one that holds it)"
+    return None
+
+
+def check_run_path(run_dir: Path) -> None:
+    """What is wrong with ``run_dir`` as a path, before anything is created or locked there."""
     if run_dir.is_symlink():
         raise ConfigError(f"run.output_dir = {str(run_dir)!r} is a symbolic link: llmrl writes (and --overwrite "
                           f"deletes) only real folders; point run.output_dir at {str(run_dir.resolve())!r} itself")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir = {str(run_dir)!r} is a file, not a folder: choose another run.output_dir")
+    place = forbidden_place(run_dir)
+    if place:
+        raise ConfigError(f"run.output_dir = {str(run_dir)!r} is {place}: a run needs a folder of its own (which "
+                          f"--overwrite may empty); choose a new one, e.g. runs/NAME")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Returns the checkpoint to resume from (or None); refuses to clobber a run that holds checkpoints, and
+    folders that are not a run's. Reads only, so every rank can call it and reach the same verdict."""
+    check_run_path(run_dir)
+    flag = "--overwrite: " if overwrite else ""
+    entries = sorted(e.name for e in run_dir.iterdir() if e.name != LOCK_FILE or e.is_symlink()) \
+        if run_dir.is_dir() else []
+    if entries and not is_run_folder(run_dir):
+        deletes = ", and --overwrite deletes only what a run wrote" if overwrite else ""
+        raise ConfigError(f"{flag}run.output_dir = {str(run_dir)!r} holds {shown(entries)}, but no llmrl run made "
+                          f"this folder (it has no {RUN_MARK} and no checkpoint): a run starts only in an empty "
+                          f"folder or its own run folder{deletes}; choose another run.output_dir or move those away")
+    foreign = foreign_entries(run_dir) if entries else []
+    if foreign and overwrite:
+        raise ConfigError(f"--overwrite: run.output_dir = {str(run_dir)!r} also holds {shown(foreign)}, which llmrl "
+                          f"did not write there: --overwrite replaces a run folder only; choose another "
+                          f"run.output_dir or move those away")
+    if foreign:
+        raise ConfigError(f"run.output_dir = {str(run_dir)!r} also holds {shown(foreign)}, which llmrl did not write "
+                          f"there: a run folder holds only what its run writes (nothing there is deleted); choose "
+                          f"another run.output_dir or move those away")
     if overwrite:
-        foreign = foreign_entries(run_dir) if run_dir.is_dir() else []
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise ConfigError(f"--overwrite: run.output_dir = {str(run_dir)!r} also holds {shown}, which llmrl "
-                              f"did not write there: --overwrite replaces a run folder only; choose another "
-                              f"run.output_dir or move those away")
         return None
     found = step_checkpoints(run_dir)
     if resume:
@@ -83,27 +149,65 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, strategy) -> tuple[Path | None, RunLock | None]:
+    """(the checkpoint to resume from or None, the run folder's lock). The main rank locks the folder before it
+    is checked, so that a second run, or --resume / --overwrite of a live run, is refused by the lock instead of
+    reading (or deleting) a folder being written; the other DeepSpeed ranks are the same run and only check.
+    Keep the returned lock referenced for the whole run: it is released when dropped or when the process ends."""
+    import torch
+
+    run_dir = Path(run_dir)
+    check_run_path(run_dir)
+    lock, refused = None, None
+    if strategy.is_main:
+        try:
+            lock = lock_run_dir(run_dir)
+        except ConfigError as e:
+            refused = e
+    if strategy.world_size > 1:  # every rank stops when the main rank could not lock the folder
+        failed = strategy.all_reduce_sum(torch.tensor(float(refused is not None), device=strategy.device)).item()
+        if failed and refused is None:
+            raise ConfigError(f"run.output_dir = {str(run_dir)!r} could not be locked by the main rank: its message "
+                              f"says why")
+    if refused is not None:
+        raise refused
+    try:
+        return check_run_dir(run_dir, resume, overwrite), lock
+    except BaseException:
+        if lock is not None:
+            lock.abandon()  # a refused run leaves the folder as it found it
+        raise
+
+
 def make_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create (or, with ``overwrite``, empty) the folder; clear what a killed run left half-written."""
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    """Create (or, with ``overwrite``, empty of the previous run's files) the folder, mark it as a run folder and
+    clear what a killed run left half-written. The lock file of this (live) run stays."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        foreign = set(foreign_entries(run_dir))  # none: check_run_dir refused them; never deleted all the same
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK_FILE or entry.name in foreign:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (run_dir / RUN_MARK).write_text("a run folder made by llmrl: its checkpoints, logs and summary\n")
     clear_leftovers(run_dir)
 
 
 def clear_leftovers(run_dir: Path) -> None:
     """Temporary checkpoint folders of a run killed (or out of disk) mid-write are removed: on a full disk they
-    would keep it full. A ``.old-NAME-PID`` folder is the previous NAME from an interrupted replacement: it is put
-    back when NAME is missing, else removed."""
+    would keep it full. Only folders holding llmrl's mark count (a ``.tmp-mywork`` of the user's is never touched).
+    A ``.old-NAME-PID`` folder is the previous NAME from an interrupted replacement: it is put back when NAME is
+    missing, else removed."""
     for entry in run_dir.iterdir():
-        if not LEFTOVER.match(entry.name) or entry.is_symlink():
+        if not LEFTOVER.match(entry.name) or not is_own_temporary(entry):
             continue
         if entry.name.startswith(".old-"):
             name = entry.name[len(".old-"):].rsplit("-", 1)[0]
             if not (run_dir / name).exists() and (entry / COMPLETE_MARK).is_file():
                 os.rename(entry, run_dir / name)
+                (run_dir / name / OWNED_MARK).unlink(missing_ok=True)
                 continue
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _flat(data, prefix: str = "") -> dict:

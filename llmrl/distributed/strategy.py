@@ -92,6 +92,12 @@ class SingleProcess:
     def close(self) -> None:
         """After a finished run: nothing to release in one process."""
 
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """For each flag, whether any rank has it set (one all-reduce): every rank then takes the same branch before
+        a collective, e.g. stops at the same step when the launcher signalled only some of them."""
+        counts = self.all_reduce_sum(torch.tensor([float(bool(f)) for f in flags], device=self.device))
+        return [bool(c > 0) for c in counts.tolist()]
+
     def all_ranks_finished(self, finished: torch.Tensor) -> bool:
         """Whether every sequence on every rank has finished (one all-reduce)."""
         return self.all_reduce_sum((~finished).sum().reshape(1).float()).item() == 0

@@ -7,15 +7,17 @@ base + adapter within a stated tolerance), and only then renamed to DIR.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 import yaml
 
 from llmrl.config import Config, ConfigError, from_dict, upgrade_saved_config
-from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_atomically
+from llmrl.distributed.checkpoint import COMPLETE_MARK, OWNED_MARK, load_state_file, write_atomically
 from llmrl.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +49,7 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
     checkpoint = Path(checkpoint)
     cfg = load_checkpoint_config(checkpoint)
     check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code, rewards=False)
+    check_weights_file(checkpoint / "adapter" / "adapter_model.safetensors")
     base = base or cfg.model.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
     try:
@@ -71,6 +74,24 @@ def load_adapted_model(checkpoint: Path, base: str | None = None, dtype: torch.d
                           f"base?): {str(e).splitlines()[0]}") from e
     model.eval()
     return model, tokenizer, cfg
+
+
+def check_weights_file(path: Path) -> None:
+    """A checkpoint's safetensors file, read whole: a ConfigError naming it when it is missing, truncated, damaged
+    or holds NaN/inf (as ``--resume`` says), instead of safetensors' own error or a NaN logit difference later."""
+    from safetensors.torch import load_file
+
+    where = "move its checkpoint folder away, or export an earlier checkpoint (step-N) of the run"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing: {where}")
+    try:
+        weights = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise ConfigError(f"checkpoint file {path} is damaged ({str(e).splitlines()[0][:120]}): {where}") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"checkpoint file {path} holds NaN or inf ({bad[0]}): the run had diverged or the file is "
+                          f"damaged; {where}")
 
 
 def sample_inputs(cfg: Config, tokenizer, n: int = 8, trusted: bool = False) -> list[str]:
@@ -188,8 +209,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     if not checkpoint.is_dir() or not (checkpoint / COMPLETE_MARK).is_file():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
                           f"run's final/ or step-N/ folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
+    check_out(checkpoint, out, overwrite)
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(f"--tolerance {tolerance} must be a finite number >= 0 (the default for {dtype} is "
@@ -217,6 +237,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
                 adapter_config["base_model_name_or_path"] = base_location
                 (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
                 (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, tolerance, adapter_only=True))
+                write_checksums(tmp)
                 result["max_diff"] = 0.0
                 return
             bar.set_postfix_str("merging")
@@ -239,6 +260,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
                     f"the exported model's logits differ from base + adapter by {result['max_diff']:.3g}, more than "
                     f"the tolerance {tolerance:g} for {dtype}; nothing was written to {out}")
             (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance))
+            write_checksums(tmp)
 
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +273,96 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     finally:
         bar.close()
     return result["max_diff"]
+
+
+def check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
+    """``--out`` may not be, hold or lie inside the checkpoint or its run folder (``--overwrite`` would delete
+    what is exported); an existing non-empty ``--out`` is replaced only with ``--overwrite`` and only when it is an
+    earlier export, every file of it listed in its checksums (never files of the user's)."""
+    from llmrl.distributed.run_dir import is_run_folder
+
+    if out.is_symlink():
+        raise ConfigError(f"--out {str(out)!r} is a symbolic link: export writes (and --overwrite replaces) only a real "
+                          f"folder; pass {str(out.resolve())!r} itself")
+    where, ckpt = Path(os.path.abspath(out)).resolve(), checkpoint.resolve()
+    run = ckpt.parent
+    for protected, what in ((ckpt, "the checkpoint"), *(((run, "the checkpoint's run folder"),)
+                                                         if is_run_folder(run) else ())):
+        if where == protected or protected in where.parents or where in protected.parents:
+            how = "is" if where == protected else "lies inside" if protected in where.parents else "holds"
+            raise ConfigError(f"--out {str(out)!r} {how} {what} {str(protected)!r}: an export never writes into (or "
+                              f"with --overwrite replaces) what it exports from; choose an --out outside "
+                              f"{str(protected)!r}")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is a file: choose another folder")
+    if not overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
+    listed = read_checksums(out) if (out / CHECKSUMS).is_file() and not (out / CHECKSUMS).is_symlink() else {}
+    own = {*listed, *(str(d) for name in listed for d in Path(name).parents if str(d) != "."), CHECKSUMS, OWNED_MARK}
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_symlink() or str(p.relative_to(out))
+                     not in own)
+    if not listed or foreign:
+        names = foreign or sorted(p.name for p in out.iterdir())
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise ConfigError(f"--overwrite: --out {str(out)!r} holds {', '.join(names[:5])}{more}, which llmrl export "
+                          f"did not write there (not listed in a {CHECKSUMS} of an earlier export): --overwrite "
+                          f"replaces an earlier export only; choose another --out or move those away")
+
+
+# Written into every export: "SHA256  NAME" per file, as `sha256sum` writes (and `sha256sum -c` checks) them.
+CHECKSUMS = "checksums.sha256"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """The sha256 of every file export wrote into ``folder`` (weights, config, tokenizer, card)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, OWNED_MARK))
+    (folder / CHECKSUMS).write_text("".join(f"{sha256_of(p)}  {p.relative_to(folder)}\n" for p in files))
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """{file name: sha256} from ``folder``'s checksums; a ConfigError naming the line that is not one."""
+    listed = {}
+    for number, line in enumerate((folder / CHECKSUMS).read_text(errors="replace").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(f"{folder / CHECKSUMS} line {number} is not 'SHA256  FILE': the file is damaged; "
+                              f"export again to write it anew")
+        listed[name] = digest
+    return listed
+
+
+def verify_export(folder: str | Path) -> int:
+    """Check every file of an export against its checksums; returns how many were checked, or a ConfigError
+    naming the first file that is missing or differs (a flipped bit, a truncated copy, a file changed since)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        raise ConfigError(f"--verify {str(folder)!r} holds no {CHECKSUMS}: it is not an llmrl export (or one from "
+                          f"before exports carried checksums); export again to verify it")
+    listed = read_checksums(folder)
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise ConfigError(f"--verify: {path} is missing from the export (it is listed in {CHECKSUMS}): export "
+                              f"again from the checkpoint")
+        if sha256_of(path) != digest:
+            raise ConfigError(f"--verify: {path} differs from its checksum in {CHECKSUMS}: the file was damaged "
+                              f"(or changed) after export; export again from the checkpoint")
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")
+                      if str(p.relative_to(folder)) not in listed)
+    if unlisted:
+        raise ConfigError(f"--verify: {folder / unlisted[0]} is not listed in {CHECKSUMS}: export did not write it; "
+                          f"move it away or export again")
+    return len(listed)
 
 
 def base_model_location(spec: str) -> str:

@@ -8,8 +8,10 @@ import errno
 import json
 import math
 import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -54,6 +56,52 @@ def make_engine(cfg: Config, tokenizer, strategy, context: int | None = None):
     return None
 
 
+class Terminated(RunStopped):
+    """SIGTERM (a scheduler's "stop", SIGKILL follows after a grace period): the command exits with 143 = 128 + 15,
+    the code of a process the signal ended."""
+
+    exit_code = 143
+
+
+def last_checkpoint_text(run_dir: Path) -> str:
+    """'the last checkpoint is ...; pass --resume ...': how a stopped run (Ctrl-C, SIGTERM) says where to go on."""
+    last = latest_checkpoint(run_dir)
+    return f"the last checkpoint is {last or 'none yet'}; {'pass --resume to continue from it' if last else 'start again'}"
+
+
+@contextmanager
+def sigterm_recorded():
+    """While the block runs, SIGTERM appends the time it arrived (``time.monotonic``) to the yielded list instead of
+    ending the process, so that the fit loop can stop at the next step boundary. Only the main thread may install a
+    handler: elsewhere SIGTERM keeps its action (the list stays empty). The previous handler is restored after."""
+    received: list[float] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum, frame) -> None:
+        if not received:  # the first one counts: the launcher and the scheduler may both send it
+            received.append(time.monotonic())
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        yield received
+    finally:  # None: a handler installed from C, which Python cannot reinstall; the default is the closest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def agree_to_stop(strategy, received_at: float | None, grace: float, save_seconds: float,
+                  now: float) -> tuple[bool, bool]:
+    """At a step boundary, the same on every rank: (stop, save). Stop when SIGTERM reached any rank (a launcher may
+    signal only some). Save a checkpoint only when it fits in the grace on every signalled rank: the seconds since
+    its signal plus ``save_seconds`` (the last checkpoint write's duration, 0 before the first) at most ``grace``;
+    grace 0 never saves. One all-reduce: the save is a collective, so no rank may take another branch."""
+    signalled = received_at is not None
+    late = signalled and (grace <= 0 or now - received_at + save_seconds > grace)
+    stop, too_late = strategy.any_rank(signalled, late)
+    return stop, stop and not too_late
+
+
 class Trainer:
     def __init__(self, cfg: Config, policy, tokenizer, eval_rows: list[dict], strategy, run_dir: Path,
                  eval_reward: CombinedReward | None):
@@ -81,6 +129,7 @@ class Trainer:
         self.wall_seconds_before = 0.0  # spent by the processes this run was resumed from
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
+        self.save_seconds = 0.0  # how long the last checkpoint write took: whether another fits in a SIGTERM's grace
 
     def accumulation(self) -> tuple[int, int]:
         """(microbatches per optimizer step on one rank, sequences per microbatch)."""
@@ -97,24 +146,51 @@ class Trainer:
     def fit(self, logger, bar=None) -> tuple[dict, dict | None]:
         """The run loop every trainer shares: steps until ``train.total_steps``, evaluating and checkpointing as
         ``run:`` says, metrics to ``logger``; returns the last step's metrics and the last evaluation (None when
-        no step was left to take)."""
+        no step was left to take).
+
+        SIGTERM (see ``stop_if_terminated``) never interrupts a step: the step it arrives in finishes (evaluation and
+        periodic checkpoint included), then every rank stops at that boundary and ``Terminated`` is raised."""
         cfg = self.cfg
         total = cfg.train.total_steps
         stats, after = {}, None
-        while self.step < total:
-            stats = self.train_step()
-            step = self.step
-            if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-                after = self.evaluate()
-                stats.update({k: v for k, v in after.items() if k.startswith("eval/") and k != "eval/skipped"})
-                logger.log_samples(step, self.last_eval_samples[:cfg.run.log_samples])
-            logger.log(step, stats)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(self.progress(stats), refresh=False)
-            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
-                self.save_checkpoint(self.checkpoint_path(step))  # collective: every rank takes part
+        with sigterm_recorded() as received:
+            while self.step < total:
+                stats = self.train_step()
+                step = self.step
+                if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                    after = self.evaluate()
+                    stats.update({k: v for k, v in after.items() if k.startswith("eval/") and k != "eval/skipped"})
+                    logger.log_samples(step, self.last_eval_samples[:cfg.run.log_samples])
+                logger.log(step, stats)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(self.progress(stats), refresh=False)
+                saved = bool(cfg.run.save_every and step % cfg.run.save_every == 0 and step < total)
+                if saved:
+                    self.save_checkpoint(self.checkpoint_path(step))  # collective: every rank takes part
+                self.stop_if_terminated(received[0] if received else None, saved)
         return stats, after
+
+    def stop_if_terminated(self, received_at: float | None, saved: bool) -> None:
+        """At a step boundary: when SIGTERM reached any rank (``received_at``: when it reached this one), every rank
+        stops here. The finished step is saved unless it just was, if ``run.stop_grace_seconds`` leaves time (the
+        time since the signal plus the last save's duration must fit in it; 0 never saves); otherwise nothing is
+        written and the last checkpoint, intact, is named. Raises ``Terminated`` (exit 143) saying where to resume.
+        A save that SIGKILL cuts short leaves only a temporary folder, which the next start clears."""
+        grace = self.cfg.run.stop_grace_seconds
+        stop, save = agree_to_stop(self.strategy, received_at, grace, self.save_seconds, time.monotonic())
+        if not stop:
+            return
+        where = self.checkpoint_path(self.step)
+        if save and not saved:
+            self.save_checkpoint(where)  # collective: every rank agreed to save
+        if save or saved:
+            done = f"saved checkpoint {where}; pass --resume to continue from it"
+        else:
+            why = "run.stop_grace_seconds is 0" if grace <= 0 else \
+                f"the step ended too late for run.stop_grace_seconds = {grace:g} after the signal"
+            done = f"no checkpoint was saved ({why}); {last_checkpoint_text(self.run_dir)}"
+        raise Terminated(f"terminated (SIGTERM) at step {self.step}: {done}")
 
     def extra_state(self) -> dict:
         """What this trainer adds to a checkpoint's trainer_state.pt (tensors, numbers, strings only)."""
@@ -206,6 +282,7 @@ class Trainer:
         A write that fails (a full disk) on any rank stops the run on every rank: the temporary folder is removed,
         the checkpoints already there stay as they were."""
         s = self.strategy
+        started = time.monotonic()
         target = Path(target)
         tmp = target.parent / f".tmp-{target.name}"
         failure: list[BaseException] = []
@@ -252,6 +329,7 @@ class Trainer:
             if not failure:
                 prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
         self._stop_if_a_write_failed(failure, target, tmp)
+        self.save_seconds = time.monotonic() - started
         return target
 
     def _stop_if_a_write_failed(self, failure: list, target: Path, tmp: Path) -> None:
