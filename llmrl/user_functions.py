@@ -19,8 +19,33 @@ BUILTIN = {
 }
 
 
+# Objects a Python program gave llmrl.RLTrainer (reward functions, datasets, an environment class), by the name a
+# config records for them: ``in-memory:NAME``. A config naming one in a process that was not given it (a resume
+# or export from the command line) gets one line saying so.
+IN_MEMORY_PREFIX = "in-memory:"
+_IN_MEMORY: dict[str, object] = {}
+
+
+def register_in_memory(name: str, value: object) -> str:
+    """Make ``value`` the object ``in-memory:NAME`` names in this process; returns that spec."""
+    _IN_MEMORY[name] = value
+    return IN_MEMORY_PREFIX + name
+
+
+def in_memory(spec: str, key: str, what: str) -> object:
+    """The object ``spec`` (``in-memory:NAME``) names, or a ConfigError saying how to give it."""
+    name = spec[len(IN_MEMORY_PREFIX):]
+    if name not in _IN_MEMORY:
+        raise ConfigError(f"{key} = {spec!r} was a Python object given to llmrl.RLTrainer ({what}) in another "
+                          f"process, and this one was not given it: pass it again to RLTrainer (e.g. to resume or "
+                          f"evaluate from Python), or set {key} to a file or an importable 'module:name'")
+    return _IN_MEMORY[name]
+
+
 def load_reward_function(spec: str, key: str = "reward.function") -> Callable:
     """Import ``spec`` once at start-up, so that a wrong path fails before any training."""
+    if spec.startswith(IN_MEMORY_PREFIX):
+        return in_memory(spec, key, "reward_funcs=")
     spec = BUILTIN.get(spec, spec)
     if ":" not in spec:
         raise ConfigError(f"{key} = {spec!r} must be a built-in name ({', '.join(BUILTIN)}), "

@@ -104,16 +104,20 @@ def test_llmrl_has_no_import_circles():
 
 
 def part_of(module: str) -> str:
-    """'cli' (commands and console helpers), 'demo' (the embedded default's tiny model and warm start) or
-    'library' (everything a user's own program builds on)."""
+    """'cli' (commands and console helpers), 'api' (``llmrl.api``: the run a Python program or a command starts),
+    'demo' (the embedded default's tiny model and warm start) or 'library' (the parts a run is built from)."""
     if module == "llmrl.__main__" or module == "llmrl.cli" or module.startswith("llmrl.cli."):
         return "cli"
+    if module == "llmrl.api":
+        return "api"
     if module == "llmrl.demo" or module.startswith("llmrl.demo."):
         return "demo"
     return "library"
 
 
-ALLOWED = {"cli": {"cli", "demo", "library"}, "demo": {"demo", "library"}, "library": {"library"}}
+# library < demo < api < cli: a part imports only those below it (and itself)
+ALLOWED = {"cli": {"cli", "api", "demo", "library"}, "api": {"api", "demo", "library"}, "demo": {"demo", "library"},
+           "library": {"library"}}
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -124,11 +128,13 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_layer_check_on_a_hand_built_graph():
     graph = {"llmrl.cli.train": {"llmrl.demo.tiny", "llmrl.config"}, "llmrl.demo.tiny": {"llmrl.config"},
-             "llmrl.config": set(), "llmrl.trainers.reward": {"llmrl.demo.tiny"}, "llmrl.demo.x": {"llmrl.cli"}}
-    assert layer_violations(graph) == ["llmrl.demo.x -> llmrl.cli", "llmrl.trainers.reward -> llmrl.demo.tiny"]
+             "llmrl.config": set(), "llmrl.trainers.reward": {"llmrl.demo.tiny"}, "llmrl.demo.x": {"llmrl.cli"},
+             "llmrl.api": {"llmrl.demo.tiny", "llmrl.cli.console"}, "llmrl.trainers.base": {"llmrl.api"}}
+    assert layer_violations(graph) == ["llmrl.api -> llmrl.cli.console", "llmrl.demo.x -> llmrl.cli",
+                                       "llmrl.trainers.base -> llmrl.api", "llmrl.trainers.reward -> llmrl.demo.tiny"]
 
 
 def test_the_library_imports_no_command_and_no_demo_module():
     graph = import_graph(PACKAGE)
-    assert {part_of(m) for m in graph} == {"cli", "demo", "library"}
+    assert {part_of(m) for m in graph} == {"cli", "api", "demo", "library"}
     assert layer_violations(graph) == []

@@ -11,6 +11,7 @@ from pathlib import Path
 from llmrl.config import ConfigError, DataConfig, EnvConfig
 from llmrl.data.chat import message_problem, render_prompt, text_problem
 from llmrl.data.tasks import task_rows
+from llmrl.user_functions import IN_MEMORY_PREFIX, in_memory
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # More characters per token than any tokenizer averages over a whole prompt: a prompt longer than this many
@@ -26,6 +27,8 @@ def _load_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]
                              t.max_per_length)
         except ValueError as e:
             raise ConfigError(f"{key} = {source!r}: {e}") from e
+    if source.startswith(IN_MEMORY_PREFIX):  # rows a Python program passed (train_dataset=, eval_dataset=)
+        return [dict(row) for row in in_memory(source, key, "train_dataset= or eval_dataset=")]
     return read_table(source, key)
 
 

@@ -21,7 +21,7 @@ from llmrl.distributed.lock import LOCK_FILE, RunLock, lock_run_dir
 RUN_MARK = ".llmrl-run"
 # What a run writes in run.output_dir, and inside each of its checkpoints. Temporary folders (.tmp-*, .old-*)
 # are llmrl's only when they hold its mark (checkpoint.OWNED_MARK), whatever their name.
-RUN_ENTRY = re.compile(rf"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|"
+RUN_ENTRY = re.compile(rf"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|base|"
                        rf"{re.escape(RUN_MARK)}|{re.escape(LOCK_FILE)})$")
 CHECKPOINT_ENTRY = re.compile(rf"^(adapter|value_head\.safetensors|{re.escape(COMPLETE_MARK)}|config\.yaml|tokenizer|"
                               rf"base_fingerprint\.json|rng_rank\d+\.pt|deepspeed|eval|{re.escape(OWNED_MARK)})$")

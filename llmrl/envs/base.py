@@ -15,8 +15,10 @@ BUILTIN_ENVS = {
 
 def env_class(spec: str, key: str = "env.name") -> type:
     """The class ``spec`` names: a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``."""
-    from llmrl.user_functions import load_named
+    from llmrl.user_functions import IN_MEMORY_PREFIX, in_memory, load_named
 
+    if spec.startswith(IN_MEMORY_PREFIX):
+        return in_memory(spec, key, "env=")
     target = BUILTIN_ENVS.get(spec, spec)
     if ":" not in target:
         raise ConfigError(f"{key} = {spec!r} must be a built-in environment ({', '.join(BUILTIN_ENVS)}), "

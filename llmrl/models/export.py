@@ -135,8 +135,11 @@ def episode_inputs(cfg: Config, tokenizer, n: int, trusted: bool) -> list[str]:
 
 @torch.no_grad()
 def logits_of(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    from llmrl.models.policy import position_ids_from_mask
+    from llmrl.models.policy import context_length, position_ids_from_mask
+
+    context = context_length(model)  # the fixed text may be longer than a tiny model's positions
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    truncation=context is not None, max_length=context)
 
     mask = enc["attention_mask"]
     logits = model(input_ids=enc["input_ids"], attention_mask=mask,

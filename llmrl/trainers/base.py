@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from llmrl.config import Config, ConfigError, RunStopped, save_config
 from llmrl.data.chat import as_completions, content, render_prompts
-from llmrl.errors import first_line
+from llmrl.errors import UserError, first_line
 from llmrl.distributed.checkpoint import (COMPLETE_MARK, begin_checkpoint, commit_checkpoint, latest_checkpoint,
                                           load_state_file, prune_checkpoints, step_dir_name)
 from llmrl.models.policy import context_length, fingerprint_mismatch
@@ -63,6 +63,11 @@ class Terminated(RunStopped):
     exit_code = 143
 
 
+def eval_metrics(evaluation: dict) -> dict:
+    """The numbers of an evaluation (``eval/reward``, ...), as logged: what ``on_evaluate`` callbacks receive."""
+    return {k: v for k, v in evaluation.items() if k.startswith("eval/") and k != "eval/skipped"}
+
+
 def last_checkpoint_text(run_dir: Path) -> str:
     """'the last checkpoint is ...; pass --resume ...': how a stopped run (Ctrl-C, SIGTERM) says where to go on."""
     last = latest_checkpoint(run_dir)
@@ -102,6 +107,41 @@ def agree_to_stop(strategy, received_at: float | None, grace: float, save_second
     return stop, stop and not too_late
 
 
+class Interrupted(RunStopped):
+    """Ctrl-C: the command exits with 130, as a shell expects. (SIGTERM is ``Terminated``, 143: the trainer stops
+    every rank at a step boundary and saves that step first.)"""
+
+    exit_code = 130
+
+
+class CallbackError(UserError):
+    """A callback given to the run raised: the message names it, the hook and the step."""
+
+
+class Hooks:
+    """The callbacks of a run (objects with any of ``on_step_end(run, step, metrics)``, ``on_evaluate(run, step,
+    metrics)`` and ``on_save(run, step, path)``), each called with ``owner`` (the ``llmrl.RLTrainer``, whose
+    ``stop()`` ends the run cleanly at the next step boundary). One that raises stops the run with one line."""
+
+    def __init__(self, callbacks=(), owner=None):
+        self.callbacks, self.owner = list(callbacks), owner
+
+    def call(self, hook: str, step: int, value) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, hook, None)
+            if method is None:
+                continue
+            try:
+                method(self.owner, step, value)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 (the user's code: name it instead of a traceback from deep here)
+                name = getattr(cb, "__qualname__", None) or type(cb).__qualname__
+                raise CallbackError(f"callback {name}.{hook} raised {type(e).__name__} at step {step}: "
+                                    f"{first_line(e, 150)}: fix the callback (the checkpoints already saved are "
+                                    f"kept; resume=True goes on from the last)") from e
+
+
 class Trainer:
     def __init__(self, cfg: Config, policy, tokenizer, eval_rows: list[dict], strategy, run_dir: Path,
                  eval_reward: CombinedReward | None):
@@ -130,6 +170,8 @@ class Trainer:
         self.eval_reward_before: float | None = None
         self.last_eval_samples: list[tuple] = []  # (prompt, completion, reward) of the latest evaluation
         self.save_seconds = 0.0  # how long the last checkpoint write took: whether another fits in a SIGTERM's grace
+        self.hooks = Hooks()  # the Python API's callbacks (llmrl.api); none from the command line
+        self.stop_requested = False  # set by a callback (RLTrainer.stop()): the run ends at the next step boundary
 
     def accumulation(self) -> tuple[int, int]:
         """(microbatches per optimizer step on one rank, sequences per microbatch)."""
@@ -157,7 +199,8 @@ class Trainer:
             while self.step < total:
                 stats = self.train_step()
                 step = self.step
-                if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                evaluated = step == total or bool(cfg.run.eval_every and step % cfg.run.eval_every == 0)
+                if evaluated:
                     after = self.evaluate()
                     stats.update({k: v for k, v in after.items() if k.startswith("eval/") and k != "eval/skipped"})
                     logger.log_samples(step, self.last_eval_samples[:cfg.run.log_samples])
@@ -165,10 +208,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(self.progress(stats), refresh=False)
+                self.hooks.call("on_step_end", step, stats)
+                if evaluated:
+                    self.hooks.call("on_evaluate", step, eval_metrics(after))
                 saved = bool(cfg.run.save_every and step % cfg.run.save_every == 0 and step < total)
                 if saved:
                     self.save_checkpoint(self.checkpoint_path(step))  # collective: every rank takes part
                 self.stop_if_terminated(received[0] if received else None, saved)
+                if self.step < total and self.strategy.any_rank(self.stop_requested)[0]:
+                    return stats, (after if evaluated else None)  # a callback stopped the run: it ends as usual
         return stats, after
 
     def stop_if_terminated(self, received_at: float | None, saved: bool) -> None:
@@ -330,6 +378,7 @@ class Trainer:
                 prune_checkpoints(self.run_dir, self.cfg.run.keep_last)
         self._stop_if_a_write_failed(failure, target, tmp)
         self.save_seconds = time.monotonic() - started
+        self.hooks.call("on_save", self.step, target)
         return target
 
     def _stop_if_a_write_failed(self, failure: list, target: Path, tmp: Path) -> None:

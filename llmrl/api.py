@@ -1,0 +1,405 @@
+"""llmrl from Python: ``RLTrainer(config, reward_funcs=[fn], train_dataset=rows).train()`` runs a whole run (the
+checks, resume, evaluation before and after, training, the final checkpoint and ``summary.json``) and returns a
+``RunResult`` with the trained model. The command line (``llmrl train``, ``launch/ppo.py``) calls the same class.
+
+Python objects (reward functions, datasets, a model, an environment class) are recorded in the run's
+``config.yaml`` by name (``in-memory:NAME``; a dataset's name carries its row count and a hash of its rows, a
+model object is saved into the run folder as ``base/``), so that a resume from Python checks that it was given the
+same ones, and a command that needs one it was not given says so in one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from llmrl.config import Config, ConfigError, RewardComponentConfig, apply_override, from_dict, load_config, to_dict
+from llmrl.user_functions import BUILTIN, register_in_memory
+
+__all__ = ["RLTrainer", "RunResult", "Callback"]
+
+HOOKS = ("on_step_end", "on_evaluate", "on_save")
+
+
+class Callback:
+    """Subclass and override what you need; each hook gets the ``RLTrainer`` (call its ``stop()`` to end the run
+    cleanly at the next step boundary: it then evaluates and saves as a finished run does), the step and:
+
+    - ``on_step_end``: the step's metrics (what ``log.jsonl`` holds: ``reward/mean``, ``objective/kl``, ...);
+    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training);
+    - ``on_save``: the checkpoint folder just written.
+    """
+
+    def on_step_end(self, trainer: "RLTrainer", step: int, metrics: dict) -> None:
+        pass
+
+    def on_evaluate(self, trainer: "RLTrainer", step: int, metrics: dict) -> None:
+        pass
+
+    def on_save(self, trainer: "RLTrainer", step: int, path: Path) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What ``RLTrainer.train()`` returns."""
+
+    model: Any  # the trained policy: a peft model (base + the trained LoRA adapter), in eval mode
+    tokenizer: Any
+    summary: dict  # what summary.json holds: eval reward before/after, steps, wall seconds, ...
+    metrics: list[dict] = field(default_factory=list)  # log.jsonl's rows, one per step and evaluation
+    final_checkpoint: Path | None = None  # RUN/final: export it with llmrl.export, evaluate with llmrl.evaluate
+    stopped_early: bool = False  # a callback called RLTrainer.stop()
+
+
+class RLTrainer:
+    """One run, as ``llmrl train`` runs it, from Python.
+
+    ``config``: a ``Config``, a dict (the YAML's structure) or a YAML path; ``overrides``: ``section.key=value``
+    strings, as on the command line. The rest, each optional, replaces what the config names:
+
+    - ``model``: a name, a folder, or a ``transformers`` causal LM object (then pass ``tokenizer`` too; it is saved
+      into the run folder as ``base/``, so the run resumes and exports from the command line as well);
+    - ``reward_funcs``: reward functions with TRL's signature ``(prompts, completions, **kwargs) -> list[float |
+      None]`` (sync or async; closures and lambdas too), reward-model objects (``llmrl.models.reward_model.
+      LearnedReward``), or strings as ``reward.function`` takes them; ``reward_weights``: one weight each;
+    - ``train_dataset`` / ``eval_dataset``: a ``datasets.Dataset`` or a list of dicts, rows as the prompt files'
+      (a ``prompt`` column, text or TRL messages, and the columns the rewards read);
+    - ``env``: an environment class (gymnasium-style or TRL-style), built with ``env.kwargs``;
+    - ``callbacks``: ``Callback`` objects (or any objects with some of its methods).
+    """
+
+    def __init__(self, config: Config | dict | str | Path | None = None, *, overrides: Iterable[str] = (),
+                 model=None, tokenizer=None, reward_funcs: list | Callable | str | None = None,
+                 reward_weights: list[float] | None = None, train_dataset=None, eval_dataset=None, env: type | None = None,
+                 callbacks: Iterable = (), resume: bool = False, overwrite: bool = False):
+        self.cfg = _config(config, list(overrides))
+        self.resume, self.overwrite = resume, overwrite
+        self.callbacks = _checked_callbacks(callbacks)
+        self.model_object, self.tokenizer_object = _checked_model(model, tokenizer)
+        self._objects: dict[str, object] = {}  # in-memory name -> object, registered when train() starts
+        data = to_dict(self.cfg)
+        if isinstance(model, (str, Path)):
+            data["model"]["name_or_path"] = str(model)
+        if isinstance(tokenizer, (str, Path)):
+            data["model"]["tokenizer"] = str(tokenizer)
+        if self.model_object is not None:
+            data["model"]["name_or_path"] = str(Path(data["run"]["output_dir"]) / BASE_FOLDER)
+            data["model"]["tokenizer"] = None
+        if reward_funcs is not None:
+            data["reward"]["function"] = ""
+            data["reward"]["components"] = self._reward_components(reward_funcs, reward_weights)
+        elif reward_weights is not None:
+            raise ConfigError("reward_weights is given without reward_funcs: give one weight per reward function")
+        for key, rows in (("source", train_dataset), ("eval_source", eval_dataset)):
+            if rows is not None:
+                data["data"][key] = self._dataset(rows, "train_dataset" if key == "source" else "eval_dataset")
+        if env is not None:
+            if not isinstance(env, type):
+                raise ConfigError(f"env = {env!r} is a {type(env).__name__}: pass the environment's class (llmrl "
+                                  f"builds one per episode batch with env.kwargs), not an instance")
+            data["env"]["name"] = self._register(env.__name__, env)
+        self.cfg = from_dict(Config, data)
+        self.cfg.validate()
+        self.trainer = None  # the engine (llmrl.trainers), while train() runs and after
+        self._stop = False
+
+    # ------------------------------------------------------------------ what the user calls
+    def train(self) -> RunResult:
+        """Run: returns a ``RunResult`` (raises a ``llmrl.errors.UserError`` subclass, one line, on bad input)."""
+        for name, value in self._objects.items():
+            register_in_memory(name, value)
+        return run(self.cfg, self.resume, self.overwrite, owner=self)
+
+    def stop(self) -> None:
+        """From a callback: end the run at the next step boundary (it then evaluates and saves as a finished run
+        does, and ``RunResult.stopped_early`` is True)."""
+        self._stop = True
+        if self.trainer is not None:
+            self.trainer.stop_requested = True
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step if self.trainer is not None else 0
+
+    @property
+    def model(self):
+        """The policy being trained (a peft model), once ``train()`` has built it."""
+        return self.trainer.policy.model if self.trainer is not None else None
+
+    # ------------------------------------------------------------------ in-memory objects
+    def _register(self, name: str, value: object) -> str:
+        self._objects[name] = value
+        return "in-memory:" + name
+
+    def _reward_components(self, funcs, weights) -> list[dict]:
+        funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+        if not funcs:
+            raise ConfigError("reward_funcs is empty: give at least one reward function")
+        if weights is not None and len(weights) != len(funcs):
+            raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} reward_funcs: give one "
+                              f"weight per function")
+        components, names = [], set()
+        for i, fn in enumerate(funcs):
+            weight = 1.0 if weights is None else float(weights[i])
+            if isinstance(fn, (str, Path)):
+                fn = str(fn)
+                is_function = fn in BUILTIN or ":" in fn
+                components.append(to_dict(RewardComponentConfig(**{"function" if is_function else "model": fn},
+                                                                weight=weight)))
+                continue
+            if not callable(fn):
+                raise ConfigError(f"reward_funcs[{i}] = {str(fn)[:60]!r} is a {type(fn).__name__}: give a function "
+                                  f"(prompts, completions, **kwargs) -> list of floats, a reward-model object or a "
+                                  f"reward.function string")
+            _check_reward_signature(fn, i)
+            name = getattr(fn, "__name__", None) or type(fn).__name__
+            if not name.isidentifier():  # a lambda
+                name = f"reward_{i}"
+            while name in names:
+                name = f"{name}_{i}"
+            names.add(name)
+            components.append(to_dict(RewardComponentConfig(function=self._register(name, fn), weight=weight)))
+        return components
+
+    def _dataset(self, rows, what: str) -> str:
+        if hasattr(rows, "to_list") and hasattr(rows, "column_names"):  # a datasets.Dataset
+            rows = rows.to_list()
+        if isinstance(rows, dict) or not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
+            raise ConfigError(f"{what} is a {type(rows).__name__}: give a datasets.Dataset or a list of dicts (one "
+                              f"per row, e.g. {{'prompt': ..., 'answer': ...}})")
+        rows = [dict(r) for r in rows]
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        # the name records the rows: a resume given other rows is refused as a change of data
+        return self._register(f"{what}-{len(rows)}rows-{digest}", rows)
+
+
+BASE_FOLDER = "base"  # where a model object given to RLTrainer is saved, inside the run folder
+
+
+def _config(config, overrides: list[str]) -> Config:
+    if config is None or isinstance(config, (Config, dict)):
+        data = to_dict(config) if isinstance(config, Config) else dict(config or {})
+        data = json.loads(json.dumps(data, default=str)) if data else {}
+        for assignment in overrides:
+            apply_override(data, assignment)
+        cfg = from_dict(Config, data)
+        cfg.validate()
+        return cfg
+    if isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    raise ConfigError(f"config is a {type(config).__name__}: give a llmrl Config, a dict or a YAML path")
+
+
+def _checked_callbacks(callbacks) -> list:
+    callbacks = list(callbacks or ())
+    for cb in callbacks:
+        if not any(callable(getattr(cb, hook, None)) for hook in HOOKS):
+            raise ConfigError(f"callback {cb!r} has none of {', '.join(HOOKS)}: subclass llmrl.Callback and override "
+                              f"the hooks you need")
+    return callbacks
+
+
+def _checked_model(model, tokenizer):
+    """(model object, tokenizer object) when ``model`` is an object; names and folders go into the config."""
+    if model is None or isinstance(model, (str, Path)):
+        if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+            raise ConfigError("tokenizer is an object but model is a name or folder: pass the tokenizer's name or "
+                              "folder, or pass both model and tokenizer as objects")
+        return None, None
+    if hasattr(model, "peft_config"):
+        raise ConfigError(f"model is a {type(model).__name__} (a peft model): llmrl trains its own LoRA adapter on "
+                          f"a base; pass the base (model.merge_and_unload() keeps the adapter's changes in it)")
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(f"model is a {type(model).__name__}: give a model name, a folder or a transformers "
+                          f"causal LM (AutoModelForCausalLM.from_pretrained(...))")
+    if type(model).__name__ not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ConfigError(f"model is a {type(model).__name__}, not a causal LM: load it with "
+                          f"AutoModelForCausalLM (a reward model goes in reward_funcs)")
+    if tokenizer is None or isinstance(tokenizer, (str, Path)) or not hasattr(tokenizer, "save_pretrained"):
+        raise ConfigError("model is an object: pass its tokenizer object too (tokenizer=AutoTokenizer."
+                          "from_pretrained(...))")
+    return model, tokenizer
+
+
+def _check_reward_signature(fn, i: int) -> None:
+    """TRL's signature: prompts and completions by keyword, or **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: found out when called
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    missing = [n for n in ("prompts", "completions") if n not in params and not has_var_kw]
+    if missing:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise ConfigError(f"reward_funcs[{i}] = {name}{inspect.signature(fn)} takes no {' and no '.join(missing)}: "
+                          f"a reward function is called as fn(prompts=..., completions=..., **columns) (TRL's "
+                          f"signature); write def {name}(prompts, completions, **kwargs)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run itself (``llmrl train`` calls it through RLTrainer too)
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False, owner: RLTrainer | None = None) -> RunResult:
+    """Train as ``cfg`` says; returns a RunResult (its summary is what run_dir/summary.json holds)."""
+    from llmrl.data.prompts import check_prompt_lengths, load_prompts
+    from llmrl.demo.warm_start import run_warm_start
+    from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_text_atomically
+    from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
+    from llmrl.distributed.strategy import make_strategy
+    from llmrl.models.policy import build_policy, context_length
+    from llmrl.models.sources import resolve_model
+    from llmrl.rewards.base import build_eval_reward, build_reward
+    from llmrl.tracking import MetricsLogger, read_log
+    from llmrl.trainers.base import Hooks, Interrupted, Terminated, eval_metrics, last_checkpoint_text
+    from llmrl.trainers.online import OnlineTrainer
+
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.output_dir)
+    strategy = make_strategy(cfg)
+    main = strategy.is_main
+    if cfg.env.name:  # the environment's rewards; a wrong name or kwargs fail here, before anything heavy
+        from llmrl.envs import make_env
+
+        make_env(cfg.env.name, cfg.env.kwargs)
+        reward = eval_reward = None
+    else:
+        reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
+        eval_reward = build_eval_reward(cfg.reward)
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
+    columns = set(train_rows[0]) - {cfg.data.prompt_column}
+    for r in (reward, eval_reward):
+        if r is not None:
+            r.check_arguments(columns, cfg.data.source)
+    name = cfg.model.name_or_path
+    given = owner is not None and owner.model_object is not None  # saved into run_dir/base below
+    # warm_start builds the recipe's tiny model into a missing local folder; a package path or a GGUF file is
+    # never built, it must exist
+    builds = (not given and cfg.warm_start is not None and not name.startswith("pkg:") and not name.endswith(".gguf")
+              and not Path(name).exists())
+    if not builds and not given:
+        resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
+    # the main rank locks run_dir before checking it; run_lock must live as long as the run (released when it ends)
+    resume_from, run_lock = claim_run_dir(run_dir, resume, overwrite, strategy)
+    changed = {}
+    if resume_from is not None:
+        resume_state = load_state_file(resume_from / COMPLETE_MARK)
+        strategy.check_resumable(resume_from, resume_state)  # plain vs DeepSpeed
+        changed = resume_changes(resume_from, cfg)  # settings a resume may not change are refused here
+    strategy.barrier()  # every rank has read the run directory before the main rank changes it
+    if main:
+        make_run_dir(run_dir, overwrite)
+        if builds:
+            run_warm_start(cfg, progress=cfg.run.progress)
+        if given and resume_from is None:
+            owner.model_object.save_pretrained(run_dir / BASE_FOLDER)
+            owner.tokenizer_object.save_pretrained(run_dir / BASE_FOLDER)
+    strategy.barrier()
+
+    strategy.seed_everything(cfg.run.seed)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    context = context_length(policy.model)
+    for rows, where in () if cfg.env.name else ((train_rows, "data.source"), (eval_rows, "data.eval_source")):
+        check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,
+                             cfg.generation.max_new_tokens, context, where)
+
+    if cfg.algorithm == "dpo":
+        from llmrl.trainers.dpo import DPOTrainer, load_pairs
+
+        trainer = DPOTrainer(cfg, policy, tokenizer, load_pairs(cfg.dpo.data), eval_rows, strategy, run_dir,
+                             eval_reward or reward)
+    else:
+        trainer = OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
+    trainer.process_started = started
+    if owner is not None:
+        owner.trainer = trainer
+        trainer.hooks = Hooks(owner.callbacks, owner)
+        trainer.stop_requested = owner._stop
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from, resume_state)
+        if "train.lr" in changed:
+            trainer.set_learning_rate(cfg.train.lr)
+        say(main, f"resumed from {resume_from} at step {trainer.step}" +
+            (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}" if changed else ""))
+    elif cfg.reward.normalize == "reference":
+        trainer.fit_reward_normalizer()
+        say(main, f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
+                  f"std {trainer.reward_norm.std:.4f}")
+    logger = MetricsLogger(run_dir, enabled=strategy.is_main,
+                           resume_step=trainer.step if resume_from is not None else None,
+                           report_to=cfg.run.report_to, config=to_dict(cfg))
+    if trainer.eval_reward_before is None:
+        before = trainer.evaluate()
+        trainer.eval_reward_before = before["eval/reward"]
+        logger.log(0, eval_metrics(before))
+        logger.log_samples(0, trainer.last_eval_samples[:cfg.run.log_samples])
+        how, what = "sampled" if cfg.run.eval_sampled else "greedy", "episodes" if cfg.env.name else "prompts"
+        say(main, f"eval reward before training ({how}, {len(eval_rows)} held-out {what}): "
+                  f"{trainer.eval_reward_before:.4f}")
+        trainer.hooks.call("on_evaluate", 0, eval_metrics(before))
+
+    from tqdm.auto import tqdm
+
+    total = cfg.train.total_steps
+    bar = tqdm(total=total, initial=trainer.step, desc=cfg.algorithm,
+               disable=not (cfg.run.progress and strategy.is_main), dynamic_ncols=True)
+    stats, after = {}, None
+    try:
+        stats, after = trainer.fit(logger, bar)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted (Ctrl-C) at step {trainer.step}: {last_checkpoint_text(run_dir)}") from None
+    except Terminated:  # SIGTERM: every rank stopped at the same step (and saved it, if there was time)
+        logger.close()
+        strategy.close()  # as a finished run does: a process group left to the interpreter's exit may abort
+        raise
+    finally:
+        bar.close()
+
+    if after is None:  # resumed from the last step, or stopped by a callback: evaluate what is there
+        after = trainer.evaluate()
+        trainer.hooks.call("on_evaluate", trainer.step, eval_metrics(after))
+        if not stats:
+            stats = last_training_row(run_dir, read_log) if main else {}
+    trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
+    final = trainer.save_checkpoint(run_dir / "final")
+    summary = {
+        "eval_reward_before": trainer.eval_reward_before,
+        "eval_reward_after": after["eval/reward"],
+        "steps": trainer.step,
+        "wall_seconds": round(trainer.wall_seconds(), 2),  # over every process of the run (resumes included)
+        "train_reward_last": stats.get("reward/mean"),
+        "kl_last": stats.get("objective/kl"),
+        "run_dir": str(run_dir),
+        "final_checkpoint": str(run_dir / "final"),
+        "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
+    }
+    logger.close()
+    if strategy.is_main:
+        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        say(main, f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
+                  f"{summary['eval_reward_after']:.4f}; final checkpoint {final}")
+    strategy.close()
+    policy.model.eval()
+    return RunResult(model=policy.model, tokenizer=tokenizer, summary=summary,
+                     metrics=read_log(run_dir) if main else [], final_checkpoint=final,
+                     stopped_early=trainer.step < total)
+
+
+def last_training_row(run_dir: Path, read_log) -> dict:
+    """The last training step's metrics in log.jsonl (a run resumed at its last step takes none)."""
+    rows = [r for r in read_log(run_dir) if "reward/mean" in r or "loss/dpo" in r]
+    return rows[-1] if rows else {}
+
+
+def say(main: bool, text: str) -> None:
+    """Print once per run, from the main rank."""
+    if main:
+        print(text, flush=True)
