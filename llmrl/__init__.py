@@ -21,7 +21,7 @@ _LAZY = {
     "Callback": ("llmrl.api", "Callback"),
     "Config": ("llmrl.config", "Config"),
     "load_config": ("llmrl.config", "load_config"),
-    "export": ("llmrl.models.export", "export"),
+    "export": ("llmrl.exporter", "export"),
     "evaluate": ("llmrl.trainers.evaluate", "evaluate_checkpoint"),
 }
 __all__ = ["__version__", *_LAZY]

@@ -249,17 +249,27 @@ def _check_reward_signature(fn, i: int) -> None:
 
 
 def run(cfg: Config, resume: bool = False, overwrite: bool = False, owner: RLTrainer | None = None) -> RunResult:
-    """Train as ``cfg`` says; returns a RunResult (its summary is what run_dir/summary.json holds)."""
+    """Train as ``cfg`` says; returns a RunResult (its summary is what run_dir/summary.json holds). The run folder's
+    lock is released when this returns or raises (a traceback kept in a notebook must not keep the folder locked)."""
+    locks: list = []
+    try:
+        return _run(cfg, resume, overwrite, owner, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, locks: list) -> RunResult:
     from llmrl.data.prompts import check_prompt_lengths, load_prompts
     from llmrl.demo.warm_start import run_warm_start
-    from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file, write_text_atomically
+    from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
     from llmrl.distributed.strategy import make_strategy
     from llmrl.models.policy import build_policy, context_length
     from llmrl.models.sources import resolve_model
     from llmrl.rewards.base import build_eval_reward, build_reward
     from llmrl.tracking import MetricsLogger, read_log
-    from llmrl.trainers.base import Hooks, Interrupted, Terminated, eval_metrics, last_checkpoint_text
+    from llmrl.trainers.base import Hooks, Terminated
     from llmrl.trainers.online import OnlineTrainer
 
     started = time.perf_counter()
@@ -287,8 +297,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, owner: RLTra
               and not Path(name).exists())
     if not builds and not given:
         resolve_model(name, "model.name_or_path")  # a GGUF converts now, once
-    # the main rank locks run_dir before checking it; run_lock must live as long as the run (released when it ends)
+    # the main rank locks run_dir before checking it; held until run() returns or raises
     resume_from, run_lock = claim_run_dir(run_dir, resume, overwrite, strategy)
+    if run_lock is not None:
+        locks.append(run_lock)
     changed = {}
     if resume_from is not None:
         resume_state = load_state_file(resume_from / COMPLETE_MARK)
@@ -336,67 +348,18 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False, owner: RLTra
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
                            resume_step=trainer.step if resume_from is not None else None,
                            report_to=cfg.run.report_to, config=to_dict(cfg))
-    if trainer.eval_reward_before is None:
-        before = trainer.evaluate()
-        trainer.eval_reward_before = before["eval/reward"]
-        logger.log(0, eval_metrics(before))
-        logger.log_samples(0, trainer.last_eval_samples[:cfg.run.log_samples])
-        how, what = "sampled" if cfg.run.eval_sampled else "greedy", "episodes" if cfg.env.name else "prompts"
-        say(main, f"eval reward before training ({how}, {len(eval_rows)} held-out {what}): "
-                  f"{trainer.eval_reward_before:.4f}")
-        trainer.hooks.call("on_evaluate", 0, eval_metrics(before))
-
-    from tqdm.auto import tqdm
-
-    total = cfg.train.total_steps
-    bar = tqdm(total=total, initial=trainer.step, desc=cfg.algorithm,
-               disable=not (cfg.run.progress and strategy.is_main), dynamic_ncols=True)
-    stats, after = {}, None
     try:
-        stats, after = trainer.fit(logger, bar)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted (Ctrl-C) at step {trainer.step}: {last_checkpoint_text(run_dir)}") from None
+        summary = trainer.run(logger, eval_rows)
     except Terminated:  # SIGTERM: every rank stopped at the same step (and saved it, if there was time)
         logger.close()
         strategy.close()  # as a finished run does: a process group left to the interpreter's exit may abort
         raise
-    finally:
-        bar.close()
-
-    if after is None:  # resumed from the last step, or stopped by a callback: evaluate what is there
-        after = trainer.evaluate()
-        trainer.hooks.call("on_evaluate", trainer.step, eval_metrics(after))
-        if not stats:
-            stats = last_training_row(run_dir, read_log) if main else {}
-    trainer.save_checkpoint(trainer.checkpoint_path(trainer.step))
-    final = trainer.save_checkpoint(run_dir / "final")
-    summary = {
-        "eval_reward_before": trainer.eval_reward_before,
-        "eval_reward_after": after["eval/reward"],
-        "steps": trainer.step,
-        "wall_seconds": round(trainer.wall_seconds(), 2),  # over every process of the run (resumes included)
-        "train_reward_last": stats.get("reward/mean"),
-        "kl_last": stats.get("objective/kl"),
-        "run_dir": str(run_dir),
-        "final_checkpoint": str(run_dir / "final"),
-        "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
-    }
     logger.close()
-    if strategy.is_main:
-        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
-        say(main, f"done: {trainer.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
-                  f"{summary['eval_reward_after']:.4f}; final checkpoint {final}")
     strategy.close()
     policy.model.eval()
     return RunResult(model=policy.model, tokenizer=tokenizer, summary=summary,
-                     metrics=read_log(run_dir) if main else [], final_checkpoint=final,
-                     stopped_early=trainer.step < total)
-
-
-def last_training_row(run_dir: Path, read_log) -> dict:
-    """The last training step's metrics in log.jsonl (a run resumed at its last step takes none)."""
-    rows = [r for r in read_log(run_dir) if "reward/mean" in r or "loss/dpo" in r]
-    return rows[-1] if rows else {}
+                     metrics=read_log(run_dir) if main else [], final_checkpoint=Path(summary["final_checkpoint"]),
+                     stopped_early=trainer.step < cfg.train.total_steps)
 
 
 def say(main: bool, text: str) -> None:

@@ -138,3 +138,58 @@ def test_the_library_imports_no_command_and_no_demo_module():
     graph = import_graph(PACKAGE)
     assert {part_of(m) for m in graph} == {"cli", "api", "demo", "library"}
     assert layer_violations(graph) == []
+
+
+# The library's layers, lowest first: a module imports only its own layer and those below. The RL maths (rl)
+# needs only torch; algorithms combine it; config names the algorithms; the parts a run is built from (data,
+# models, rollout, rewards, environments, checkpoints and run folders, logging, trust rules) sit on config;
+# trainers and the exporter assemble parts; the embedded default's demo uses parts; the Python API (api) runs a
+# run from them; the command line (cli) parses arguments and calls the API.
+LAYERS = [
+    {"llmrl", "llmrl.errors", "llmrl.user_functions"},
+    {"llmrl.rl"},
+    {"llmrl.algorithms"},
+    {"llmrl.config"},
+    {"llmrl.data", "llmrl.models", "llmrl.rollout", "llmrl.rewards", "llmrl.envs", "llmrl.distributed",
+     "llmrl.tracking", "llmrl.trust"},
+    {"llmrl.trainers", "llmrl.exporter"},
+    {"llmrl.demo"},
+    {"llmrl.api"},
+    {"llmrl.cli", "llmrl.__main__"},
+]
+# Within a layer, what may not import what: the decode loop uses the model helpers, never the other way round.
+FORBIDDEN = {("llmrl.models", "llmrl.rollout")}
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(the layer's index in LAYERS, the top-level part: llmrl.models.policy -> llmrl.models)."""
+    part = ".".join(module.split(".")[:2])
+    for i, layer in enumerate(LAYERS):
+        if part in layer:
+            return i, part
+    raise AssertionError(f"{module} is in no layer: add {part} to LAYERS")
+
+
+def order_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for m, targets in graph.items():
+        (lm, pm) = layer_of(m)
+        for t in targets:
+            (lt, pt) = layer_of(t)
+            if lt > lm or (pm, pt) in FORBIDDEN:
+                found.append(f"{m} -> {t}")
+    return sorted(found)
+
+
+def test_the_order_check_on_a_hand_built_graph():
+    graph = {"llmrl.rl.ops": {"llmrl.config"}, "llmrl.config": {"llmrl.algorithms"},
+             "llmrl.models.policy": {"llmrl.rollout.engine"}, "llmrl.rollout.engine": {"llmrl.models.forward"},
+             "llmrl.models.forward": set(), "llmrl.trainers.base": {"llmrl.api"}, "llmrl.api": {"llmrl.trainers.base"},
+             "llmrl.algorithms": {"llmrl.rl"}, "llmrl.rl": set()}
+    assert order_violations(graph) == ["llmrl.models.policy -> llmrl.rollout.engine", "llmrl.rl.ops -> llmrl.config",
+                                       "llmrl.trainers.base -> llmrl.api"]
+
+
+def test_the_library_keeps_its_layer_order():
+    graph = import_graph(PACKAGE)
+    assert order_violations(graph) == []

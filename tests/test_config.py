@@ -221,7 +221,7 @@ def test_resume_export_and_eval_read_a_checkpoint_config_of_the_old_layout(tmp_p
     loads for export; a user's config in the old layout is refused by name."""
     from llmrl.config import MOVED_KEYS, to_dict
     from llmrl.distributed.run_dir import resume_changes
-    from llmrl.models.export import load_checkpoint_config
+    from llmrl.exporter import load_checkpoint_config
 
     cfg = load_config(write(tmp_path, base(train={"lr": 3e-4, "epochs": 2})))
     data = to_dict(cfg)

@@ -119,7 +119,7 @@ def test_two_zero2_ranks_resume_an_env_run_with_the_same_episodes(learned, tmp_p
 
 
 def test_an_env_run_exports_and_its_check_uses_the_held_out_episodes(learned, tmp_path):
-    from llmrl.models.export import FIXED_TEXT, load_checkpoint_config, sample_inputs
+    from llmrl.exporter import FIXED_TEXT, load_checkpoint_config, sample_inputs
     from transformers import AutoTokenizer
 
     final = learned / "run" / "final"

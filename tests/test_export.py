@@ -218,7 +218,7 @@ def test_a_damaged_trainer_state_is_named_with_the_way_out(trained, tmp_path):
 def test_the_card_names_the_algorithm_and_every_reward_component(trained):
     """The merged card said "PPO" for every algorithm and showed an empty reward for reward.components."""
     from llmrl.config import RewardComponentConfig
-    from llmrl.models.export import load_checkpoint_config, model_card
+    from llmrl.exporter import load_checkpoint_config, model_card
 
     _, checkpoint = trained
     cfg = load_checkpoint_config(checkpoint)

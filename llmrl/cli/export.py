@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from llmrl.cli.console import run_cli
-from llmrl.models.export import CHECKSUMS, DTYPES, TOLERANCE, export, verify_export
+from llmrl.exporter import CHECKSUMS, DTYPES, TOLERANCE, export, verify_export
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
 from llmrl.models import prompt_cache
 from llmrl.models.sources import resolve_model
-from llmrl.rollout.engine import forward_arguments, last_positions
+from llmrl.models.forward import forward_arguments, last_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,7 +21,8 @@ from llmrl.config import Config, ConfigError, RunStopped, save_config
 from llmrl.data.chat import as_completions, content, render_prompts
 from llmrl.errors import UserError, first_line
 from llmrl.distributed.checkpoint import (COMPLETE_MARK, begin_checkpoint, commit_checkpoint, latest_checkpoint,
-                                          load_state_file, prune_checkpoints, step_dir_name)
+                                          load_state_file, prune_checkpoints, step_dir_name,
+                                          write_text_atomically)
 from llmrl.models.policy import context_length, fingerprint_mismatch
 from llmrl.rewards.base import CombinedReward, RewardResult
 from llmrl.rollout.engine import RolloutEngine
@@ -218,6 +219,60 @@ class Trainer:
                 if self.step < total and self.strategy.any_rank(self.stop_requested)[0]:
                     return stats, (after if evaluated else None)  # a callback stopped the run: it ends as usual
         return stats, after
+
+    def run(self, logger, eval_rows: list) -> dict:
+        """The whole run once the trainer is built: the evaluation before training (unless resumed past it),
+        ``fit``, the evaluation after, the last step's and the final checkpoint, and ``summary.json``; returns the
+        summary. Ctrl-C raises ``Interrupted`` naming the checkpoint to resume from."""
+        from tqdm.auto import tqdm
+
+        from llmrl.tracking import read_log
+
+        cfg, main = self.cfg, self.strategy.is_main
+        if self.eval_reward_before is None:
+            before = self.evaluate()
+            self.eval_reward_before = before["eval/reward"]
+            logger.log(0, eval_metrics(before))
+            logger.log_samples(0, self.last_eval_samples[:cfg.run.log_samples])
+            how, what = "sampled" if cfg.run.eval_sampled else "greedy", "episodes" if cfg.env.name else "prompts"
+            if main:
+                print(f"eval reward before training ({how}, {len(eval_rows)} held-out {what}): "
+                      f"{self.eval_reward_before:.4f}", flush=True)
+            self.hooks.call("on_evaluate", 0, eval_metrics(before))
+
+        bar = tqdm(total=cfg.train.total_steps, initial=self.step, desc=cfg.algorithm,
+                   disable=not (cfg.run.progress and main), dynamic_ncols=True)
+        try:
+            stats, after = self.fit(logger, bar)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted (Ctrl-C) at step {self.step}: {last_checkpoint_text(self.run_dir)}"
+                              ) from None
+        finally:
+            bar.close()
+        if after is None:  # resumed from the last step, or stopped by a callback: evaluate what is there
+            after = self.evaluate()
+            self.hooks.call("on_evaluate", self.step, eval_metrics(after))
+            if not stats:  # the last training step's metrics, from the log
+                rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r] if main else []
+                stats = rows[-1] if rows else {}
+        self.save_checkpoint(self.checkpoint_path(self.step))
+        final = self.save_checkpoint(self.run_dir / "final")
+        summary = {
+            "eval_reward_before": self.eval_reward_before,
+            "eval_reward_after": after["eval/reward"],
+            "steps": self.step,
+            "wall_seconds": round(self.wall_seconds(), 2),  # over every process of the run (resumes included)
+            "train_reward_last": stats.get("reward/mean"),
+            "kl_last": stats.get("objective/kl"),
+            "run_dir": str(self.run_dir),
+            "final_checkpoint": str(final),
+            "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
+        }
+        if main:
+            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            print(f"done: {self.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
+                  f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
+        return summary
 
     def stop_if_terminated(self, received_at: float | None, saved: bool) -> None:
         """At a step boundary: when SIGTERM reached any rank (``received_at``: when it reached this one), every rank
