@@ -17,10 +17,10 @@ FLAG = "--trust-checkpoint-code"
 
 
 def safe_function(spec: str | None) -> bool:
-    from llmrl.user_functions import BUILTIN
+    from llmrl.user_functions import BUILTIN, IN_MEMORY_PREFIX
 
-    if not spec or spec in BUILTIN:
-        return True
+    if not spec or spec in BUILTIN or spec.startswith(IN_MEMORY_PREFIX):
+        return True  # in-memory: an object this process's own program gave llmrl.RLTrainer; nothing is imported
     target = spec.rsplit(":", 1)[0]
     return not target.endswith(".py") and (target + ".").startswith(SAFE_MODULES) or target in ("trl.rewards",)
 
@@ -35,7 +35,7 @@ def untrusted_parts(cfg: Config, rewards: bool = True) -> list[str]:
         return found
     from llmrl.envs import BUILTIN_ENVS
 
-    if cfg.env.name and cfg.env.name not in BUILTIN_ENVS and not cfg.env.name.startswith("llmrl."):
+    if cfg.env.name and cfg.env.name not in BUILTIN_ENVS and not cfg.env.name.startswith(("llmrl.", "in-memory:")):
         found.append(f"env.name = {cfg.env.name!r} (an environment's code)")
     r = cfg.reward
     for key, spec in (("reward.function", r.function), ("reward.eval_function", r.eval_function)):

@@ -86,6 +86,12 @@ def test_a_closure_reward_and_an_in_memory_dataset_train_and_callbacks_see_what_
     assert saved["reward"]["components"][0]["weight"] == 1.0
     assert re.fullmatch(r"in-memory:train_dataset-10rows-[0-9a-f]{12}", saved["data"]["source"])
     assert re.fullmatch(r"in-memory:eval_dataset-4rows-[0-9a-f]{12}", saved["data"]["eval_source"])
+    # evaluation from Python, in the process that holds the objects: the same held-out reward, by the closure
+    scored = len(calls)
+    evaluation = llmrl.evaluate(result.final_checkpoint, n_samples=2)
+    assert len(calls) > scored
+    assert evaluation["reward_after"] == pytest.approx(result.summary["eval_reward_after"])
+    assert evaluation["reward_before"] == pytest.approx(result.summary["eval_reward_before"])
 
 
 def test_two_runs_in_one_process_a_lambda_an_async_reward_a_dataset_and_a_callback_that_stops(tiny_model_dir,
