@@ -376,7 +376,7 @@ class OnlineTrainer(Trainer):
 def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineTrainer:
     """A PPO trainer on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
 
-    ``run_dir`` defaults to ``run.output_dir``. ``llmrl.cli.train.run`` does more in between (run directory,
+    ``run_dir`` defaults to ``run.output_dir``. ``llmrl.api.run`` does more in between (run directory,
     warm start, prompt-length checks, DPO); evaluation, tests and benchmarks build one with this.
     """
     from llmrl.data.prompts import load_prompts
