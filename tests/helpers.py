@@ -65,3 +65,14 @@ def training_rows(run_dir) -> list[dict]:
     """The training steps' rows of a run's log.jsonl (not evaluations or sample tables)."""
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()
             if "reward/mean" in line]
+
+
+def assert_one_line(out, *fragments, code=2) -> str:
+    """A command ended with exit ``code`` and one line ``error: ...`` holding each fragment, no traceback; returns it."""
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    return last

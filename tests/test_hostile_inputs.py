@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, launch_ppo, ppo_command, subprocess_env
+from helpers import REPO, assert_one_line, launch_ppo, ppo_command, subprocess_env
 
 from llmrl.config import ConfigError, DataConfig, EnvConfig, RewardConfig, load_config, load_yaml_text, save_config
 from llmrl.data.prompts import check_prompt_lengths, load_prompts
@@ -17,15 +17,6 @@ TINY = REPO / "configs" / "tiny.yaml"
 SMALL = ["run.progress=false", "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=4",
          "train.epochs=1", "data.eval_size=8", "run.eval_every=0", "run.device=cpu", "run.threads=1",
          "train.total_steps=1"]
-
-
-def assert_one_line(out, *fragments, code=2):
-    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
 
 
 def ppo(tmp_path, *args, config=TINY, timeout=300):

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from helpers import launch_ppo, training_rows
+from helpers import assert_one_line, launch_ppo, training_rows
 
 from llmrl.config import RewardComponentConfig, RewardConfig
 from llmrl.envs.base import checked_step
@@ -287,16 +287,6 @@ def test_the_server_answers_a_reward_of_10_to_the_400_with_one_line_not_a_500():
 SMALL = ["run.progress=false", "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=4",
          "train.epochs=1", "data.eval_size=8", "run.eval_every=0", "run.device=cpu", "run.threads=1",
          "run.save_every=0"]
-
-
-def assert_one_line(out, *fragments, code=2):
-    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    return last
 
 
 REWARDS = """

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, launch_ppo, ppo_command, subprocess_env
+from helpers import REPO, assert_one_line, launch_ppo, ppo_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +49,6 @@ def ppo(tiny_model_dir, run, *args, **kwargs):
 def llmrl(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "llmrl", *map(str, args)], capture_output=True, text=True, cwd=REPO,
                           env=subprocess_env(), timeout=timeout)
-
-
-def assert_one_line(out, *fragments, code=2):
-    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    return last
 
 
 def users_folder(path: Path) -> Path:
