@@ -561,6 +561,32 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+# TRL's names (GRPOConfig, RLOOConfig, DPOConfig, TrainingArguments) -> llmrl's key: an unknown key that is one of
+# them is answered with llmrl's, wherever in the config it was written (docs/trl.md has the whole table).
+TRL_NAMES = {
+    "num_generations": "critic_free.num_generations",
+    "max_completion_length": "generation.max_new_tokens",
+    "num_iterations": "train.epochs",
+    "beta": "critic_free.kl_coef (GRPO/RLOO), ppo.init_kl_coef (PPO) or dpo.beta (DPO)",
+    "learning_rate": "train.lr",
+    "max_steps": "train.total_steps",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.mini_batch_size (accumulation follows from mini / micro batch sizes)",
+    "lr_scheduler_type": "train.lr_schedule",
+    "epsilon": "ppo.clip_range",
+    "epsilon_high": "critic_free.clip_range_high",
+    "use_vllm": "generation.engine: vllm",
+    "save_steps": "run.save_every",
+    "save_total_limit": "run.keep_last",
+    "eval_steps": "run.eval_every",
+    "peft_config": "lora",
+    "reward_weights": "reward.components[].weight",
+    "reward_funcs": "reward.function or reward.components",
+    "output_dir": "run.output_dir",
+    "seed": "run.seed",
+}
+
+
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the closest valid name."""
     hints = typing.get_type_hints(cls)
@@ -571,6 +597,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         if key not in names and full in MOVED_KEYS:
             raise ConfigError(f"{full} is now {MOVED_KEYS[full]} (the optimizer and batch sizes every algorithm "
                               f"shares are in the train: section): rename it in the config or the override")
+        if key not in names and str(key) in TRL_NAMES:
+            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; llmrl's is {TRL_NAMES[str(key)]} "
+                              f"(docs/trl.md lists the others)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else \

@@ -238,3 +238,28 @@ def test_resume_export_and_eval_read_a_checkpoint_config_of_the_old_layout(tmp_p
     assert load_config(checkpoint / "config.yaml", saved=True) == cfg
     with pytest.raises(ConfigError, match=r"^(ppo|dpo)\.\w+ is now train\.\w+ "):
         load_config(checkpoint / "config.yaml")
+
+
+@pytest.mark.parametrize("override,llmrl_key", [
+    ("train.num_iterations=2", "train.epochs"),
+    ("critic_free.beta=0.1", "critic_free.kl_coef"),
+    ("generation.max_completion_length=64", "generation.max_new_tokens"),
+    ("num_generations=8", "critic_free.num_generations"),
+    ("train.learning_rate=1e-5", "train.lr"),
+])
+def test_a_trl_name_is_answered_with_llmrls_key(override, llmrl_key):
+    with pytest.raises(ConfigError, match=rf"is TRL's name; llmrl's is {re.escape(llmrl_key)}"):
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_llmrl_version():
+    import contextlib
+    import io
+
+    from llmrl import __version__
+    from llmrl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--version"]) == 0
+    assert out.getvalue().strip() == f"llmrl {__version__}"

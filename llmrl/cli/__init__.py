@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("llmrl.cli.train", "PPO fine-tuning (same as launch/ppo.py)"),
+    "train": ("llmrl.cli.train", "an RL run: the config's algorithm (same as launch/ppo.py)"),
     "sft": ("llmrl.cli.sft", "the supervised warm start of a recipe (same as launch/sft.py)"),
     "export": ("llmrl.cli.export", "a checkpoint as a plain transformers model (same as launch/export.py)"),
     "train-reward": ("llmrl.cli.train_reward", "a Bradley-Terry reward model (same as launch/train_reward.py)"),
@@ -15,7 +15,8 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: llmrl COMMAND [options]   (llmrl COMMAND --help for its options)", "", "commands:"]
+    lines = ["usage: llmrl COMMAND [options]   (llmrl COMMAND --help for its options; llmrl --version)", "",
+             "commands:"]
     lines += [f"  {name:<13} {help}" for name, (_, help) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from llmrl import __version__
+
+        print(f"llmrl {__version__}")
         return 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
