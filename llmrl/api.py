@@ -63,7 +63,9 @@ class RLTrainer:
     strings, as on the command line. The rest, each optional, replaces what the config names:
 
     - ``model``: a name, a folder, or a ``transformers`` causal LM object (then pass ``tokenizer`` too; it is saved
-      into the run folder as ``base/``, so the run resumes and exports from the command line as well);
+      into the run folder as ``base/``, so the run resumes and exports from the command line as well), or a peft
+      model (e.g. after SFT): its adapter is merged into a copy of its base, which is then the run's base and the
+      reference (adapter off), and a new LoRA adapter is trained on top;
     - ``reward_funcs``: reward functions with TRL's signature ``(prompts, completions, **kwargs) -> list[float |
       None]`` (sync or async; closures and lambdas too), reward-model objects (``llmrl.models.reward_model.
       LearnedReward``), or strings as ``reward.function`` takes them; ``reward_weights``: one weight each;
@@ -211,9 +213,8 @@ def _checked_model(model, tokenizer):
             raise ConfigError("tokenizer is an object but model is a name or folder: pass the tokenizer's name or "
                               "folder, or pass both model and tokenizer as objects")
         return None, None
-    if hasattr(model, "peft_config"):
-        raise ConfigError(f"model is a {type(model).__name__} (a peft model): llmrl trains its own LoRA adapter on "
-                          f"a base; pass the base (model.merge_and_unload() keeps the adapter's changes in it)")
+    if hasattr(model, "peft_config"):  # e.g. an SFT adapter: merged into a copy of its base, which llmrl starts from
+        model = _merged_copy(model)
     from transformers import PreTrainedModel
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -227,6 +228,22 @@ def _checked_model(model, tokenizer):
         raise ConfigError("model is an object: pass its tokenizer object too (tokenizer=AutoTokenizer."
                           "from_pretrained(...))")
     return model, tokenizer
+
+
+def _merged_copy(model):
+    """A peft model's adapter merged into a copy of its base (the user's model is left as it is): the run starts
+    from, and is kept near, what the user trained so far; llmrl's own LoRA adapter is trained on top of it."""
+    import copy
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
+            getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise ConfigError(f"model is a {type(model).__name__} on a quantized base: its adapter cannot be merged there; "
+                          f"save it (model.save_pretrained), merge it into a full-precision base and pass that, or "
+                          f"pass the base's name with model.quantization")
+    if not hasattr(model, "merge_and_unload"):
+        raise ConfigError(f"model is a {type(model).__name__} (a peft model without merge_and_unload): pass a LoRA "
+                          f"model, or its base with the adapter merged")
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def _check_reward_signature(fn, i: int) -> None:

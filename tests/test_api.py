@@ -168,6 +168,33 @@ def test_a_model_object_is_saved_with_the_run_and_exports_from_the_command_line(
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_a_peft_model_is_merged_into_a_copy_that_the_run_starts_from(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))  # a non-zero adapter
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("abc>", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = sft(input_ids=ids).logits
+        plain = sft.get_base_model()
+        with sft.disable_adapter():
+            base_logits = sft(input_ids=ids).logits
+    assert not torch.allclose(expected, base_logits)  # the adapter matters
+    llmrl.RLTrainer(TINY, overrides=[*SMALL, f"run.output_dir={tmp_path / 'run'}", "train.total_steps=1"],
+                    model=sft, tokenizer=tokenizer, reward_funcs=["exact_match"], train_dataset=ROWS[:10],
+                    eval_dataset=ROWS[10:]).train()
+    # the run's base is the merged model: its logits are the peft model's
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+        assert torch.allclose(sft(input_ids=ids).logits, expected)  # the user's model is as it was
+    assert plain is sft.get_base_model() and hasattr(sft, "peft_config")
+
+
 def test_an_environment_class(tmp_path, tiny_model_dir):
     from llmrl.envs.guess_number import GuessNumber
 
@@ -192,7 +219,7 @@ def bad(call, *fragments):
 
 
 def test_bad_input_is_one_line_naming_it(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     over = settings(tiny_model_dir, tmp_path / "run")
 
@@ -213,6 +240,8 @@ def test_bad_input_is_one_line_naming_it(tiny_model_dir, tmp_path):
                                 tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir)),
         "model is a GPT2ForSequenceClassification, not a causal LM")
     bad(lambda: llmrl.RLTrainer(TINY, overrides=over, model=object()), "model is a object")
+    bad(lambda: llmrl.RLTrainer(TINY, overrides=over, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir)),
+        "model is an object: pass its tokenizer object too")
     bad(lambda: llmrl.RLTrainer(TINY, overrides=over, callbacks=[object()]), "has none of on_step_end")
     bad(lambda: llmrl.RLTrainer(TINY, overrides=over + ["train.lr=-1"]), "train.lr")
     bad(lambda: llmrl.RLTrainer(42), "config is a int")
