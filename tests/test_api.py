@@ -168,6 +168,21 @@ def test_a_model_object_is_saved_with_the_run_and_exports_from_the_command_line(
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_a_reward_model_object_and_a_string_mix_with_a_function(tiny_model_dir, tiny_reward_model_dir, tmp_path):
+    from llmrl.models.reward_model import LearnedReward
+
+    learned = LearnedReward(str(tiny_reward_model_dir), batch_size=4, max_length=32)
+    result = llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, tmp_path / "run", "train.total_steps=1"),
+                             reward_funcs=[learned, "exact_match"], reward_weights=[0.5, 1.0],
+                             train_dataset=ROWS[:10], eval_dataset=ROWS[10:]).train()
+    step = [r for r in result.metrics if "reward/mean" in r][0]
+    # the learned model scored the samples (a real-valued score), under its class's name
+    assert "reward/LearnedReward/mean" in step and "reward/exact_match/mean" in step
+    saved = yaml.safe_load((tmp_path / "run" / "final" / "config.yaml").read_text())
+    assert [c["function"] for c in saved["reward"]["components"]] == ["in-memory:LearnedReward", "exact_match"]
+    assert [c["weight"] for c in saved["reward"]["components"]] == [0.5, 1.0]
+
+
 def test_a_peft_model_is_merged_into_a_copy_that_the_run_starts_from(tiny_model_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
