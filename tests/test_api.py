@@ -117,9 +117,11 @@ def test_two_runs_in_one_process_a_lambda_an_async_reward_a_dataset_and_a_callba
     saved = yaml.safe_load((tmp_path / "a" / "final" / "config.yaml").read_text())
     assert [c["function"] for c in saved["reward"]["components"]] == ["in-memory:async_reward", "in-memory:reward_1"]
 
-    second = llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, tmp_path / "b", "algorithm=grpo"),
+    as_dict = yaml.safe_load(TINY.read_text())  # a config given as a dict
+    second = llmrl.RLTrainer(as_dict, overrides=settings(tiny_model_dir, tmp_path / "b", "algorithm=grpo"),
                              reward_funcs="exact_match", train_dataset=ROWS[:10], eval_dataset=ROWS[10:]).train()
     assert second.summary["steps"] == 2 and not second.stopped_early
+    assert yaml.safe_load((tmp_path / "b" / "final" / "config.yaml").read_text())["algorithm"] == "grpo"
     assert second.model is not first.model
 
 
@@ -155,7 +157,8 @@ def test_a_model_object_is_saved_with_the_run_and_exports_from_the_command_line(
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     run = tmp_path / "run"
-    result = llmrl.RLTrainer(TINY, overrides=[*SMALL, f"run.output_dir={run}"], model=model, tokenizer=tokenizer,
+    config = llmrl.load_config(TINY, [f"run.output_dir={run}"])  # a Config object, with overrides on top
+    result = llmrl.RLTrainer(config, overrides=SMALL, model=model, tokenizer=tokenizer,
                              reward_funcs=["exact_match"], train_dataset=ROWS[:10], eval_dataset=ROWS[10:]).train()
     assert result.summary["steps"] == 2
     assert (run / "base" / "config.json").is_file()
