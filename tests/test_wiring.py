@@ -1,0 +1,294 @@
+"""The trainer's wiring, pinned like its maths: ``OnlineTrainer.make_experience`` and ``update`` run on
+hand-built rollouts (the model's forward, the sampler and the reward replaced by fixed numbers), and what they
+produce (scores after the EOS penalty and clipping, advantages and their whitening, the loss with each term's
+sign, weight and divisor) is compared with plain-loop references written from the papers' formulas. A wrong sign,
+weight, divisor or clip bound in the trainer or an estimator fails here in seconds."""
+import math
+
+import pytest
+import torch
+from helpers import make_trainer, tiny_config
+
+from llmrl.rewards.base import RewardResult
+from llmrl.rollout.experience import Experience
+
+# Four samples, two prompts of two completions (group estimators), responses of 3, 2, 1 and 3 tokens.
+MASK = [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]
+OLD = [[-1.0, -0.5, -2.0], [-0.7, -1.2, 0.0], [-0.3, 0.0, 0.0], [-1.5, -0.9, -0.4]]
+# new - old: inside the clip window, past 1 + 0.2 (and past 1 + 0.28), inside (1.2, 1.28), below 1 - 0.2
+DELTA = [[0.05, 0.30, -0.30], [0.22, -0.05, 0.0], [0.40, 0.0, 0.0], [-0.10, 0.23, 0.02]]
+REF = [[-1.1, -0.4, -1.8], [-0.9, -1.0, 0.0], [-0.2, 0.0, 0.0], [-1.2, -1.0, -0.6]]
+ENTROPY = [[1.0, 2.0, 0.5], [1.5, 0.7, 0.0], [2.5, 0.0, 0.0], [0.3, 0.9, 1.1]]
+VALUES = [[0.1, 0.2, 0.3], [-0.2, 0.4, 0.0], [0.5, 0.0, 0.0], [0.0, -0.1, 0.2]]
+VPRED = [[0.4, 0.1, 0.2], [-0.1, 0.1, 0.0], [0.9, 0.0, 0.0], [0.1, -0.3, 0.25]]
+RETURNS = [[0.5, 0.6, 0.7], [0.3, 0.2, 0.0], [1.0, 0.0, 0.0], [-0.4, -0.2, 0.1]]
+ADV_TOKENS = [[0.8, -0.6, 1.2], [-1.0, 0.5, 0.0], [1.5, 0.0, 0.0], [-0.7, 0.9, -0.2]]  # PPO's, per token
+ADV_SEQ = [0.9, -0.9, 1.3, -1.3]  # critic-free, one per sequence
+
+
+def cells(rows):
+    return [(b, t) for b in range(len(rows)) for t in range(len(rows[b])) if rows[b][t]]
+
+
+def trainer_for(tiny_model_dir, tmp_path, algorithm, *extra):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", f"algorithm={algorithm}", "train.rollout_batch_size=4",
+                      "train.mini_batch_size=4", "train.micro_batch_size=4", "train.epochs=1",
+                      "critic_free.num_generations=2", "ppo.ent_coef=0.05", "ppo.vf_coef=0.3",
+                      "critic_free.kl_coef=0.07", "ppo.clip_range=0.2", "ppo.clip_range_value=0.15",
+                      "critic_free.clip_range_high=0.28", "critic_free.sequence_clip_low=0.1",
+                      "critic_free.sequence_clip_high=0.15", "generation.max_new_tokens=5", *extra)
+    return make_trainer(cfg)
+
+
+def hand_built(advantages) -> Experience:
+    """A rollout whose query's first token is the row's number, so a stub forward knows which rows it got."""
+    mask = torch.tensor(MASK, dtype=torch.float32)
+    advantages = torch.as_tensor(advantages, dtype=torch.float32)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # a sequence's on its tokens
+    return Experience(query=torch.arange(4).unsqueeze(1), query_mask=torch.ones(4, 1, dtype=torch.long),
+                      response=torch.ones(4, 3, dtype=torch.long), response_mask=mask,
+                      logprobs=torch.tensor(OLD) * mask, ref_logprobs=torch.tensor(REF) * mask,
+                      values=torch.tensor(VALUES) * mask, returns=torch.tensor(RETURNS) * mask,
+                      advantages=advantages * mask)
+
+
+def recorded_loss(trainer, exp) -> float:
+    """The loss ``update`` passes to backward, summed over the microbatches of its one minibatch (what the
+    accumulated gradient is the gradient of), with the forward replaced."""
+    new = (torch.tensor(OLD) + torch.tensor(DELTA)).requires_grad_()
+    losses = []
+
+    def forward(mb, with_values, entropy_grad=False):
+        rows = mb.query[:, 0]
+        T = mb.response.shape[1]
+        return new[rows, :T], torch.tensor(VPRED)[rows, :T], torch.tensor(ENTROPY)[rows, :T]
+
+    trainer.forward_logprobs = forward
+    trainer.strategy.backward = lambda loss, boundary: losses.append(loss.item())
+    trainer.strategy.step = lambda boundary: 0.0
+    trainer.update(exp)
+    assert len(losses) == trainer.cfg.train.mini_batch_size // trainer.cfg.train.micro_batch_size
+    return sum(losses)
+
+
+def token_terms(clip_high=0.2, adv=None):
+    """Plain loops: (policy loss sum over tokens, entropy sum, k3 KL sum, value loss sum), before any divisor."""
+    pg = ent = kl = vf = 0.0
+    for b, t in cells(MASK):
+        ratio = math.exp(DELTA[b][t])
+        a = ADV_TOKENS[b][t] if adv is None else adv[b]
+        pg += max(-a * ratio, -a * min(max(ratio, 1 - 0.2), 1 + clip_high))
+        ent += ENTROPY[b][t]
+        log_r = OLD[b][t] + DELTA[b][t] - REF[b][t]  # log pi / pi_ref
+        kl += math.exp(-log_r) - 1 + log_r
+        clipped = VALUES[b][t] + min(max(VPRED[b][t] - VALUES[b][t], -0.15), 0.15)
+        vf += 0.5 * max((VPRED[b][t] - RETURNS[b][t]) ** 2, (clipped - RETURNS[b][t]) ** 2)
+    return pg, ent, kl, vf
+
+
+N_TOKENS = sum(map(sum, MASK))  # 9
+
+
+def test_ppo_loss_is_clipped_surrogate_minus_entropy_plus_weighted_value_loss(tiny_model_dir, tmp_path):
+    pg, ent, _, vf = token_terms()
+    expected = pg / N_TOKENS - 0.05 * ent / N_TOKENS + 0.3 * vf / N_TOKENS
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "ppo"), hand_built(ADV_TOKENS)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm,kl_weight", [("grpo", 0.07), ("rloo", 0.0), ("reinforce", 0.0)])
+def test_critic_free_token_loss_and_grpos_k3_term(tiny_model_dir, tmp_path, algorithm, kl_weight):
+    """GRPO adds + kl_coef * k3 (never negative); RLOO and REINFORCE keep the KL in the reward, not the loss."""
+    pg, ent, kl, _ = token_terms(adv=ADV_SEQ)
+    expected = pg / N_TOKENS - 0.05 * ent / N_TOKENS + kl_weight * kl / N_TOKENS
+    assert kl > 0
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, algorithm), hand_built(ADV_SEQ)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_dapo_clips_higher_and_adds_no_kl(tiny_model_dir, tmp_path):
+    pg, ent, _, _ = token_terms(clip_high=0.28, adv=ADV_SEQ)
+    assert pg != pytest.approx(token_terms(adv=ADV_SEQ)[0])  # the cells inside (1.2, 1.28) make a difference
+    expected = pg / N_TOKENS - 0.05 * ent / N_TOKENS
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "dapo"), hand_built(ADV_SEQ)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_dr_grpo_divides_by_sequences_times_max_new_tokens(tiny_model_dir, tmp_path):
+    pg, ent, kl, _ = token_terms(adv=ADV_SEQ)
+    expected = pg / (4 * 5) - 0.05 * ent / N_TOKENS + 0.07 * kl / N_TOKENS
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "dr_grpo"), hand_built(ADV_SEQ)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_gspo_clips_one_length_normalised_ratio_per_sequence(tiny_model_dir, tmp_path):
+    pg = 0.0
+    for b in range(4):
+        tokens = [t for t in range(3) if MASK[b][t]]
+        s = math.exp(sum(DELTA[b][t] for t in tokens) / len(tokens))
+        a = ADV_SEQ[b]
+        pg += max(-a * s, -a * min(max(s, 1 - 0.1), 1 + 0.15))
+    _, ent, kl, _ = token_terms(adv=ADV_SEQ)
+    expected = pg / 4 - 0.05 * ent / N_TOKENS + 0.07 * kl / N_TOKENS
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "gspo"), hand_built(ADV_SEQ)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# make_experience: scores, penalties, clipping, skipped samples and advantages
+
+RAW = [0.6, 3.0, -0.4, 12.0]  # the reward's scores; the last is past reward.clip
+ENDED = [True, False, True, False]  # samples 1 and 3 never emitted the stop token
+
+
+def experience_of(trainer, valid=(True, True, True, True)):
+    """make_experience on four hand-built samples, the sampler, the reward and the forward passes replaced."""
+    mask = torch.tensor(MASK, dtype=torch.float32)
+
+    def generate(prompts):
+        return Experience(query=torch.arange(4).unsqueeze(1), query_mask=torch.ones(4, 1, dtype=torch.long),
+                          response=torch.ones(4, 3, dtype=torch.long), response_mask=mask.clone(),
+                          ended=torch.tensor(ENDED), logprobs=torch.tensor(OLD) * mask,
+                          entropy=torch.tensor(ENTROPY) * mask)
+
+    def fill_logprobs(exp):
+        exp.logprobs, exp.ref_logprobs = torch.tensor(OLD) * mask, torch.tensor(REF) * mask
+        exp.values = torch.tensor(VALUES) * mask
+        return torch.tensor(ENTROPY) * mask
+
+    trainer.generate = generate
+    trainer.score = lambda rows, exp: (None, RewardResult(list(RAW), list(valid), {}))
+    trainer.fill_logprobs = fill_logprobs
+    rows = [{"prompt": "abc>", "answer": "cba"}] * 4
+    return trainer.make_experience(rows)
+
+
+def shaped(penalty=0.5, clip=10.0, valid=(True, True, True, True)):
+    """The scores the estimator sees: minus the penalty where no stop token came, clipped, 0 where skipped."""
+    out = []
+    for raw, ended, ok in zip(RAW, ENDED, valid):
+        s = raw if ended else raw - penalty
+        out.append(min(max(s, -clip), clip) if ok else 0.0)
+    return out
+
+
+def test_missing_eos_penalty_and_clip_shape_the_scores(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, "grpo", "generation.missing_eos_penalty=0.5", "reward.clip=10")
+    exp, stats = experience_of(trainer)
+    assert exp.scores.tolist() == pytest.approx(shaped())  # [0.6, 2.5, -0.4, 10.0]
+    assert stats["reward/raw_mean"] == pytest.approx(sum(RAW) / 4)
+    assert stats["reward/mean"] == pytest.approx(sum(shaped()) / 4)
+
+
+def group_normalised(scores, scale):
+    out = []
+    for g in range(0, len(scores), 2):
+        pair = scores[g:g + 2]
+        mean = sum(pair) / 2
+        std = math.sqrt(sum((s - mean) ** 2 for s in pair) / 1)
+        if scale == "batch":
+            m = sum(scores) / len(scores)
+            std = math.sqrt(sum((s - m) ** 2 for s in scores) / (len(scores) - 1))
+        out += [(s - mean) / (std + 1e-4) if scale != "none" else s - mean for s in pair]
+    return out
+
+
+@pytest.mark.parametrize("algorithm,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                             ("dr_grpo", "group"), ("dapo", "group"), ("gspo", "group")])
+def test_group_advantages_follow_the_estimators_scale(tiny_model_dir, tmp_path, algorithm, scale):
+    """GRPO honours critic_free.scale; Dr. GRPO only centres; DAPO and GSPO divide by the group's std. The
+    advantage is the sequence's, on each of its tokens, and is not whitened again."""
+    trainer = trainer_for(tiny_model_dir, tmp_path, algorithm, f"critic_free.scale={scale}",
+                          "generation.missing_eos_penalty=0.5", "reward.clip=10")
+    exp, _ = experience_of(trainer)
+    expected = group_normalised(shaped(), "none" if algorithm == "dr_grpo" else scale)
+    for b, t in cells(MASK):
+        assert exp.advantages[b, t].item() == pytest.approx(expected[b], rel=1e-5, abs=1e-6), (b, t)
+    assert exp.advantages[1, 2].item() == 0.0  # padding carries nothing
+
+
+def test_rloo_advantages_leave_one_out_with_the_kl_in_the_reward(tiny_model_dir, tmp_path):
+    """RLOO: the score minus beta * the sequence's k1 KL, then minus the other completion's (same prompt)."""
+    trainer = trainer_for(tiny_model_dir, tmp_path, "rloo", "generation.missing_eos_penalty=0.5", "reward.clip=10",
+                          "ppo.init_kl_coef=0.2", "ppo.kl_estimator=k1")
+    exp, stats = experience_of(trainer)
+    seq = []
+    for b, s in enumerate(shaped()):
+        kl = sum(OLD[b][t] - REF[b][t] for t in range(3) if MASK[b][t])
+        seq.append(s - 0.2 * kl)
+    expected = [seq[0] - seq[1], seq[1] - seq[0], seq[2] - seq[3], seq[3] - seq[2]]
+    for b, t in cells(MASK):
+        assert exp.advantages[b, t].item() == pytest.approx(expected[b], rel=1e-5), (b, t)
+    kl_mean = sum(sum(OLD[b][t] - REF[b][t] for t in range(3) if MASK[b][t]) for b in range(4)) / 4
+    assert stats["objective/kl"] == pytest.approx(kl_mean, rel=1e-5)
+
+
+def test_ppo_advantages_are_gae_over_the_kl_shaped_rewards_then_whitened(tiny_model_dir, tmp_path):
+    gamma, lam, beta = 0.9, 0.8, 0.2
+    trainer = trainer_for(tiny_model_dir, tmp_path, "ppo", "generation.missing_eos_penalty=0.5", "reward.clip=10",
+                          f"ppo.gamma={gamma}", f"ppo.lam={lam}", f"ppo.init_kl_coef={beta}", "ppo.kl_estimator=k1",
+                          "ppo.whiten_rewards=false")
+    exp, _ = experience_of(trainer)
+    gae = {}
+    for b in range(4):
+        tokens = [t for t in range(3) if MASK[b][t]]
+        last, next_value = 0.0, 0.0
+        for t in reversed(tokens):
+            r = -beta * (OLD[b][t] - REF[b][t]) + (shaped()[b] if t == tokens[-1] else 0.0)
+            delta = r + gamma * next_value - VALUES[b][t]
+            last = delta + gamma * lam * last
+            gae[b, t], next_value = last, VALUES[b][t]
+    values = list(gae.values())
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    for (b, t), a in gae.items():
+        assert exp.advantages[b, t].item() == pytest.approx((a - mean) / std, rel=1e-4), (b, t)
+        assert exp.returns[b, t].item() == pytest.approx(a + VALUES[b][t], rel=1e-5), (b, t)
+
+
+def test_a_skipped_sample_scores_zero_and_leaves_the_group_baseline(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, "grpo", "generation.missing_eos_penalty=0.5", "reward.clip=10",
+                          "reward.on_error=skip")
+    valid = (True, True, False, True)
+    exp, stats = experience_of(trainer, valid)
+    assert exp.scores.tolist() == pytest.approx(shaped(valid=valid))
+    assert exp.advantages[2].abs().sum().item() == 0.0 and exp.advantages[3].abs().sum().item() == 0.0
+    assert stats["reward/mean"] == pytest.approx((0.6 + 2.5 + 10.0) / 3)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dr_grpo", "gspo"])
+def test_microbatches_add_up_to_the_minibatchs_loss(tiny_model_dir, tmp_path, algorithm):
+    """Gradient accumulation is exact: two microbatches of two divide by the whole minibatch's counts, so their
+    losses sum to the loss of one microbatch of four (every term: policy, entropy, value, KL)."""
+    adv = ADV_TOKENS if algorithm == "ppo" else ADV_SEQ
+    whole = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "whole", algorithm), hand_built(adv))
+    split = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "split", algorithm, "train.micro_batch_size=2"),
+                          hand_built(adv))
+    assert split == pytest.approx(whole, rel=1e-5)
+
+
+def test_running_normalisation_comes_before_the_eos_penalty_and_the_clip(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, "grpo", "reward.normalize=running",
+                          "generation.missing_eos_penalty=0.5", "reward.clip=1.5")
+    exp, stats = experience_of(trainer)
+    mean = sum(RAW) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in RAW) / 4)  # over every score seen so far: this batch
+    expected = []
+    for raw, ended in zip(RAW, ENDED):
+        s = (raw - mean) / std - (0 if ended else 0.5)
+        expected.append(min(max(s, -1.5), 1.5))
+    assert exp.scores.tolist() == pytest.approx(expected, rel=1e-5)
+    assert stats["reward/raw_mean"] == pytest.approx(mean)
+
+
+@pytest.mark.parametrize("keep_last,kept", [(2, [4, 5]), (1, [5]), (10, [1, 2, 3, 4, 5])])
+def test_pruning_keeps_the_newest_keep_last_step_checkpoints_and_final(tmp_path, keep_last, kept):
+    from llmrl.distributed.checkpoint import COMPLETE_MARK, prune_checkpoints, step_checkpoints, step_dir_name
+
+    for step in [*range(1, 6)]:
+        (tmp_path / step_dir_name(step)).mkdir()
+        (tmp_path / step_dir_name(step) / COMPLETE_MARK).write_bytes(b"")
+    (tmp_path / "final").mkdir()
+    prune_checkpoints(tmp_path, keep_last)
+    assert [step for step, _ in step_checkpoints(tmp_path)] == kept
+    assert (tmp_path / "final").is_dir()

@@ -1,0 +1,160 @@
+"""Mutation check: does a wrong line in the trainer, an estimator, the rewards or checkpointing fail the fast tests?
+
+    python tools/mutants.py                 # every mutant, against FAST_TESTS; prints a table and the kill count
+    python tools/mutants.py --only 3 7      # some of them
+    python tools/mutants.py --list          # what each one changes
+
+Each mutant replaces one exact piece of source (it must occur once) in a copy of the tracked files, then runs
+the fast tests there (``-x``: the first failure kills it). The original tree is never touched. A mutant that
+survives names a line no fast test pins. Not run in CI (about a minute per surviving mutant on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FAST_TESTS = ["tests/test_wiring.py", "tests/test_rl_math.py", "tests/test_estimators.py", "tests/test_algorithms.py",
+              "tests/test_rewards_data.py", "tests/test_api.py"]
+
+O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
+# (file, what is there, what replaces it, what the mutant means)
+MUTANTS = [
+    (O, "exp.advantages = self.whiten(advantages, mask)", "exp.advantages = advantages * mask",
+     "PPO advantages no longer whitened"),
+    (O, "loss = loss + self.estimator.loss_kl_coef * kl_loss", "loss = loss - self.estimator.loss_kl_coef * kl_loss",
+     "GRPO's k3 KL term with the wrong sign"),
+    (O, "scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)",
+     "scores = torch.where(eos, scores, scores + cfg.generation.missing_eos_penalty)",
+     "the missing-EOS penalty turned into a bonus"),
+    (O, "loss = pg_loss - cfg.ent_coef * ent", "loss = pg_loss + cfg.ent_coef * ent", "entropy bonus sign flipped"),
+    (f"{A}/dapo.py", "clip_range_high=self.clip_high)", "clip_range_high=None)", "DAPO loses clip-higher"),
+    (f"{A}/gspo.py", "return rl.sequence_policy_loss(logprobs, old_logprobs, advantages, mask, self.clip_low, "
+                     "self.clip_high,\n                                       num_sequences)",
+     "return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens)",
+     "GSPO falls back to the token-level loss"),
+    (f"{A}/grpo.py", "rl.grpo_advantages(scores, self.group_size, self.scale,",
+     "rl.grpo_advantages(scores, self.group_size, \"group\",", "GRPO ignores critic_free.scale"),
+    (O, "loss = loss + cfg.vf_coef * vf_loss", "loss = loss + vf_loss", "the value loss loses ppo.vf_coef"),
+    (O, "scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)", "scores = scores.clamp(-cfg.reward.clip, None)",
+     "reward.clip clips only from below"),
+    (O, "scores = torch.where(valid, scores, torch.zeros_like(scores))", "scores = scores",
+     "skipped samples keep their score"),
+    (O, "rl.kl_penalty(logprobs, mb.ref_logprobs, \"k3\")", "rl.kl_penalty(logprobs, mb.ref_logprobs, \"k1\")",
+     "GRPO's loss KL uses k1 (can go negative) instead of k3"),
+    (O, "exp.advantages = self.whiten(advantages, mask)",
+     "exp.advantages = self.whiten(advantages, torch.ones_like(mask))", "whitening counts padding"),
+    (O, "ent = rl.masked_mean(entropy, mb.loss_mask, num_tokens)", "ent = rl.masked_mean(entropy, mb.loss_mask)",
+     "the entropy divides by the microbatch's tokens, not the minibatch's"),
+    (O, "scores = self.reward_norm.normalize(scores).float()", "scores = scores.float()",
+     "reward.normalize is ignored"),
+    (f"{A}/dr_grpo.py", "num_sequences * self.max_tokens)", "num_tokens)", "Dr. GRPO divides by the tokens generated"),
+    (f"{A}/dr_grpo.py", "rl.grpo_advantages(scores, self.group_size, \"none\", valid=valid)",
+     "rl.grpo_advantages(scores, self.group_size, \"group\", valid=valid)", "Dr. GRPO divides by the group's std"),
+    (f"{A}/dapo.py", "return rl.informative_groups(scores, self.group_size, valid)", "return valid",
+     "DAPO keeps the groups without signal"),
+    (f"{A}/gspo.py", "self.clip_low, self.clip_high = cfg.critic_free.sequence_clip_low, "
+                     "cfg.critic_free.sequence_clip_high",
+     "self.clip_low, self.clip_high = cfg.critic_free.sequence_clip_high, cfg.critic_free.sequence_clip_low",
+     "GSPO's clip bounds swapped"),
+    (f"{A}/base.py", "return scores - kl_coef * kl.sum(1)", "return scores + kl_coef * kl.sum(1)",
+     "RLOO/REINFORCE: the KL raises the sequence reward"),
+    (f"{A}/ppo.py", "return rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)",
+     "return rl.compute_gae(rewards, values, mask, self.ppo.lam, self.ppo.gamma)", "PPO swaps gamma and lambda"),
+    ("llmrl/rl/ppo.py", "rewards = -kl_coef * kl", "rewards = kl_coef * kl", "the per-token KL rewards"),
+    ("llmrl/rl/ppo.py", "loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, num_tokens)",
+     "loss = masked_mean(torch.minimum(pg_losses, pg_losses_clipped), mask, num_tokens)",
+     "the surrogate takes the optimistic side"),
+    ("llmrl/rl/ppo.py", "loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask, num_tokens)",
+     "loss = masked_mean(torch.maximum(losses, losses_clipped), mask, num_tokens)", "the value loss loses its 0.5"),
+    ("llmrl/rl/critic_free.py", "baseline = ((g * w).sum(dim=1, keepdim=True) - g * w) / others.clamp(min=1)",
+     "baseline = (g * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1)",
+     "RLOO's baseline includes the sample itself"),
+    ("llmrl/rl/critic_free.py",
+     "self.value = mean if self.value is None else self.momentum * self.value + (1 - self.momentum) * mean",
+     "self.value = mean", "REINFORCE's running baseline forgets its history"),
+    ("llmrl/rl/kl_control.py", "self.value *= 1.0 + proportional_error * n_steps / self.horizon",
+     "self.value *= 1.0 - proportional_error * n_steps / self.horizon", "the adaptive KL controller moves the wrong way"),
+    ("llmrl/rewards/base.py", "total[i] += c.weight * v", "total[i] += v", "reward components lose their weights"),
+    ("llmrl/distributed/checkpoint.py", "step_checkpoints(run_dir)[:-keep_last]", "step_checkpoints(run_dir)[:-1]",
+     "run.keep_last ignored: only the newest checkpoint kept"),
+    ("llmrl/trainers/base.py", "if self.step < total and self.strategy.any_rank(self.stop_requested)[0]:",
+     "if False:", "a callback's stop() is ignored"),
+]
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def copy_tree(dest: Path) -> None:
+    for name in tracked_files():
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def run_tests(tree: Path, tests: list[str], timeout: int) -> tuple[bool, float, str]:
+    """(passed, seconds, the first failing test's name or '')."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
+                              *tests], capture_output=True, text=True, cwd=tree, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, time.monotonic() - started, "(timed out)"
+    failed = [line.split(" ")[1] for line in out.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return out.returncode == 0, time.monotonic() - started, failed[0] if failed else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", type=int, nargs="*", help="mutant numbers (1-based) to run")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--tests", nargs="*", default=FAST_TESTS, help="test files to run against each mutant")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = parser.parse_args()
+    chosen = [(i, m) for i, m in enumerate(MUTANTS, 1) if not args.only or i in args.only]
+    if args.list:
+        for i, (path, _, _, what) in chosen:
+            print(f"{i:3d}  {path:38s} {what}")
+        return 0
+    for i, (path, old, _, what) in chosen:  # every mutant must still apply to today's source
+        count = (REPO / path).read_text().count(old)
+        if count != 1:
+            print(f"mutant {i} ({what}): its text occurs {count} times in {path}, not once: update tools/mutants.py")
+            return 2
+    with tempfile.TemporaryDirectory(prefix="llmrl-mutants-") as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        copy_tree(tree)
+        ok, seconds, first = run_tests(tree, args.tests, args.timeout)
+        print(f"unmutated: {'pass' if ok else 'FAIL ' + first} ({seconds:.0f} s)", flush=True)
+        if not ok:
+            return 2
+        killed = 0
+        print(f"{'#':>3}  {'killed':6}  {'s':>4}  {'what':58}  by")
+        for i, (path, old, new, what) in chosen:
+            target = tree / path
+            original = target.read_text()
+            target.write_text(original.replace(old, new, 1))
+            try:
+                ok, seconds, first = run_tests(tree, args.tests, args.timeout)
+            finally:
+                target.write_text(original)
+            killed += not ok
+            print(f"{i:3d}  {'yes' if not ok else 'NO':6}  {seconds:4.0f}  {what[:58]:58}  {first}", flush=True)
+    print(f"killed {killed} of {len(chosen)} mutants")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
