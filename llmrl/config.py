@@ -156,6 +156,11 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = opt(
         "constant", "constant, linear (to 0) or cosine (to 0), after warmup.")
     warmup_steps: int = opt(0, "Optimizer steps of linear warmup.")
+    loss_aggregation: Literal["default", "token_mean", "sequence_mean", "token_sum"] = opt(
+        "default", "How per-token loss terms (policy, entropy, KL) become one number: token_mean (over the "
+        "minibatch's tokens; TRL's loss_type dapo/bnpo), sequence_mean (each sequence's token mean, then over "
+        "sequences: GRPO's paper; TRL's grpo), token_sum (divided by sequences x generation.max_new_tokens: "
+        "Dr. GRPO; TRL's dr_grpo); default: the algorithm's own (docs/algorithms.md).")
 
 
 # Keys that moved to train: in 0.2; a config using one gets a line naming the new key. A checkpoint's own
@@ -194,6 +199,9 @@ class CriticFreeConfig:
                                        "stays 1 - ppo.clip_range.")
     sequence_clip_low: float = opt(3e-4, "GSPO: the sequence ratio's lower clip is 1 - this.")
     sequence_clip_high: float = opt(4e-4, "GSPO: the sequence ratio's upper clip is 1 + this.")
+    sapo_tau_pos: float = opt(1.0, "SAPO: the soft gate's temperature for positive advantages.")
+    sapo_tau_neg: float = opt(1.05, "SAPO: the soft gate's temperature for negative advantages (>= sapo_tau_pos: "
+                                    "their gradients fade faster off-policy).")
 
 
 @dataclass
@@ -323,8 +331,8 @@ class Sizes:
 
 @dataclass
 class Config:
-    algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo (critic-free, see "
-                                "critic_free); dpo (offline, from preference pairs, see dpo); or an Estimator "
+    algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
+                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); or an Estimator "
                                 "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig = opt(LoraConfig(), "The trained LoRA adapter.")

@@ -263,3 +263,23 @@ def test_llmrl_version():
     with contextlib.redirect_stdout(out):
         assert main(["--version"]) == 0
     assert out.getvalue().strip() == f"llmrl {__version__}"
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """Its config.yaml lacks the keys added since (the run ran as their defaults do): no change at the default,
+    a refused change at another value."""
+    from llmrl.config import to_dict
+    from llmrl.distributed.run_dir import resume_changes
+
+    cfg = load_config(write(tmp_path, base()))
+    data = to_dict(cfg)
+    for section, key in (("train", "loss_aggregation"), ("critic_free", "sapo_tau_neg"),
+                         ("run", "stop_grace_seconds")):
+        del data[section][key]
+    checkpoint = tmp_path / "final"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(data))
+    assert resume_changes(checkpoint, cfg) == {}
+    changed = load_config(write(tmp_path, base(train={"loss_aggregation": "sequence_mean"})))
+    with pytest.raises(ConfigError, match=r"train\.loss_aggregation None -> 'sequence_mean'"):
+        resume_changes(checkpoint, changed)

@@ -80,8 +80,8 @@ def test_sequence_policy_loss_by_hand_and_against_a_loop():
 
 
 def test_the_registry_holds_every_built_in_and_checks_their_settings(tiny_model_dir, tmp_path):
-    assert list(ESTIMATORS) == ["ppo", "grpo", "rloo", "reinforce", "dr_grpo", "dapo", "gspo"]
-    for name in ("dr_grpo", "dapo", "gspo"):
+    assert list(ESTIMATORS) == ["ppo", "grpo", "rloo", "reinforce", "dr_grpo", "dapo", "gspo", "cispo", "sapo"]
+    for name in ("dr_grpo", "dapo", "gspo", "cispo", "sapo"):
         with pytest.raises(ConfigError, match=rf"critic_free.num_generations is 1: {name.upper()} needs at least 2"):
             tiny_config(tiny_model_dir, tmp_path, f"algorithm={name}", "critic_free.num_generations=1")
     with pytest.raises(ConfigError, match="critic_free.clip_range_high is 0.1: DAPO's upper clip must be >= "
@@ -89,8 +89,12 @@ def test_the_registry_holds_every_built_in_and_checks_their_settings(tiny_model_
         tiny_config(tiny_model_dir, tmp_path, "algorithm=dapo", "critic_free.clip_range_high=0.1")
     with pytest.raises(ConfigError, match=r"critic_free.sequence_clip_low is 1.5: must be in \(0, 1\)"):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=gspo", "critic_free.sequence_clip_low=1.5")
+    with pytest.raises(ConfigError, match="critic_free.sapo_tau_neg is 0.5: must be >= critic_free.sapo_tau_pos"):
+        tiny_config(tiny_model_dir, tmp_path, "algorithm=sapo", "critic_free.sapo_tau_neg=0.5")
+    with pytest.raises(ConfigError, match="critic_free.clip_range_high is 0.0: CISPO caps the weight"):
+        tiny_config(tiny_model_dir, tmp_path, "algorithm=cispo", "critic_free.clip_range_high=0")
     with pytest.raises(ConfigError, match="algorithm is 'grpoo': use ppo, grpo, rloo, reinforce, dr_grpo, dapo, "
-                                          "gspo, dpo, or name an Estimator subclass"):
+                                          "gspo, cispo, sapo, dpo, or name an Estimator subclass"):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=grpoo")
 
 
@@ -198,7 +202,7 @@ def test_eval_refuses_an_estimator_named_by_a_checkpoint(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["dr_grpo", "dapo", "gspo"])
+@pytest.mark.parametrize("algorithm", ["dr_grpo", "dapo", "gspo", "cispo", "sapo"])
 def test_the_new_estimators_train_through_the_command_line(tiny_model_dir, tmp_path, algorithm):
     run = tmp_path / "run"
     out = launch_ppo([f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", f"algorithm={algorithm}",

@@ -114,9 +114,9 @@ def test_dapo_clips_higher_and_adds_no_kl(tiny_model_dir, tmp_path):
         pytest.approx(expected, rel=1e-5)
 
 
-def test_dr_grpo_divides_by_sequences_times_max_new_tokens(tiny_model_dir, tmp_path):
+def test_dr_grpo_divides_every_term_by_sequences_times_max_new_tokens(tiny_model_dir, tmp_path):
     pg, ent, kl, _ = token_terms(adv=ADV_SEQ)
-    expected = pg / (4 * 5) - 0.05 * ent / N_TOKENS + 0.07 * kl / N_TOKENS
+    expected = (pg - 0.05 * ent + 0.07 * kl) / (4 * 5)
     assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "dr_grpo"), hand_built(ADV_SEQ)) == \
         pytest.approx(expected, rel=1e-5)
 
@@ -256,14 +256,15 @@ def test_a_skipped_sample_scores_zero_and_leaves_the_group_baseline(tiny_model_d
     assert stats["reward/mean"] == pytest.approx((0.6 + 2.5 + 10.0) / 3)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dr_grpo", "gspo"])
-def test_microbatches_add_up_to_the_minibatchs_loss(tiny_model_dir, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,extra", [("ppo", ()), ("grpo", ()), ("dr_grpo", ()), ("gspo", ()), ("cispo", ()),
+                                             ("sapo", ()), ("grpo", ("train.loss_aggregation=sequence_mean",))])
+def test_microbatches_add_up_to_the_minibatchs_loss(tiny_model_dir, tmp_path, algorithm, extra):
     """Gradient accumulation is exact: two microbatches of two divide by the whole minibatch's counts, so their
     losses sum to the loss of one microbatch of four (every term: policy, entropy, value, KL)."""
     adv = ADV_TOKENS if algorithm == "ppo" else ADV_SEQ
-    whole = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "whole", algorithm), hand_built(adv))
-    split = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "split", algorithm, "train.micro_batch_size=2"),
-                          hand_built(adv))
+    whole = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "whole", algorithm, *extra), hand_built(adv))
+    split = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "split", algorithm, *extra,
+                                      "train.micro_batch_size=2"), hand_built(adv))
     assert split == pytest.approx(whole, rel=1e-5)
 
 
@@ -292,3 +293,45 @@ def test_pruning_keeps_the_newest_keep_last_step_checkpoints_and_final(tmp_path,
     prune_checkpoints(tmp_path, keep_last)
     assert [step for step, _ in step_checkpoints(tmp_path)] == kept
     assert (tmp_path / "final").is_dir()
+
+
+
+def per_token(b, t, adv):
+    """(policy loss, entropy, k3 KL) of one token, by the formulas."""
+    ratio = math.exp(DELTA[b][t])
+    a = adv[b]
+    pg = max(-a * ratio, -a * min(max(ratio, 1 - 0.2), 1 + 0.2))
+    log_r = OLD[b][t] + DELTA[b][t] - REF[b][t]
+    return pg, ENTROPY[b][t], math.exp(-log_r) - 1 + log_r
+
+
+def test_grpo_with_sequence_mean_aggregation_averages_each_sequence_then_the_sequences(tiny_model_dir, tmp_path):
+    """train.loss_aggregation: sequence_mean (GRPO's paper, TRL's loss_type="grpo"): every term alike."""
+    total = 0.0
+    for b in range(4):
+        tokens = [t for t in range(3) if MASK[b][t]]
+        terms = [per_token(b, t, ADV_SEQ) for t in tokens]
+        total += sum(pg - 0.05 * ent + 0.07 * kl for pg, ent, kl in terms) / len(tokens)
+    trainer = trainer_for(tiny_model_dir, tmp_path, "grpo", "train.loss_aggregation=sequence_mean")
+    assert recorded_loss(trainer, hand_built(ADV_SEQ)) == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_cispo_weighs_log_probs_by_the_capped_stopped_ratio(tiny_model_dir, tmp_path):
+    loss = 0.0
+    for b, t in cells(MASK):
+        weight = min(math.exp(DELTA[b][t]), 1 + 0.28)
+        _, ent, kl = per_token(b, t, ADV_SEQ)
+        loss += -weight * ADV_SEQ[b] * (OLD[b][t] + DELTA[b][t]) - 0.05 * ent + 0.07 * kl
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "cispo"), hand_built(ADV_SEQ)) == \
+        pytest.approx(loss / N_TOKENS, rel=1e-5)
+
+
+def test_sapo_gates_the_ratio_softly_with_the_advantages_sign_temperature(tiny_model_dir, tmp_path):
+    loss = 0.0
+    for b, t in cells(MASK):
+        tau = 1.0 if ADV_SEQ[b] > 0 else 1.05
+        gate = 4 / tau / (1 + math.exp(-tau * (math.exp(DELTA[b][t]) - 1)))
+        _, ent, kl = per_token(b, t, ADV_SEQ)
+        loss += -gate * ADV_SEQ[b] - 0.05 * ent + 0.07 * kl
+    assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "sapo"), hand_built(ADV_SEQ)) == \
+        pytest.approx(loss / N_TOKENS, rel=1e-5)

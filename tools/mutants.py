@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FAST_TESTS = ["tests/test_wiring.py", "tests/test_rl_math.py", "tests/test_estimators.py", "tests/test_algorithms.py",
-              "tests/test_rewards_data.py", "tests/test_api.py"]
+FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_rl_math.py", "tests/test_estimators.py",
+              "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -34,7 +34,7 @@ MUTANTS = [
      "scores = torch.where(eos, scores, scores + cfg.generation.missing_eos_penalty)",
      "the missing-EOS penalty turned into a bonus"),
     (O, "loss = pg_loss - cfg.ent_coef * ent", "loss = pg_loss + cfg.ent_coef * ent", "entropy bonus sign flipped"),
-    (f"{A}/dapo.py", "clip_range_high=self.clip_high)", "clip_range_high=None)", "DAPO loses clip-higher"),
+    (f"{A}/dapo.py", "clip_range_high=self.clip_high,", "clip_range_high=None,", "DAPO loses clip-higher"),
     (f"{A}/gspo.py", "return rl.sequence_policy_loss(logprobs, old_logprobs, advantages, mask, self.clip_low, "
                      "self.clip_high,\n                                       num_sequences)",
      "return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens)",
@@ -50,11 +50,15 @@ MUTANTS = [
      "GRPO's loss KL uses k1 (can go negative) instead of k3"),
     (O, "exp.advantages = self.whiten(advantages, mask)",
      "exp.advantages = self.whiten(advantages, torch.ones_like(mask))", "whitening counts padding"),
-    (O, "ent = rl.masked_mean(entropy, mb.loss_mask, num_tokens)", "ent = rl.masked_mean(entropy, mb.loss_mask)",
+    (O, "ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, local_mini)",
+     "ent = rl.masked_mean(entropy, mb.loss_mask)",
      "the entropy divides by the microbatch's tokens, not the minibatch's"),
     (O, "scores = self.reward_norm.normalize(scores).float()", "scores = scores.float()",
      "reward.normalize is ignored"),
-    (f"{A}/dr_grpo.py", "num_sequences * self.max_tokens)", "num_tokens)", "Dr. GRPO divides by the tokens generated"),
+    (f"{A}/base.py", "\"constant\": num_sequences * self.max_tokens}", "\"constant\": num_sequences}",
+     "Dr. GRPO's constant forgets generation.max_new_tokens"),
+    (f"{A}/dr_grpo.py", "aggregation = \"token_sum\"", "aggregation = \"token_mean\"",
+     "Dr. GRPO divides by the tokens generated"),
     (f"{A}/dr_grpo.py", "rl.grpo_advantages(scores, self.group_size, \"none\", valid=valid)",
      "rl.grpo_advantages(scores, self.group_size, \"group\", valid=valid)", "Dr. GRPO divides by the group's std"),
     (f"{A}/dapo.py", "return rl.informative_groups(scores, self.group_size, valid)", "return valid",
@@ -68,8 +72,8 @@ MUTANTS = [
     (f"{A}/ppo.py", "return rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)",
      "return rl.compute_gae(rewards, values, mask, self.ppo.lam, self.ppo.gamma)", "PPO swaps gamma and lambda"),
     ("llmrl/rl/ppo.py", "rewards = -kl_coef * kl", "rewards = kl_coef * kl", "the per-token KL rewards"),
-    ("llmrl/rl/ppo.py", "loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, num_tokens)",
-     "loss = masked_mean(torch.minimum(pg_losses, pg_losses_clipped), mask, num_tokens)",
+    ("llmrl/rl/ppo.py", "loss = aggregate(torch.maximum(pg_losses, pg_losses_clipped)",
+     "loss = aggregate(torch.minimum(pg_losses, pg_losses_clipped)",
      "the surrogate takes the optimistic side"),
     ("llmrl/rl/ppo.py", "loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask, num_tokens)",
      "loss = masked_mean(torch.maximum(losses, losses_clipped), mask, num_tokens)", "the value loss loses its 0.5"),
@@ -84,6 +88,16 @@ MUTANTS = [
     ("llmrl/rewards/base.py", "total[i] += c.weight * v", "total[i] += v", "reward components lose their weights"),
     ("llmrl/distributed/checkpoint.py", "step_checkpoints(run_dir)[:-keep_last]", "step_checkpoints(run_dir)[:-1]",
      "run.keep_last ignored: only the newest checkpoint kept"),
+    ("llmrl/rl/aggregate.py", "per_sequence = (x * mask).sum(dim=1) / lengths.clamp(min=1)",
+     "per_sequence = (x * mask).sum(dim=1)", "sequence_mean sums each sequence instead of averaging it"),
+    ("llmrl/rl/gated.py", "weight = torch.clamp(ratio, max=1.0 + clip_high).detach()",
+     "weight = torch.clamp(ratio, max=1.0 + clip_high)", "CISPO's weight is not kept out of the gradient"),
+    ("llmrl/rl/gated.py", "torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg)",
+     "torch.full_like(ratio, tau_neg), torch.full_like(ratio, tau_pos)", "SAPO's temperatures swapped"),
+    (O, "kl_loss = self.estimator.reduce(rl.kl_penalty(logprobs, mb.ref_logprobs, \"k3\"), mb.loss_mask,\n"
+        "                                                        num_tokens, local_mini)",
+     "kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, \"k3\"), mb.loss_mask, num_tokens)",
+     "the KL term ignores the loss aggregation"),
     ("llmrl/trainers/base.py", "if self.step < total and self.strategy.any_rank(self.stop_requested)[0]:",
      "if False:", "a callback's stop() is ignored"),
 ]

@@ -1,13 +1,13 @@
 """Advantage estimators, one class each, selected by ``algorithm:`` in the YAML.
 
-Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo (critic-free; see each module's
+Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo (critic-free; see each module's
 docstring). ``algorithm: path/to/file.py:Class`` or ``package.module:Class`` selects an ``Estimator``
 subclass defined anywhere, loaded like a reward function. DPO is offline and lives in ``llmrl.trainers.dpo``.
 """
 from __future__ import annotations
 
 # Each built-in module registers its estimator on import; this order is the one error messages list.
-from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo  # noqa: F401, I001
+from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo  # noqa: F401, I001
 from llmrl.algorithms.base import ESTIMATORS, Estimator, GroupEstimator, SequenceEstimator, register
 from llmrl.errors import ConfigError
 

@@ -35,12 +35,23 @@ class Estimator:
 
     name = ""
     uses_critic, kl_in_reward, loss_kl_coef = False, True, 0.0
+    # How the loss's per-token terms (policy, entropy, KL) become one number (``llmrl.rl.aggregate``), unless
+    # ``train.loss_aggregation`` names another: token_mean, sequence_mean or token_sum.
+    aggregation = "token_mean"
 
     def __init__(self, cfg, all_reduce_sum=lambda x: x):
         """``all_reduce_sum`` sums a tensor over the data-parallel ranks (the strategy's), for batch statistics."""
         self.cfg, self.ppo = cfg, cfg.ppo
         self.all_reduce_sum = all_reduce_sum
         self.group_size = self.completions_per_prompt(cfg)
+        chosen = getattr(cfg.train, "loss_aggregation", "default")
+        self.aggregation = type(self).aggregation if chosen == "default" else chosen
+        self.max_tokens = cfg.generation.max_new_tokens
+
+    def reduce(self, x, mask, num_tokens, num_sequences):
+        """A (B, T) per-token loss term of one microbatch -> its share of the minibatch's loss, aggregated as
+        ``self.aggregation`` says with the minibatch's divisors (token_sum: sequences x generation.max_new_tokens)."""
+        return rl.aggregate(x, mask, self.aggregation, num_tokens, num_sequences, num_sequences * self.max_tokens)
 
     @classmethod
     def completions_per_prompt(cls, cfg) -> int:
@@ -67,7 +78,13 @@ class Estimator:
         """(loss, detached stats with clipfrac, approx_kl and ratio) of one microbatch. ``num_tokens`` and
         ``num_sequences``: the token and sequence counts of its whole minibatch (per rank), the divisors that
         make accumulated microbatches equal one pass over the minibatch."""
-        return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens)
+        return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens,
+                              **self.divisors(num_sequences))
+
+    def divisors(self, num_sequences) -> dict:
+        """The aggregation keywords of ``rl.policy_loss`` and the gated losses, besides ``num_tokens``."""
+        return {"aggregation": self.aggregation, "num_sequences": num_sequences,
+                "constant": num_sequences * self.max_tokens}
 
     def state_dict(self) -> dict:
         return {}

@@ -37,4 +37,4 @@ class DAPOEstimator(GroupEstimator):
 
     def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
         return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range, num_tokens,
-                              clip_range_high=self.clip_high)
+                              clip_range_high=self.clip_high, **self.divisors(num_sequences))

@@ -12,14 +12,7 @@ from llmrl.algorithms.base import GroupEstimator, register
 @register
 class DrGRPOEstimator(GroupEstimator):
     name, kl_in_reward, loss_kl = "dr_grpo", False, True
-
-    def __init__(self, cfg, all_reduce_sum=lambda x: x):
-        super().__init__(cfg, all_reduce_sum)
-        self.max_tokens = cfg.generation.max_new_tokens
+    aggregation = "token_sum"  # the policy, entropy and KL terms alike
 
     def sequence_advantages(self, scores, valid):
         return rl.grpo_advantages(scores, self.group_size, "none", valid=valid)
-
-    def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
-        return rl.policy_loss(logprobs, old_logprobs, advantages, mask, self.ppo.clip_range,
-                              num_sequences * self.max_tokens)

@@ -232,7 +232,11 @@ def resume_changes(checkpoint: Path, cfg: Config) -> dict[str, tuple]:
         raise ConfigError(f"checkpoint {checkpoint}: config.yaml cannot be read ({str(e).splitlines()[0]}): move this "
                           f"folder away to resume from the checkpoint before it") from None
     old, new = _flat(upgrade_saved_config(saved) if isinstance(saved, dict) else saved), _flat(to_dict(cfg))
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    # A setting added to llmrl after the checkpoint was written is absent from its config.yaml: the run ran as its
+    # default does, so the default is no change (and any other value is).
+    defaults = _flat(to_dict(Config()))
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+               and not (k not in old and k in defaults and new.get(k) == defaults[k])}
 
     def allowed(key: str) -> bool:
         component = re.match(r"^reward\.components\[\d+\]\.(\w+)$", key)

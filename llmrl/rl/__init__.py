@@ -24,7 +24,9 @@ from llmrl.rl.ops import (
     moments_stats,
     whiten_with_moments,
 )
+from llmrl.rl.aggregate import AGGREGATIONS, aggregate
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
+from llmrl.rl.gated import cispo_loss, sapo_loss
 from llmrl.rl.dpo import dpo_loss
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from llmrl.rl.sequence import informative_groups, sequence_policy_loss
@@ -37,6 +39,10 @@ from llmrl.rl.ppo import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
+    "aggregate",
+    "cispo_loss",
+    "sapo_loss",
     "RunningBaseline",
     "dpo_loss",
     "grpo_advantages",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from llmrl.rl.aggregate import aggregate
 from llmrl.rl.ops import kl_penalty, masked_mean
 
 
@@ -85,13 +86,16 @@ def policy_loss(
     clip_range: float,
     num_tokens: float | torch.Tensor | None = None,
     clip_range_high: float | None = None,
+    aggregation: str = "token_mean",
+    num_sequences: float | torch.Tensor | None = None,
+    constant: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     loss = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps_high)),  r_t = pi(a_t|s_t) / pi_old(a_t|s_t).
     ``eps_high`` is ``clip_range_high``, by default ``clip_range``; a larger one is DAPO's clip-higher (Yu et al.
-    2025, eq. 10), which leaves unlikely tokens room to grow. The mean is over the masked tokens, or
-    ``sum / num_tokens`` when a microbatch passes its minibatch's count (any constant divisor, e.g. Dr. GRPO's).
+    2025, eq. 10), which leaves unlikely tokens room to grow. ``aggregation`` (``llmrl.rl.aggregate``): the token
+    mean by default, ``sum / num_tokens`` when a microbatch passes its minibatch's count.
     Returns the loss and detached statistics: clipfrac, approx_kl (k3 of pi_old vs pi), ratio mean.
     """
     high = clip_range if clip_range_high is None else clip_range_high
@@ -99,7 +103,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
-    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, num_tokens)
+    loss = aggregate(torch.maximum(pg_losses, pg_losses_clipped), mask, aggregation, num_tokens, num_sequences,
+                     constant)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),

@@ -307,15 +307,15 @@ class OnlineTrainer(Trainer):
                     logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
                     pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
                                                                    mb.loss_mask, num_tokens, local_mini)
-                    ent = rl.masked_mean(entropy, mb.loss_mask, num_tokens)
+                    ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, local_mini)
                     loss = pg_loss - cfg.ent_coef * ent
                     if critic:
                         vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.loss_mask,
                                                           cfg.clip_range_value, num_tokens)
                         loss = loss + cfg.vf_coef * vf_loss
                     if self.estimator.loss_kl_coef:  # GRPO: KL to the reference as a loss term (k3)
-                        kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.loss_mask,
-                                                 num_tokens)
+                        kl_loss = self.estimator.reduce(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.loss_mask,
+                                                        num_tokens, local_mini)
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
                         sums["loss/kl"] += kl_loss.detach().double() * num_tokens.double()
                     boundary = j == len(starts) - 1
