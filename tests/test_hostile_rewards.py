@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line, launch_ppo, training_rows
+from test_remote import Served
 
 from llmrl.config import RewardComponentConfig, RewardConfig
 from llmrl.envs.base import checked_step
 from llmrl.errors import EnvError
 from llmrl.rewards.base import CombinedReward, Component, RewardError, build_reward, check_scores
-from llmrl.rewards.server import make_server
 
 COMPLETIONS = ["abc", "cba"]
 
@@ -96,23 +96,6 @@ def test_an_environments_reward_too_large_for_a_float_is_one_line():
 
 
 # --- the reward server ------------------------------------------------------------------------------------------
-
-
-class Served:
-    """A reward server on 127.0.0.1 and a free port, for the duration of a with-block."""
-
-    def __init__(self, reward, **kwargs):
-        self.server = make_server(reward, "127.0.0.1", 0, **kwargs)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def post(url, payload: dict, token=None):

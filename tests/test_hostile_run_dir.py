@@ -9,41 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_one_line, launch_ppo, ppo_command, subprocess_env
+from helpers import REPO, assert_one_line, ppo_command, subprocess_env
+from test_hostile import SMALL, ppo, run_copy, trained  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
-
-SMALL = ["run.progress=false", "train.rollout_batch_size=8", "train.mini_batch_size=4", "train.micro_batch_size=4",
-         "train.epochs=1", "data.eval_size=8", "run.eval_every=0", "run.device=cpu", "run.threads=1",
-         "run.save_every=1", "run.keep_last=10"]
 
 
 def digest(folder: Path) -> dict:
     """Every file and folder under ``folder`` -> its sha256 (folders: None)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
             for p in sorted(folder.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """A 2-step run with checkpoints at steps 1 and 2 (and final), copied fresh for each test."""
-    run = tmp_path_factory.mktemp("hostile-run-dir") / "run"
-    out = launch_ppo([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", "train.total_steps=2"],
-                     ranks=0)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    return run
-
-
-def ppo(tiny_model_dir, run, *args, **kwargs):
-    return launch_ppo([*SMALL, f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", *args], ranks=0,
-                      **kwargs)
 
 
 def llmrl(*args, timeout=300):

@@ -20,11 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Served:
-    """A reward server on 127.0.0.1 and a free port, for the duration of a with-block."""
+    """A reward server on 127.0.0.1 and a free port, for the duration of a with-block; ``kwargs`` go to
+    ``make_server`` (token, max_connections, ...)."""
 
-    def __init__(self, reward, token=None):
-        self.server = make_server(reward, "127.0.0.1", 0, token)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def __init__(self, reward, **kwargs):
+        self.server = make_server(reward, "127.0.0.1", 0, **kwargs)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
