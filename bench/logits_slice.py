@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from bench_models import build, median_seconds  # noqa: E402
 from llmrl.config import LoraConfig  # noqa: E402
 from llmrl.models.policy import add_lora  # noqa: E402
-from llmrl.rollout.engine import last_positions  # noqa: E402
+from llmrl.models.forward import last_positions  # noqa: E402
 
 
 def seconds(fn, repeats: int, device) -> float:

@@ -125,7 +125,7 @@ def encode_prompts(model, plan: PromptPlan, cache_kw: str, keeps_logits: bool, h
 
 def _last_only(keeps_logits: bool, length: int, device) -> dict:
     """``logits_to_keep`` for the last position only, where the model takes it (as indices: see
-    ``llmrl.rollout.engine.last_positions``)."""
+    ``llmrl.models.forward.last_positions``)."""
     return {"logits_to_keep": torch.tensor([length - 1], device=device)} if keeps_logits else {}
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from llmrl.models.forward import forward_arguments, last_positions  # noqa: F401 (imported from here too)
+from llmrl.models.forward import forward_arguments, last_positions
 from llmrl.models.prompt_cache import cache_of, encode_prompts, plan_prompts
 
 
