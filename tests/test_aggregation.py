@@ -33,7 +33,7 @@ def test_cispo_keeps_the_gradient_of_tokens_ppo_would_clip():
     old = torch.tensor([[-1.0, -1.0]])
     new = (old + torch.tensor([[0.5, 0.0]])).requires_grad_()  # ratio e^0.5 = 1.65 > 1.28, then exactly 1
     adv, mask = torch.tensor([[2.0, 2.0]]), torch.ones(1, 2)
-    loss, stats = rl.cispo_loss(new, old, adv, mask, 0.28, mode="token_mean")
+    loss, stats = rl.cispo_loss(new, old, adv, mask, 0.28, aggregation="token_mean")
     # loss = -(min(1.65, 1.28) * 2 * (-0.5) + 1 * 2 * (-1)) / 2
     assert loss.item() == pytest.approx(-(1.28 * 2 * -0.5 + 1.0 * 2 * -1.0) / 2)
     loss.backward()
@@ -50,7 +50,7 @@ def test_sapo_by_hand_and_its_gradient_on_policy_is_the_surrogates():
     delta = torch.tensor([[0.0, 0.3, -0.4]])
     new = (old + delta).requires_grad_()
     adv, mask = torch.tensor([[1.5, 1.5, -1.0]]), torch.ones(1, 3)
-    loss, _ = rl.sapo_loss(new, old, adv, mask, 1.0, 1.05, mode="token_mean")
+    loss, _ = rl.sapo_loss(new, old, adv, mask, 1.0, 1.05, aggregation="token_mean")
     expected = 0.0
     for d, a in zip(delta[0].tolist(), adv[0].tolist()):
         tau = 1.0 if a > 0 else 1.05

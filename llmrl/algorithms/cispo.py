@@ -27,6 +27,5 @@ class CISPOEstimator(GroupEstimator):
         return rl.grpo_advantages(scores, self.group_size, "group", valid=valid)
 
     def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
-        agg = self.divisors(num_sequences)
-        return rl.cispo_loss(logprobs, old_logprobs, advantages, mask, self.clip_high, mode=agg["aggregation"],
-                             num_tokens=num_tokens, num_sequences=num_sequences, constant=agg["constant"])
+        return rl.cispo_loss(logprobs, old_logprobs, advantages, mask, self.clip_high, num_tokens=num_tokens,
+                             **self.divisors(num_sequences))

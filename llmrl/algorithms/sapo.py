@@ -29,7 +29,5 @@ class SAPOEstimator(GroupEstimator):
         return rl.grpo_advantages(scores, self.group_size, "group", valid=valid)
 
     def policy_loss(self, logprobs, old_logprobs, advantages, mask, num_tokens, num_sequences):
-        agg = self.divisors(num_sequences)
-        return rl.sapo_loss(logprobs, old_logprobs, advantages, mask, self.tau_pos, self.tau_neg,
-                            mode=agg["aggregation"], num_tokens=num_tokens, num_sequences=num_sequences,
-                            constant=agg["constant"])
+        return rl.sapo_loss(logprobs, old_logprobs, advantages, mask, self.tau_pos, self.tau_neg, num_tokens=num_tokens,
+                            **self.divisors(num_sequences))
