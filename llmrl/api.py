@@ -77,8 +77,8 @@ class RLTrainer:
 
     def __init__(self, config: Config | dict | str | Path | None = None, *, overrides: Iterable[str] = (),
                  model=None, tokenizer=None, reward_funcs: list | Callable | str | None = None,
-                 reward_weights: list[float] | None = None, train_dataset=None, eval_dataset=None, env: type | None = None,
-                 callbacks: Iterable = (), resume: bool = False, overwrite: bool = False):
+                 reward_weights: list[float] | None = None, train_dataset=None, eval_dataset=None,
+                 env: type | None = None, callbacks: Iterable = (), resume: bool = False, overwrite: bool = False):
         self.cfg = _config(config, list(overrides))
         self.resume, self.overwrite = resume, overwrite
         self.callbacks = _checked_callbacks(callbacks)

@@ -21,7 +21,8 @@ class SAPOEstimator(GroupEstimator):
     def config_checks(cls, cfg):
         c = cfg.critic_free
         return [*super().config_checks(cfg),
-                (c.sapo_tau_pos > 0, "critic_free.sapo_tau_pos", f"is {c.sapo_tau_pos}: must be > 0 (1.0 in the paper)"),
+                (c.sapo_tau_pos > 0, "critic_free.sapo_tau_pos",
+                 f"is {c.sapo_tau_pos}: must be > 0 (1.0 in the paper)"),
                 (c.sapo_tau_neg >= c.sapo_tau_pos, "critic_free.sapo_tau_neg",
                  f"is {c.sapo_tau_neg}: must be >= critic_free.sapo_tau_pos = {c.sapo_tau_pos} (1.05 in the paper)")]
 
