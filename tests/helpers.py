@@ -76,3 +76,61 @@ def assert_one_line(out, *fragments, code=2) -> str:
     for fragment in fragments:
         assert fragment in last, (fragment, last)
     return last
+
+
+class ThreadRanks:
+    """Data-parallel ranks simulated by threads of this process: ``strategy(r)`` is rank r's SingleProcess whose
+    ``all_reduce_sum`` sums what every rank passes at the same call, as torch.distributed's does; ``run`` calls a
+    function on each rank's thread and returns the results in rank order. For the maths of reductions over ranks
+    (divisors, whitening) in seconds; real multi-process runs are tests/test_deepspeed.py's."""
+
+    def __init__(self, world_size: int = 2):
+        import threading
+
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=120)
+        self.slots: list = [None] * world_size
+
+    def all_reduce_sum(self, rank: int, x):
+        self.slots[rank] = x.detach().clone()
+        self.barrier.wait()  # every rank has written its share
+        total = sum(self.slots[1:], self.slots[0].clone())
+        self.barrier.wait()  # every rank has read, before any writes the next call's
+        return total.to(x.device)
+
+    def strategy(self, rank: int):
+        from llmrl.distributed.strategy import SingleProcess
+
+        ranks = self
+
+        class Rank(SingleProcess):
+            world_size = ranks.world_size
+
+            def all_reduce_sum(self, x):
+                return ranks.all_reduce_sum(self.rank, x)
+
+        strategy = Rank("cpu")
+        strategy.rank, strategy.is_main = rank, rank == 0
+        return strategy
+
+    def run(self, fn) -> list:
+        """``fn(rank)`` on one thread per rank; the first exception any rank raised is raised here."""
+        import threading
+
+        results, errors = [None] * self.world_size, []
+
+        def target(rank):
+            try:
+                results[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+                errors.append(e)
+                self.barrier.abort()  # the other ranks stop waiting
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results

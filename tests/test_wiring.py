@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_trainer, tiny_config
+from helpers import ThreadRanks, make_trainer, tiny_config
 
 from llmrl.rewards.base import RewardResult
 from llmrl.rollout.experience import Experience
@@ -30,14 +30,14 @@ def cells(rows):
     return [(b, t) for b in range(len(rows)) for t in range(len(rows[b])) if rows[b][t]]
 
 
-def trainer_for(tiny_model_dir, tmp_path, algorithm, *extra):
+def trainer_for(tiny_model_dir, tmp_path, algorithm, *extra, strategy=None):
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", f"algorithm={algorithm}", "train.rollout_batch_size=4",
                       "train.mini_batch_size=4", "train.micro_batch_size=4", "train.epochs=1",
                       "critic_free.num_generations=2", "ppo.ent_coef=0.05", "ppo.vf_coef=0.3",
                       "critic_free.kl_coef=0.07", "ppo.clip_range=0.2", "ppo.clip_range_value=0.15",
                       "critic_free.clip_range_high=0.28", "critic_free.sequence_clip_low=0.1",
                       "critic_free.sequence_clip_high=0.15", "generation.max_new_tokens=5", *extra)
-    return make_trainer(cfg)
+    return make_trainer(cfg, strategy)
 
 
 def hand_built(advantages) -> Experience:
@@ -67,7 +67,7 @@ def recorded_loss(trainer, exp) -> float:
     trainer.strategy.backward = lambda loss, boundary: losses.append(loss.item())
     trainer.strategy.step = lambda boundary: 0.0
     trainer.update(exp)
-    assert len(losses) == trainer.cfg.train.mini_batch_size // trainer.cfg.train.micro_batch_size
+    assert len(losses) == trainer.sizes.grad_accum_steps  # the microbatches of one minibatch on this rank
     return sum(losses)
 
 
@@ -335,3 +335,81 @@ def test_sapo_gates_the_ratio_softly_with_the_advantages_sign_temperature(tiny_m
         loss += -gate * ADV_SEQ[b] - 0.05 * ent + 0.07 * kl
     assert recorded_loss(trainer_for(tiny_model_dir, tmp_path, "sapo"), hand_built(ADV_SEQ)) == \
         pytest.approx(loss / N_TOKENS, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# divisors: only the rows trained on count; ranks give one process's numbers
+
+def without_row(exp: Experience, row: int) -> Experience:
+    """``exp`` with one sample dropped from training (a skipped sample, or a group DAPO drops): its mask is 0."""
+    keep = torch.ones(4, 1)
+    keep[row] = 0.0
+    exp.action_mask = keep.expand(4, 3).clone()
+    return exp
+
+
+def test_divisors_count_only_the_rows_trained_on(tiny_model_dir, tmp_path):
+    """Sample 2 is dropped: the per-sequence divisors (GSPO's mean over sequences, GRPO's sequence_mean, Dr. GRPO's
+    sequences x max_new_tokens) count the 3 rows trained on, not the minibatch's 4."""
+    rows = [0, 1, 3]
+    tokens = sum(sum(MASK[b]) for b in rows)
+    seq_mean = sum(sum(sum(t_ - 0.05 * e + 0.07 * k for t_, e, k in [per_token(b, t, ADV_SEQ)])
+                           for t in range(3) if MASK[b][t]) / sum(MASK[b]) for b in rows) / 3
+    trainer = trainer_for(tiny_model_dir, tmp_path / "grpo", "grpo", "train.loss_aggregation=sequence_mean")
+    assert recorded_loss(trainer, without_row(hand_built(ADV_SEQ), 2)) == pytest.approx(seq_mean, rel=1e-5)
+
+    token_sum = sum(pg - 0.05 * e + 0.07 * k for b in rows for t in range(3) if MASK[b][t]
+                    for pg, e, k in [per_token(b, t, ADV_SEQ)])
+    trainer = trainer_for(tiny_model_dir, tmp_path / "dr", "dr_grpo")
+    assert recorded_loss(trainer, without_row(hand_built(ADV_SEQ), 2)) == pytest.approx(token_sum / (3 * 5), rel=1e-5)
+
+    pg = 0.0
+    for b in rows:
+        s = math.exp(sum(DELTA[b][t] for t in range(3) if MASK[b][t]) / sum(MASK[b]))
+        pg += max(-ADV_SEQ[b] * s, -ADV_SEQ[b] * min(max(s, 1 - 0.1), 1 + 0.15))
+    rest = sum(-0.05 * e + 0.07 * k for b in rows for t in range(3) if MASK[b][t]
+               for _, e, k in [per_token(b, t, ADV_SEQ)])
+    trainer = trainer_for(tiny_model_dir, tmp_path / "gspo", "gspo")
+    assert recorded_loss(trainer, without_row(hand_built(ADV_SEQ), 2)) == \
+        pytest.approx(pg / 3 + rest / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm,extra", [("ppo", ()), ("grpo", ()), ("dr_grpo", ()), ("gspo", ()),
+                                             ("grpo", ("train.loss_aggregation=sequence_mean",))])
+def test_two_ranks_give_one_processs_loss(tiny_model_dir, tmp_path, algorithm, extra):
+    """Two ranks holding two rows each, one of them dropped (sample 2): the mean of the ranks' losses (what the
+    averaged gradients are the gradient of) equals one process's loss on all four, every term and divisor."""
+    adv = ADV_TOKENS if algorithm == "ppo" else ADV_SEQ
+    whole = recorded_loss(trainer_for(tiny_model_dir, tmp_path / "one", algorithm, *extra),
+                          without_row(hand_built(adv), 2))
+    ranks = ThreadRanks(2)
+    trainers = [trainer_for(tiny_model_dir, tmp_path / f"rank{r}", algorithm, *extra, "train.micro_batch_size=1",
+                            strategy=ranks.strategy(r)) for r in range(2)]
+    shares = [without_row(hand_built(adv), 2).select(torch.tensor(rows)) for rows in ([0, 1], [2, 3])]
+    per_rank = ranks.run(lambda r: recorded_loss(trainers[r], shares[r]))
+    assert sum(per_rank) / 2 == pytest.approx(whole, rel=1e-5)
+
+
+def test_ppo_whitens_rewards_over_every_ranks_tokens(tiny_model_dir, tmp_path):
+    """ppo.whiten_rewards: the mean and variance are the global batch's, so two ranks holding two rows each get
+    the advantages and returns one process gets for all four."""
+    from llmrl.algorithms import make_estimator
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, "ppo.whiten_rewards=true", "ppo.init_kl_coef=0.2")
+    mask = torch.tensor(MASK, dtype=torch.float32)
+    inputs = [torch.tensor([0.6, 2.5, -0.4, 10.0]), torch.tensor(OLD) * mask, torch.tensor(REF) * mask,
+              torch.tensor(VALUES) * mask, mask]
+
+    def advantages(all_reduce_sum, rows):
+        estimator = make_estimator(cfg, all_reduce_sum)
+        part = [x[rows] for x in inputs]
+        return estimator.advantages(*part[:4], part[4], 0.2, torch.ones(len(rows), dtype=torch.bool))
+
+    one = advantages(lambda x: x, [0, 1, 2, 3])
+    ranks = ThreadRanks(2)
+    halves = ranks.run(lambda r: advantages(lambda x: ranks.all_reduce_sum(r, x), [[0, 1], [2, 3]][r]))
+    for i in range(2):  # advantages, returns
+        assert torch.cat([h[i] for h in halves]).flatten().tolist() == \
+            pytest.approx(one[i].flatten().tolist(), rel=1e-5, abs=1e-6)
+    alone = advantages(lambda x: x, [0, 1])  # one rank's own moments: what the old code did
+    assert alone[0].flatten().tolist() != pytest.approx(one[0][:2].flatten().tolist(), rel=1e-3)

@@ -16,6 +16,8 @@ class PPOEstimator(Estimator):
         # multi-turn episode each turn's reward stays on its turn (``step_rewards``) and GAE skips the environment.
         rewards, _ = rl.compute_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, self.ppo.kl_estimator,
                                               step_rewards)
-        if self.ppo.whiten_rewards:
-            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+        if self.ppo.whiten_rewards:  # over every rank's tokens, as the advantages are: the same for any split
+            moments = self.all_reduce_sum(rl.masked_moments(rewards, mask))
+            if moments[2] >= 2:
+                rewards = rl.whiten_with_moments(rewards, mask, moments, shift_mean=False).to(rewards.dtype)
         return rl.compute_gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)

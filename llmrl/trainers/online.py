@@ -295,19 +295,21 @@ class OnlineTrainer(Trainer):
             for mb_start in range(0, B, local_mini):
                 mb_idx = perm[mb_start:mb_start + local_mini]
                 mb_idx = mb_idx[torch.argsort(exp.lengths[mb_idx], stable=True)]  # microbatches of like lengths
-                # Every microbatch divides by the minibatch's token count, so the accumulated gradient is
-                # the token mean over the whole minibatch whatever the microbatch size. Over ranks, whose
-                # gradients are averaged, the divisor is the global count / world size.
-                num_tokens = (self.strategy.all_reduce_sum(exp.loss_mask[mb_idx].sum()).float()
-                              / sizes.world_size).clamp(min=1.0)
+                # Every microbatch divides by the minibatch's token and sequence counts, so the accumulated
+                # gradient is the minibatch's whatever the microbatch size. Only rows trained on count (not
+                # skipped samples nor dropped groups, whose mask is all zero). Over ranks, whose gradients are
+                # averaged, each divisor is the global count / world size.
+                mb_mask = exp.loss_mask[mb_idx]
+                counts = torch.stack([mb_mask.sum(), (mb_mask.sum(1) > 0).sum().to(mb_mask.dtype)]).float()
+                num_tokens, num_sequences = (self.strategy.all_reduce_sum(counts) / sizes.world_size).clamp(min=1.0)
                 starts = range(0, local_mini, t.micro_batch_size)
                 for j, micro_start in enumerate(starts):
                     mb = exp.select(mb_idx[micro_start:micro_start + t.micro_batch_size]).trimmed()
                     critic = self.estimator.uses_critic
                     logprobs, vpred, entropy = self.forward_logprobs(mb, critic, entropy_grad=cfg.ent_coef != 0)
                     pg_loss, pg_stats = self.estimator.policy_loss(logprobs, mb.logprobs, mb.advantages,
-                                                                   mb.loss_mask, num_tokens, local_mini)
-                    ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, local_mini)
+                                                                   mb.loss_mask, num_tokens, num_sequences)
+                    ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, num_sequences)
                     loss = pg_loss - cfg.ent_coef * ent
                     if critic:
                         vf_loss, vf_stats = rl.value_loss(vpred.float(), mb.values, mb.returns, mb.loss_mask,
@@ -315,7 +317,7 @@ class OnlineTrainer(Trainer):
                         loss = loss + cfg.vf_coef * vf_loss
                     if self.estimator.loss_kl_coef:  # GRPO: KL to the reference as a loss term (k3)
                         kl_loss = self.estimator.reduce(rl.kl_penalty(logprobs, mb.ref_logprobs, "k3"), mb.loss_mask,
-                                                        num_tokens, local_mini)
+                                                        num_tokens, num_sequences)
                         loss = loss + self.estimator.loss_kl_coef * kl_loss
                         sums["loss/kl"] += kl_loss.detach().double() * num_tokens.double()
                     boundary = j == len(starts) - 1
