@@ -208,7 +208,8 @@ class CriticFreeConfig:
 class DPOConfig:
     data: str = opt("", "Preference pairs (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet or a datasets name.")
     beta: float = opt(0.1, "Strength of the implicit KL to the reference (the adapter disabled).")
-    loss: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023).")
+    loss: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023; "
+                                                  "log-probs averaged per token, as TRL's loss_type=\"ipo\").")
     batch_size: int = opt(32, "Pairs per optimizer step (train.total_steps of them).")
 
 

@@ -97,6 +97,31 @@ def test_dpo_starts_at_log_2_and_learns_the_preferences(tiny_model_dir, tmp_path
     assert last["loss/dpo"] < first["loss/dpo"] - 0.05 and last["rewards/margin"] > 0
 
 
+def test_ipo_averages_each_completions_log_probs_over_its_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """dpo.loss: ipo passes each completion's token count (its tokens and EOS) to the loss, which divides by it
+    (TRL's IPO); the sigmoid loss is unchanged by the counts."""
+    from llmrl import rl
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.trainers import dpo
+    from llmrl.trainers.dpo import DPOTrainer
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm=dpo", "dpo.batch_size=4", "dpo.loss=ipo")
+    base = make_trainer(cfg)
+    pairs = [{"prompt": f"{w}>", "chosen": w[::-1], "rejected": w[::-1] * 2} for w in ("ab", "abc", "bca", "cabd")]
+    trainer = DPOTrainer(cfg, base.policy, base.tokenizer, pairs, base.eval_rows, SingleProcess("cpu"),
+                         tmp_path / "run", None)
+    seen = []
+    real = rl.dpo_loss
+    monkeypatch.setattr(dpo.rl, "dpo_loss", lambda *a: seen.append(a) or real(*a))
+    batch = trainer.pairs_for_step(0)
+    trainer.train_step()
+    tokens = [[len(base.tokenizer(str(p[k]), add_special_tokens=False)["input_ids"]) + 1 for p in batch]
+              for k in ("chosen", "rejected")]
+    *logps, beta, loss_type, chosen_tokens, rejected_tokens = seen[0]
+    assert loss_type == "ipo" and chosen_tokens.tolist() == tokens[0] and rejected_tokens.tolist() == tokens[1]
+    assert all(r > c > 1 for c, r in zip(*tokens))  # lengths differ within each pair: averaging matters
+
+
 def test_dpo_pairs_need_their_columns(tmp_path):
     from llmrl.trainers.dpo import load_pairs
 

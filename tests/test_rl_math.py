@@ -334,9 +334,14 @@ def test_dpo_and_ipo_losses_hand_worked():
     loss, stats = rl.dpo_loss(pc, pr, rc, rr, beta=0.5)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
     assert stats["rewards/accuracy"].item() == 1.0 and stats["rewards/margin"].item() == pytest.approx(1.0)
-    # ipo: (h - 1 / (2 * 0.5))^2 = (2 - 1)^2 = 1
-    loss, _ = rl.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    # ipo: (h - 1 / (2 * 0.5))^2 with log-probs per token; one token each: (2 - 1)^2 = 1
+    one = torch.tensor([1.0])
+    loss, _ = rl.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", chosen_tokens=one, rejected_tokens=one)
     assert loss.item() == pytest.approx(1.0)
+    # chosen 2 tokens, rejected 3 (TRL's IPO): h = (-1/2 + 2/2) - (-3/3 + 2/3) = 5/6; (5/6 - 1)^2 = 1/36
+    loss, _ = rl.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", chosen_tokens=torch.tensor([2.0]),
+                          rejected_tokens=torch.tensor([3.0]))
+    assert loss.item() == pytest.approx(1 / 36)
     # at the reference (h = 0), DPO's loss is log 2
     loss, _ = rl.dpo_loss(rc, rr, rc, rr, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

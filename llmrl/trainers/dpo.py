@@ -90,7 +90,8 @@ class DPOTrainer(Trainer):
             ref_chosen, ref_rejected = self.sequence_logprobs(chosen), self.sequence_logprobs(rejected)
         self.policy.train()
         loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
-                                  ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss)
+                                  ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss,
+                                  chosen.response_mask.sum(1), rejected.response_mask.sum(1))
         self.strategy.backward(loss, boundary=True)
         grad_norm = self.strategy.step(boundary=True)
         self.check_finite(self.step + 1, {"loss/dpo": loss.item(), "optim/grad_norm": grad_norm})
