@@ -236,3 +236,85 @@ def test_the_card_names_the_algorithm_and_every_reward_component(trained):
     cfg.algorithm = "my_estimators.py:Sign"
     data = ModelCard(model_card(cfg, checkpoint, "fp32", 0.0, 1e-3, adapter_only=True)).data
     assert data.library_name == "peft" and data.tags == ["llmrl", "rlhf", "my_estimators.py:Sign", "lora"]
+
+
+def merged_in_fp32(checkpoint):
+    """(base + adapter merged in fp32 by peft, tokenizer, the run's prompts, base + adapter's logits, mask)."""
+    from llmrl.exporter import load_adapted_model, logits_of, sample_inputs
+
+    model, tokenizer, cfg = load_adapted_model(checkpoint)
+    prompts = sample_inputs(cfg, tokenizer)
+    ref_logits, mask = logits_of(model, tokenizer, prompts)
+    return model.merge_and_unload(), tokenizer, prompts, ref_logits, mask
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_bf16_or_fp16_export_is_the_fp32_merge_rounded_bit_for_bit(trained, tmp_path, dtype):
+    from llmrl.exporter import DTYPES, TOLERANCE, export
+
+    _, checkpoint = trained
+    max_diff = export(checkpoint, tmp_path / dtype, dtype)
+    merged = merged_in_fp32(checkpoint)[0].state_dict()
+    with safe_open(tmp_path / dtype / "model.safetensors", "pt") as f:
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), merged[name].to(DTYPES[dtype])), name
+    # the rounding moves the logits (measured 0.049 for bf16, 1.3e-3 for fp16): reported, not held to TOLERANCE
+    assert TOLERANCE < max_diff < 0.1
+    card = (tmp_path / dtype / "README.md").read_text()
+    assert (f"| exported dtype | {dtype}: merged in fp32, max logit difference to base + adapter " in card and
+            f"(tolerance 0.001); the saved weights are that merge rounded to {dtype}, bit for bit, and reload to its "
+            f"logits; rounding to {dtype} moves the logits by up to {max_diff:.3g} |" in card)
+
+
+# A deliberately wrong merge: every LoRA delta scaled by SCALE (the unmerged forward, base + adapter, is untouched).
+# Its logits move by about as much as the rounding to the dtype does, so the tolerance each dtype had before the
+# merge was checked in fp32 (OLD_TOLERANCE, against base + adapter) let it through in bf16 and fp16.
+WRONG_MERGES = [("bf16", 0.97, 2.5e-1), ("fp16", 0.99, 5e-2), ("fp32", 0.99, None)]
+
+
+@pytest.mark.parametrize("dtype,scale,old_tolerance", WRONG_MERGES)
+def test_a_wrong_merge_is_refused_in_every_dtype(trained, tmp_path, monkeypatch, dtype, scale, old_tolerance):
+    from peft.tuners.lora.layer import Linear
+
+    from llmrl.exporter import DTYPES, TOLERANCE, ExportVerificationError, export, logits_of
+
+    _, checkpoint = trained
+    right = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: scale * right(self, adapter))
+    wrong, tokenizer, prompts, ref_logits, mask = merged_in_fp32(checkpoint)
+    wrong_diff = (logits_of(wrong, tokenizer, prompts)[0] - ref_logits)[mask].abs().max().item()
+    assert 10 * TOLERANCE < wrong_diff < 0.1  # a realistic miss: 0.088 (x0.97), 0.029 (x0.99) measured
+    if old_tolerance is not None:  # the old check, the saved model against base + adapter, passed it
+        saved = wrong.to(DTYPES[dtype]).float()
+        assert (logits_of(saved, tokenizer, prompts)[0] - ref_logits)[mask].abs().max().item() < old_tolerance
+
+    with pytest.raises(ExportVerificationError) as refused:
+        export(checkpoint, tmp_path / "out", dtype)
+    before = "" if dtype == "fp32" else f", before rounding to {dtype}"
+    assert str(refused.value) == (f"the merged model's logits differ from base + adapter by {wrong_diff:.3g} "
+                                  f"(in fp32{before}), more than the tolerance 0.001; nothing was written to "
+                                  f"{tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_saved_weight_one_bf16_step_off_is_refused(trained, tmp_path, monkeypatch):
+    """The weights are compared bit for bit: a change too small to move the logits past the tolerance (and one in a
+    weight the prompts never reach) is caught too."""
+    from transformers import PreTrainedModel
+
+    from llmrl.exporter import ExportVerificationError, export
+
+    _, checkpoint = trained
+    save = PreTrainedModel.save_pretrained
+
+    def save_one_step_off(self, folder, **kwargs):
+        state = {name: tensor.clone() for name, tensor in self.state_dict().items()}
+        state["transformer.h.0.mlp.c_fc.weight"].view(torch.int16)[0, 0] += 1  # the next bf16 number
+        save(self, folder, state_dict=state, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_one_step_off)
+    with pytest.raises(ExportVerificationError, match=r"^the exported weight transformer\.h\.0\.mlp\.c_fc\.weight "
+                                                      r"differs by up to \S+ from the merged weight rounded to bf16: "
+                                                      r"saving or reloading changed it; nothing was written to "):
+        export(checkpoint, tmp_path / "out", "bf16")
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-only", action="store_true", help="save the peft adapter instead of merging")
     parser.add_argument("--base", default=None, help="base model location, if it moved since training")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help=f"max logit difference allowed (default per dtype: {TOLERANCE})")
+                        help=f"max logit difference allowed, measured in fp32 for every --dtype (default "
+                             f"{TOLERANCE:g})")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace an earlier export at --out (one whose files its {CHECKSUMS} lists)")
     parser.add_argument("--trust-checkpoint-code", action="store_true",
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
                       args.tolerance, args.trust_checkpoint_code)
         what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
-        print(f"exported {what} to {args.out}; max logit difference to base + adapter: {diff:.3g}")
+        rounding = ("" if args.adapter_only or args.dtype == "fp32" else
+                    f" (the rounding to {args.dtype}; README.md there says what was checked)")
+        print(f"exported {what} to {args.out}; max logit difference to base + adapter: {diff:.3g}{rounding}")
 
     return run_cli(body)
 
