@@ -161,6 +161,18 @@ class TrainConfig:
         "minibatch's tokens; TRL's loss_type dapo/bnpo), sequence_mean (each sequence's token mean, then over "
         "sequences: GRPO's paper; TRL's grpo), token_sum (divided by sequences x generation.max_new_tokens: "
         "Dr. GRPO; TRL's dr_grpo); default: the algorithm's own (docs/algorithms.md).")
+    old_logprobs: Literal["auto", "recompute", "sampler"] = opt(
+        "auto", "Where pi_old's log-probs (the ratio's denominator) come from: recompute (a forward pass of the "
+        "trainer over each rollout, as TRL and verl do), sampler (the fast engine's own, recorded while sampling: "
+        "one forward pass less, exact only in float32 without compile), or auto: sampler where it is exact, "
+        "recompute otherwise (bfloat16/float16, generation.compile, a quantized base, vllm; always with PPO's "
+        "critic). The mismatch between the two is logged as sampling/* whenever both exist.")
+    importance_sampling: bool | None = opt(
+        None, "Truncated importance sampling (Yao et al. 2025; TRL's vllm_importance_sampling_correction): "
+        "each token's policy loss weighted by min(pi_old / pi_sampler, importance_sampling_cap), correcting for "
+        "a sampler that is not the trainer. null: true with generation.engine vllm, else false. Recomputes pi_old.")
+    importance_sampling_cap: float = opt(
+        2.0, "The truncation C of importance_sampling (TRL's vllm_importance_sampling_cap; 2 in Yao et al.).")
 
 
 # Keys that moved to train: in 0.2; a config using one gets a line naming the new key. A checkpoint's own
@@ -426,6 +438,15 @@ class Config:
             (0 <= self.critic_free.baseline_momentum < 1, "critic_free.baseline_momentum",
              f"is {self.critic_free.baseline_momentum}: must be in [0, 1)"),
             (self.dpo.batch_size > 0, "dpo.batch_size", f"is {self.dpo.batch_size}: must be at least 1"),
+            (self.train.importance_sampling_cap >= 1,
+             "train.importance_sampling_cap", f"is {self.train.importance_sampling_cap}: must be >= 1 (2 in "
+             f"TRL and Yao et al.): a cap below 1 would shrink every token's weight"),
+            (not self.train.importance_sampling or self.train.old_logprobs != "sampler",
+             "train.importance_sampling", "is true with train.old_logprobs = sampler: the weights compare the "
+             "sampler's log-probs with recomputed ones; set old_logprobs to recompute or auto"),
+            (not self.train.importance_sampling or self.generation.engine != "generate",
+             "train.importance_sampling", "is true with generation.engine = generate, which records no log-probs "
+             "to compare: use engine fast or vllm, or importance_sampling: false"),
         ]
         t = self.data.task
         strings = sum(len(t.alphabet) ** n for n in range(max(t.min_len, 1), max(t.max_len, 0) + 1)) \
@@ -585,6 +606,8 @@ TRL_NAMES = {
     "epsilon": "ppo.clip_range",
     "epsilon_high": "critic_free.clip_range_high",
     "use_vllm": "generation.engine: vllm",
+    "vllm_importance_sampling_correction": "train.importance_sampling",
+    "vllm_importance_sampling_cap": "train.importance_sampling_cap",
     "save_steps": "run.save_every",
     "save_total_limit": "run.keep_last",
     "eval_steps": "run.eval_every",

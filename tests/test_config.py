@@ -283,3 +283,39 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(tm
     changed = load_config(write(tmp_path, base(train={"loss_aggregation": "sequence_mean"})))
     with pytest.raises(ConfigError, match=r"train\.loss_aggregation None -> 'sequence_mean'"):
         resume_changes(checkpoint, changed)
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["train.importance_sampling_cap=0.5"], ["train.importance_sampling_cap is 0.5", ">= 1"]),
+    (["train.importance_sampling_cap=.inf"], ["train.importance_sampling_cap is inf"]),
+    (["train.importance_sampling_cap=.nan"], ["train.importance_sampling_cap is nan"]),
+    (["train.importance_sampling=true", "train.old_logprobs=sampler"], ["train.importance_sampling", "recompute"]),
+    (["train.importance_sampling=true", "generation.engine=generate"], ["generation.engine = generate"]),
+    (["train.old_logprobs=trainer"], ["train.old_logprobs", "recompute"]),
+])
+def test_sampler_settings_that_cannot_work_are_one_line(overrides, fragments):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny.yaml", overrides)
+    assert "\n" not in str(e.value)
+    for fragment in fragments:
+        assert fragment in str(e.value), (fragment, str(e.value))
+
+
+def test_where_pi_old_comes_from_by_default():
+    """auto: the sampler's log-probs only where they are the trainer's (float32, eager fast engine, full-precision
+    base); truncated importance sampling on by default with vLLM only."""
+    from llmrl.trainers.online import importance_sampling_cap, sampler_is_exact
+
+    def cfg(*overrides):
+        return load_config(REPO / "configs" / "tiny.yaml", list(overrides))
+
+    assert sampler_is_exact(cfg())
+    for other in (["model.dtype=bfloat16"], ["model.dtype=float16"], ["generation.compile=true"],
+                  ["generation.engine=vllm"], ["generation.engine=generate"]):
+        assert not sampler_is_exact(cfg(*other)), other
+    assert not sampler_is_exact(cfg("model.quantization=4bit"))
+    assert importance_sampling_cap(cfg("generation.engine=vllm")) == 2.0
+    assert importance_sampling_cap(cfg("generation.engine=vllm", "train.importance_sampling_cap=3")) == 3.0
+    assert importance_sampling_cap(cfg("generation.engine=vllm", "train.importance_sampling=false")) is None
+    assert importance_sampling_cap(cfg()) is None
+    assert importance_sampling_cap(cfg("train.importance_sampling=true")) == 2.0

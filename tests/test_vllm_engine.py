@@ -205,6 +205,12 @@ def test_vllm_greedy_tokens_follow_the_adapter(tmp_path):
         by_llmrl = trainer.generate(prompts, greedy=True)
         trainer.engine = engine
     assert by_vllm.response.tolist() == by_llmrl.response.tolist()
+    # Sampled, through make_experience: vLLM's log-probs of its tokens (of logits / temperature) beside the
+    # trainer's recomputed pi_old, their gap logged, and truncated importance sampling on (vLLM's default)
+    exp, stats = trainer.make_experience(trainer.rows_for_step(0))
+    assert exp.sampler_logprobs is not None and exp.sampler_logprobs.abs().sum() > 0
+    assert stats["sampling/logprob_diff_max"] < 1e-3  # float32 on both sides (SmolLM2: 4e-5, docs/algorithms.md)
+    assert stats["sampling/is_clipped"] == 0.0 and abs(stats["sampling/is_weight_mean"] - 1) < 1e-3
 
 
 @pytest.mark.vllm

@@ -141,8 +141,9 @@ RAW = [0.6, 3.0, -0.4, 12.0]  # the reward's scores; the last is past reward.cli
 ENDED = [True, False, True, False]  # samples 1 and 3 never emitted the stop token
 
 
-def experience_of(trainer, valid=(True, True, True, True)):
-    """make_experience on four hand-built samples, the sampler, the reward and the forward passes replaced."""
+def experience_of(trainer, valid=(True, True, True, True), sampler=None):
+    """make_experience on four hand-built samples, the sampler, the reward and the forward passes replaced;
+    ``sampler``: the sampler's own log-probs, beside the recomputed pi_old (``OLD``)."""
     mask = torch.tensor(MASK, dtype=torch.float32)
 
     def generate(prompts):
@@ -152,6 +153,7 @@ def experience_of(trainer, valid=(True, True, True, True)):
                           entropy=torch.tensor(ENTROPY) * mask)
 
     def fill_logprobs(exp):
+        exp.sampler_logprobs = None if sampler is None else torch.tensor(sampler) * mask
         exp.logprobs, exp.ref_logprobs = torch.tensor(OLD) * mask, torch.tensor(REF) * mask
         exp.values = torch.tensor(VALUES) * mask
         return torch.tensor(ENTROPY) * mask
@@ -413,3 +415,41 @@ def test_ppo_whitens_rewards_over_every_ranks_tokens(tiny_model_dir, tmp_path):
             pytest.approx(one[i].flatten().tolist(), rel=1e-5, abs=1e-6)
     alone = advantages(lambda x: x, [0, 1])  # one rank's own moments: what the old code did
     assert alone[0].flatten().tolist() != pytest.approx(one[0][:2].flatten().tolist(), rel=1e-3)
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sampler's log-probs against the trainer's: logged, and truncated importance sampling
+
+SAMPLER = [[-1.3, -0.5, -1.0], [-0.7, -0.2, 0.0], [-0.35, 0.0, 0.0], [-1.5, -0.95, -0.4]]
+# OLD - SAMPLER per token: 0.3, 0, -1, | 0, -1, | 0.05, | 0, 0.05, 0: one ratio (exp 0.3 = 1.35) past a cap of 1.3
+
+
+def test_truncated_importance_sampling_weighs_each_tokens_advantage(tiny_model_dir, tmp_path):
+    """train.importance_sampling: true: each token's advantage times min(pi_old / pi_sampler, cap); the mismatch
+    and the share of capped weights are logged."""
+    trainer = trainer_for(tiny_model_dir, tmp_path, "grpo", "train.importance_sampling=true",
+                          "train.importance_sampling_cap=1.3", "generation.missing_eos_penalty=0.5", "reward.clip=10")
+    exp, stats = experience_of(trainer, sampler=SAMPLER)
+    expected = group_normalised(shaped(), "group")
+    diffs, weights, clipped = [], [], 0
+    for b, t in cells(MASK):
+        ratio = math.exp(OLD[b][t] - SAMPLER[b][t])
+        diffs.append(abs(OLD[b][t] - SAMPLER[b][t]))
+        weights.append(min(ratio, 1.3))
+        clipped += ratio > 1.3
+        assert exp.advantages[b, t].item() == pytest.approx(expected[b] * weights[-1], rel=1e-5, abs=1e-6), (b, t)
+    assert clipped == 1
+    assert stats["sampling/is_clipped"] == pytest.approx(clipped / len(diffs))
+    assert stats["sampling/logprob_diff_mean"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-5)
+    assert stats["sampling/logprob_diff_max"] == pytest.approx(max(diffs), rel=1e-5)
+    assert stats["sampling/is_weight_mean"] == pytest.approx(sum(weights) / len(weights), rel=1e-5)
+
+    # false: the same rollout's advantages unweighted, the mismatch still logged
+    trainer = trainer_for(tiny_model_dir, tmp_path / "off", "grpo", "train.importance_sampling=false",
+                          "generation.missing_eos_penalty=0.5", "reward.clip=10")
+    exp, stats = experience_of(trainer, sampler=SAMPLER)
+    for b, t in cells(MASK):
+        assert exp.advantages[b, t].item() == pytest.approx(expected[b], rel=1e-5, abs=1e-6), (b, t)
+    assert "sampling/is_clipped" not in stats
+    assert stats["sampling/logprob_diff_max"] == pytest.approx(max(diffs), rel=1e-5)

@@ -14,6 +14,8 @@ PANELS = [
     ("episode success rate (env runs)", ["env/success", "eval/success"]),
     ("turns per episode (env runs)", ["env/turns", "eval/turns"]),
     ("episodes truncated (env runs)", ["env/truncated", "eval/truncated"]),
+    ("sampler vs trainer: |log-prob diff|", ["sampling/logprob_diff_mean", "sampling/logprob_diff_max"]),
+    ("importance weights (train.importance_sampling)", ["sampling/is_weight_mean", "sampling/is_clipped"]),
 ]
 
 
@@ -32,7 +34,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = [r for r in read_log(run_dir) if "samples" not in r]
     if not rows:
         raise ConfigError(f"{run_dir / 'log.jsonl'} has no metrics yet")
-    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
+    rows_of_panels = -(-len(PANELS) // 3)
+    fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4 * rows_of_panels))
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     for ax, (title, keys) in zip(axes.flat, PANELS):
         drawn = False
         for key in keys:

@@ -27,6 +27,9 @@ class Experience:
     ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
     entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
+    # (B, T) the sampler's own log-probs when the trainer recomputed ``logprobs`` (to compare, and for truncated
+    # importance sampling); None when the sampler recorded none or they are ``logprobs`` themselves
+    sampler_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # (B, T) log pi_ref(a_t|s_t), adapter disabled
     values: torch.Tensor | None = None  # (B, T) V(s_t) at rollout time
     scores: torch.Tensor | None = None  # (B,) sequence reward after EOS penalty and clipping
@@ -121,8 +124,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
                      response_mask=response_mask, ended=ended)
-    if sampled is not None:
-        exp.logprobs, exp.entropy = (x * response_mask for x in sampled)
+    if sampled is not None:  # the engine's log-probs, and entropies where it gives them (vLLM does not)
+        exp.logprobs, exp.entropy = (None if x is None else x * response_mask for x in sampled)
     return exp
 
 

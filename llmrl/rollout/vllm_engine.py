@@ -151,7 +151,10 @@ class VLLMEngine:
                            gpu_memory_utilization=gen_cfg.vllm_gpu_memory_utilization,
                            max_model_len=max_model_len(max_prompt_length, gen_cfg.max_new_tokens, context),
                            distributed_executor_backend="external_launcher",
-                           enforce_eager=gen_cfg.vllm_enforce_eager)
+                           enforce_eager=gen_cfg.vllm_enforce_eager,
+                           # the log-probs of the distribution vLLM sampled from (logits / temperature, then
+                           # top-k/top-p): what truncated importance sampling divides by
+                           logprobs_mode="processed_logprobs")
 
     def sync(self, model) -> None:
         """Send the adapted blocks, merged, to vLLM (every rank takes part: under ZeRO-3 each block is
@@ -166,13 +169,15 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  sampling: Sampling, generator=None, all_finished=None, with_entropy: bool = False):
-        """(B, P) left-padded prompts -> (tokens (B, N), None): vLLM's log-probs are not used (the trainer
-        recomputes them), and neither is ``generator`` (see the module docstring) nor ``all_finished`` (each rank
-        decodes on its own); ``with_entropy`` is llmrl's engine's option (nothing to give here)."""
+        """(B, P) left-padded prompts -> (tokens (B, N), the sampler's log-probs of them (B, N) or None when
+        greedy, None): the trainer recomputes pi_old and compares (``train.importance_sampling``). Neither
+        ``generator`` (see the module docstring) nor ``all_finished`` (each rank decodes on its own) is used, and
+        no entropy is given (``with_entropy`` is llmrl's engine's option)."""
         from vllm import SamplingParams
 
         self.sync(model)
-        params = SamplingParams(**sampling_arguments(sampling, max_new_tokens, self.eos_token_id))
+        params = SamplingParams(**sampling_arguments(sampling, max_new_tokens, self.eos_token_id),
+                                logprobs=None if sampling.greedy else 0)  # 0: the sampled token's only
         prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids(input_ids, attention_mask)]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         completions = [list(out.outputs[0].token_ids) for out in outputs]
@@ -181,4 +186,12 @@ class VLLMEngine:
             if done.finish_reason == "stop" and (not done.token_ids or done.token_ids[-1] != self.eos_token_id):
                 raise RuntimeError(f"vLLM stopped completion {i} on {done.stop_reason!r}, not on llmrl's EOS "
                                    f"{self.eos_token_id}: the rollout would train on tokens never sampled")
-        return right_padded(completions, self.pad_token_id)[0].to(input_ids.device), None
+        tokens = right_padded(completions, self.pad_token_id)[0].to(input_ids.device)
+        if sampling.greedy:
+            return tokens, None, None
+        logprobs = torch.zeros(tokens.shape, dtype=torch.float32)
+        for i, out in enumerate(outputs):
+            done = out.outputs[0]
+            for t, (token, options) in enumerate(zip(done.token_ids, done.logprobs)):
+                logprobs[i, t] = options[token].logprob
+        return tokens, logprobs.to(input_ids.device), None

@@ -43,6 +43,10 @@ class OnlineTrainer(Trainer):
         p = cfg.ppo
         self.kl_ctl = rl.make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.estimator = make_estimator(cfg, strategy.all_reduce_sum)
+        self.tis_cap = importance_sampling_cap(cfg)  # truncated importance sampling needs pi_old recomputed
+        old = cfg.train.old_logprobs
+        self.recompute_old_logprobs = old == "recompute" or self.tis_cap is not None or (
+            old == "auto" and not sampler_is_exact(cfg))
 
     def accumulation(self) -> tuple[int, int]:
         return self.sizes.grad_accum_steps, self.cfg.train.micro_batch_size
@@ -178,11 +182,13 @@ class OnlineTrainer(Trainer):
         returns its (B, T) entropy. Microbatches of similar lengths, each cut to its own longest row: less
         padding to compute.
 
-        Without a critic, the log-probs and entropies the rollout engine recorded while sampling are pi_old's,
-        so the policy pass is skipped (PPO runs it for the values anyway)."""
+        Without a critic, where the sampler is exact (``train.old_logprobs``), the log-probs and entropies the
+        rollout engine recorded while sampling are pi_old's, so the policy pass is skipped (PPO runs it for the
+        values anyway). When the pass runs, the sampler's log-probs are kept as ``exp.sampler_logprobs``."""
         critic = self.estimator is not None and self.estimator.uses_critic
-        policy_pass = critic or exp.logprobs is None or exp.entropy is None
+        policy_pass = critic or self.recompute_old_logprobs or exp.logprobs is None or exp.entropy is None
         if policy_pass:
+            exp.sampler_logprobs = exp.logprobs
             exp.logprobs, exp.entropy = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
         exp.ref_logprobs, exp.values = torch.zeros_like(exp.response_mask), torch.zeros_like(exp.response_mask)
         entropy = exp.entropy
@@ -242,6 +248,7 @@ class OnlineTrainer(Trainer):
             exp.advantages = self.whiten(advantages, mask)
         else:
             exp.advantages = advantages * mask
+        sampling = {} if exp.sampler_logprobs is None else self.correct_sampler_mismatch(exp, mask)
         t3 = time.perf_counter()
 
         seq_kl = kl.sum(1)[valid]
@@ -259,11 +266,30 @@ class OnlineTrainer(Trainer):
             "response/eos_rate": eos.float().mean().item(),
             "value/mean": rl.masked_mean(exp.values, mask).item(),
             "train/kept": trained.float().sum().item() / max(valid.float().sum().item(), 1.0),
+            **sampling,
             "time/generate": t1 - t0,
             "time/reward": t2 - t1,
             "time/forward": t3 - t2,
         }
         return exp, stats
+
+    def correct_sampler_mismatch(self, exp: Experience, mask: torch.Tensor) -> dict:
+        """How far the sampler's log-probs are from the trainer's recomputed pi_old on the tokens trained on
+        (the sampler samples in another dtype, kernel or engine); with truncated importance sampling (Yao et al.
+        2025) each token's advantage is weighted by w = min(pi_old / pi_sampler, cap) (w > 0, so every clipped
+        loss becomes w times itself; GSPO's sequence advantage, the mean of its tokens', by their mean weight)."""
+        log_ratio = (exp.logprobs - exp.sampler_logprobs) * mask
+        diff = log_ratio.abs()
+        stats = {"sampling/logprob_diff_mean": rl.masked_mean(diff, mask).item() if mask.any() else 0.0,
+                 "sampling/logprob_diff_max": diff.max().item()}
+        if self.tis_cap is not None:
+            ratio = torch.exp(log_ratio)
+            weight = ratio.clamp(max=self.tis_cap)
+            exp.advantages = exp.advantages * weight
+            stats["sampling/is_weight_mean"] = rl.masked_mean(weight, mask).item() if mask.any() else 1.0
+            stats["sampling/is_clipped"] = rl.masked_mean((ratio > self.tis_cap).float(), mask).item() \
+                if mask.any() else 0.0
+        return stats
 
     @staticmethod
     def step_rewards(exp: Experience, raw: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -373,6 +399,23 @@ class OnlineTrainer(Trainer):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.estimator.load_state_dict(state["estimator"])
+
+
+def sampler_is_exact(cfg: Config) -> bool:
+    """Whether the rollout engine's recorded log-probs are the trainer's within float rounding (1e-5, tested):
+    llmrl's fast engine, eager, on float32 weights over a full-precision base. In bf16/fp16, with the compiled
+    static-cache step, over a quantized base or from vLLM, a token-by-token decode does not give the numbers of
+    the trainer's one forward over the whole sequence (docs/algorithms.md has the measured gaps)."""
+    g, m = cfg.generation, cfg.model
+    return g.engine == "fast" and not g.compile and m.dtype == "float32" and m.quantization is None
+
+
+def importance_sampling_cap(cfg: Config) -> float | None:
+    """The cap of truncated importance sampling, or None when it is off (``train.importance_sampling``; null: on
+    with vLLM, as TRL's vllm_importance_sampling_correction)."""
+    t = cfg.train
+    on = cfg.generation.engine == "vllm" if t.importance_sampling is None else t.importance_sampling
+    return t.importance_sampling_cap if on else None
 
 
 def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineTrainer:
