@@ -20,7 +20,8 @@ def test_plot_writes_a_non_blank_png(tmp_path):
     run.mkdir()
     rows = [{"step": s, "reward/mean": s / 10, "objective/kl": 0.1 * s, "objective/entropy": 2 - s / 10,
              "response/length": 5 + s % 3, "policy/clipfrac": 0.01 * s, "time/generate": 0.2,
-             "time/update": 0.3, "env/success": s / 20, "env/turns": 1 + s % 2} for s in range(1, 11)]
+             "time/update": 0.3, "env/success": s / 20, "env/turns": 1 + s % 2,
+             "sampling/logprob_diff_mean": 0.03, "sampling/logprob_diff_max": 0.3} for s in range(1, 11)]
     rows.insert(5, {"step": 5, "samples": [{"prompt": "a>", "completion": "a", "reward": 1.0}]})
     rows.append({"step": 10, "eval/reward": 0.8})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -28,7 +29,7 @@ def test_plot_writes_a_non_blank_png(tmp_path):
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     image = Image.open(run / "curves.png").convert("RGB")
-    assert image.size == (1500, 1200)
+    assert image.size == (1500, 1600)
     colours = image.getcolors(maxcolors=1_000_000)
     assert len(colours) > 50  # curves, text and axes, not a blank canvas
     white = max(count for count, rgb in colours if rgb == (255, 255, 255))
@@ -36,7 +37,7 @@ def test_plot_writes_a_non_blank_png(tmp_path):
     elsewhere = tmp_path / "plots" / "run.png"  # a folder that does not exist yet
     out = subprocess.run([sys.executable, "-m", "llmrl", "plot", str(run), "--out", str(elsewhere)],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0 and Image.open(elsewhere).size == (1500, 1200), out.stderr[-2000:]
+    assert out.returncode == 0 and Image.open(elsewhere).size == (1500, 1600), out.stderr[-2000:]
 
 
 def test_plot_of_a_folder_without_a_log_is_a_clear_error(tmp_path):
