@@ -334,7 +334,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     strategy.barrier()
 
     strategy.seed_everything(cfg.run.seed)
-    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device, cfg.ppo.critic == "separate")
     context = context_length(policy.model)
     for rows, where in () if cfg.env.name else ((train_rows, "data.source"), (eval_rows, "data.eval_source")):
         check_prompt_lengths(rows, cfg.data.prompt_column, tokenizer, cfg.data.max_prompt_length,

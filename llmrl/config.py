@@ -189,6 +189,11 @@ class PPOConfig:
     clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
     clip_range_value: float = opt(0.2, "Value prediction clip around the rollout values.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
+    critic: Literal["shared", "separate"] = opt(
+        "shared", "shared: the value head reads the policy's adapted hidden state (the value loss also trains the "
+        "policy's adapter); separate: a LoRA adapter of the critic's own on the same base (one copy of the base, "
+        "one more forward pass for the values), as OpenRLHF's separate critic. docs/algorithms.md has the "
+        "measured comparison.")
     ent_coef: float = opt(0.0, "Weight of the entropy bonus.")
     init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty.")
     adaptive_kl: bool = opt(True, "Adapt beta towards kl_target (Ziegler et al. 2019); false keeps it fixed.")
@@ -388,7 +393,11 @@ class Config:
         """Checks that need more than a type; raises ConfigError naming the key and the fix."""
         from llmrl.algorithms import OFFLINE, estimator_class
 
-        estimator_checks = [] if self.algorithm in OFFLINE else estimator_class(self.algorithm).config_checks(self)
+        estimator = None if self.algorithm in OFFLINE else estimator_class(self.algorithm)
+        estimator_checks = [] if estimator is None else estimator.config_checks(self)
+        estimator_checks.append((self.ppo.critic == "shared" or (estimator is not None and estimator.uses_critic),
+                                 "ppo.critic", f"is separate with algorithm {self.algorithm}, which trains no critic: "
+                                 f"remove ppo.critic or pick algorithm ppo"))
         checks = [
             *estimator_checks,
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",

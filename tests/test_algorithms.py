@@ -143,12 +143,16 @@ def warm_start(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce", "dpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce", "dpo", "dr_grpo", "dapo", "gspo", "cispo",
+                                       "sapo"])
 def test_each_algorithm_raises_held_out_reward_over_the_warm_start(warm_start, tmp_path, algorithm):
+    """60 steps each; GSPO 120: its sequence ratio is clipped to [1 - 3e-4, 1 + 4e-4], and at 60 steps it measured
+    +0.09 (0.068 -> 0.158), at 150 steps +0.75 (docs/algorithms.md)."""
     run_dir = tmp_path / algorithm
+    steps = 120 if algorithm == "gspo" else 60
     out = subprocess.run([sys.executable, str(REPO / "launch" / "ppo.py"), "--config", str(REPO / "configs/tiny.yaml"),
                           f"algorithm={algorithm}", f"model.name_or_path={warm_start}", f"run.output_dir={run_dir}",
-                          "train.total_steps=60", "train.total_steps=60", "run.eval_every=0", "run.save_every=0",
+                          f"train.total_steps={steps}", "run.eval_every=0", "run.save_every=0",
                           "run.progress=false"], capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

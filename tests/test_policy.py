@@ -1,9 +1,10 @@
 """Policy, reference and rollout on a tiny model: LoRA starts as the identity, left padding changes nothing,
 rollout and training see the same log-probs, and an update touches only the adapter and the value head."""
+import json
 import pytest
 import torch
 
-from helpers import make_trainer, tiny_config
+from helpers import REPO, make_trainer, tiny_config
 from llmrl.config import ConfigError, LoraConfig, ModelConfig
 from llmrl.models.policy import build_policy, load_tokenizer
 from llmrl.rollout.experience import generate, truncate_at_eos
@@ -216,3 +217,89 @@ def test_a_sampled_evaluation_leaves_training_samples_as_they_were(tiny_model_di
     torch.manual_seed(4)  # the evaluation did sample: from another state, other completions
     trainer.evaluate()
     assert [s[1] for s in trainer.last_eval_samples[:5]] != [s[1] for s in first["samples"]]
+
+
+def value_loss_grads(trainer):
+    """The gradient of a value loss alone: (does it reach the policy's adapter, does it reach a critic adapter)."""
+    from llmrl.models.policy import CRITIC_ADAPTER
+
+    exp = trainer.generate(trainer.prompt_texts(trainer.rows_for_step(0)))
+    trainer.policy.zero_grad(set_to_none=True)
+    trainer.policy.train()
+    _, values = trainer.policy.response_outputs(exp.query, exp.query_mask, exp.response, exp.response_mask, True)
+    ((values - 1.0) ** 2 * exp.response_mask).sum().backward()
+    touched = {"policy": False, "critic": False}
+    for name, p in trainer.policy.model.named_parameters():
+        if "lora_" in name and p.grad is not None and p.grad.abs().sum() > 0:
+            touched["critic" if f".{CRITIC_ADAPTER}." in name else "policy"] = True
+    return touched
+
+
+def test_a_separate_critic_trains_an_adapter_of_its_own(tiny_model_dir, tmp_path):
+    """ppo.critic: separate: the value loss moves the critic's adapter and the value head, never the policy's
+    adapter, and the policy's log-probs are the same with the critic there; shared: it moves the policy's."""
+
+    shared = make_trainer(tiny_config(tiny_model_dir, tmp_path / "shared"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # B != 0 and a value head != 0: zeros there pass no gradient back
+        for name, p in shared.policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        shared.policy.value_head.weight.normal_(0, 0.1)
+    assert value_loss_grads(shared) == {"policy": True, "critic": False}
+
+    separate = make_trainer(tiny_config(tiny_model_dir, tmp_path / "separate", "ppo.critic=separate"))
+    with torch.no_grad():
+        for name, p in separate.policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        separate.policy.value_head.weight.normal_(0, 0.1)
+    trainable = {n for n, p in separate.policy.named_parameters() if p.requires_grad}
+    assert any(".critic." in n for n in trainable) and any(".default." in n for n in trainable)
+    with separate.policy.reference():  # leaving it, peft re-activates "default" and freezes the rest
+        pass
+    assert value_loss_grads(separate) == {"policy": False, "critic": True}
+    assert {n for n, p in separate.policy.named_parameters() if p.requires_grad} == trainable  # flags put back
+    exp = separate.generate(separate.prompt_texts(separate.rows_for_step(0)))
+    with torch.no_grad():
+        with_values, values = separate.policy.response_outputs(exp.query, exp.query_mask, exp.response,
+                                                               exp.response_mask, True)
+        alone, _ = separate.policy.response_outputs(exp.query, exp.query_mask, exp.response, exp.response_mask, False)
+        with separate.policy.critic():
+            critic_logits, _ = separate.policy.response_outputs(exp.query, exp.query_mask, exp.response,
+                                                                exp.response_mask, False)
+    assert torch.equal(with_values, alone) and values is not None
+    assert not torch.allclose(alone, critic_logits)  # the critic's adapter is another function
+
+
+def test_a_separate_critic_is_saved_and_resumed(tiny_model_dir, tmp_path):
+    from helpers import launch_ppo
+
+    run = tmp_path / "run"
+    args = [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run}", "ppo.critic=separate",
+            "train.total_steps=2", "run.save_every=1", "run.eval_every=0", "data.eval_size=4", "run.progress=false",
+            "train.rollout_batch_size=8", "train.mini_batch_size=8", "train.micro_batch_size=8", "train.epochs=1"]
+    out = launch_ppo(args, ranks=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    def critic(folder):
+        return load_file(run / folder / "adapter" / "critic" / "adapter_model.safetensors")
+
+    critic_weights = [critic("step-000001"), critic("final")]
+    from llmrl.config import load_config  # loading a checkpoint puts the critic's weights back, not only the policy's
+    from llmrl.models.policy import CRITIC_ADAPTER
+
+    trainer = make_trainer(load_config(REPO / "configs" / "tiny.yaml", [*args, "run.output_dir=" + str(tmp_path / "x")]))
+    trainer.load_weights(run / "final")
+    loaded = {n: p for n, p in trainer.policy.model.named_parameters() if f".{CRITIC_ADAPTER}." in n}
+    assert len(loaded) == len(critic_weights[-1]) > 0
+    for name, saved in critic_weights[-1].items():  # peft's saved names drop the adapter's name
+        match = [p for n, p in loaded.items() if n.replace(f".{CRITIC_ADAPTER}.", ".") == name]
+        assert len(match) == 1 and torch.equal(match[0].detach(), saved), name
+    out = launch_ppo([*args, "train.total_steps=3", "--resume"], ranks=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    critic_weights.append(critic("final"))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    for before, after in zip(critic_weights, critic_weights[1:]):  # it trained at every step, the resumed one too
+        assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)

@@ -157,16 +157,26 @@ def add_lora(model, cfg: LoraConfig):
         raise ConfigError(f"LoRA could not be attached (lora.target_modules = {cfg.target_modules!r}): {e}") from e
 
 
+CRITIC_ADAPTER = "critic"  # the peft adapter of a separate critic (ppo.critic: separate), beside peft's "default"
+
+
 class Policy(nn.Module):
     """A peft causal LM plus a scalar value head on its last hidden state.
 
     The value head starts at zero (weights and bias) so that the critic's first estimates do not inject
     noise into the advantages; it is saved separately from the adapter and never exported with the model.
+
+    Shared critic (default): the value head reads the policy's adapted hidden state, so the value loss's gradient
+    also moves the policy's adapter. Separate critic (``separate_critic``): the value head reads the hidden state
+    of the same base under a second LoRA adapter of its own (``CRITIC_ADAPTER``; one copy of the base, one more
+    forward pass for the values), so policy and critic share no trained weight, as in OpenRLHF.
     """
 
-    def __init__(self, model, hidden_size: int, base_fingerprint: dict | None = None, share_prompts: bool = True):
+    def __init__(self, model, hidden_size: int, base_fingerprint: dict | None = None, share_prompts: bool = True,
+                 separate_critic: bool = False):
         super().__init__()
         self.model = model
+        self.separate_critic = separate_critic
         self.base_fingerprint = base_fingerprint
         self.share_prompts = share_prompts  # encode each distinct prompt and the common prefix once (prompt_cache)
         self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
@@ -202,6 +212,15 @@ class Policy(nn.Module):
         Through ``llmrl.models.prompt_cache`` (each distinct prompt and the prefix all prompts share encoded once)
         when that saves work, else one forward pass over prompt + response: the same numbers either way.
         """
+        if self.separate_critic and with_values:  # the policy's logits, then the critic's hidden states
+            logits, _ = self.outputs(query, query_mask, response, response_mask, False)
+            with self.critic():
+                _, values = self.outputs(query, query_mask, response, response_mask, True)
+            return logits, values
+        return self.outputs(query, query_mask, response, response_mask, with_values)
+
+    def outputs(self, query, query_mask, response, response_mask, with_values: bool):
+        """``response_outputs`` with the values read from the adapter that is active now."""
         if self._keeps_logits is None:
             self._keeps_logits = forward_arguments(self.model)[1]
         checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers >= 5.20
@@ -224,24 +243,53 @@ class Policy(nn.Module):
         return logits[:, -(T + 1):-1], values[:, P - 1:-1] if with_values else None
 
     @contextmanager
+    def keeping_trainable(self):
+        """peft freezes every adapter but the active one whenever it activates adapters (``set_adapter``, and on
+        leaving ``disable_adapter``): with a separate critic the trainable flags are put back afterwards, so both
+        adapters keep training."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad] if self.separate_critic else []
+        try:
+            yield
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
+    @contextmanager
+    def critic(self):
+        """The separate critic's adapter active instead of the policy's."""
+        with self.keeping_trainable():
+            self.model.base_model.set_adapter(CRITIC_ADAPTER)
+            try:
+                yield
+            finally:
+                self.model.base_model.set_adapter("default")
+
+    @contextmanager
     def reference(self):
         """The reference policy: the same base with the adapter disabled (no second copy of the weights)."""
-        with self.model.disable_adapter():
+        with self.keeping_trainable(), self.model.disable_adapter():
             yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device):
-    """(policy, tokenizer) ready to train: base (maybe quantized) + LoRA + zero value head."""
+def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, separate_critic: bool = False):
+    """(policy, tokenizer) ready to train: base (maybe quantized) + LoRA + zero value head; with
+    ``separate_critic`` a second LoRA adapter (the same settings) for the value head."""
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, tokenizer, device)
     model = add_lora(base, lora_cfg)
+    if separate_critic:
+        model.add_adapter(CRITIC_ADAPTER, model.peft_config["default"])
+        model.base_model.set_adapter("default")
+        for name, p in model.named_parameters():  # add_adapter leaves the new adapter frozen
+            if f".{CRITIC_ADAPTER}." in name:
+                p.requires_grad_(True)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapter although the frozen embeddings need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint,
-                    share_prompts=model_cfg.share_prompts)
+                    share_prompts=model_cfg.share_prompts, separate_critic=separate_critic)
     policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
     return policy, tokenizer

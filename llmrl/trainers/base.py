@@ -500,6 +500,14 @@ class Trainer:
         if getattr(result, "unexpected_keys", None):
             raise ConfigError(f"checkpoint {path} does not match this model (unexpected adapter weights "
                               f"{result.unexpected_keys[:3]}): use the config it was trained with")
+        if self.policy.separate_critic:  # peft writes a second adapter to a folder of its name
+            from llmrl.models.policy import CRITIC_ADAPTER
+
+            critic = path / "adapter" / CRITIC_ADAPTER / "adapter_model.safetensors"
+            if not critic.is_file():
+                raise ConfigError(f"checkpoint {path} has no separate critic ({critic} is missing): it was trained "
+                                  f"with ppo.critic: shared; resume it so")
+            set_peft_model_state_dict(self.policy.model, read_weights(critic, self.device), CRITIC_ADAPTER)
         try:
             self.policy.value_head.load_state_dict(read_weights(path / "value_head.safetensors", self.device))
         except RuntimeError as e:  # wrong shapes

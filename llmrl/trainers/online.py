@@ -429,7 +429,7 @@ def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineT
     from llmrl.rewards.base import build_eval_reward, build_reward
 
     strategy.seed_everything(cfg.run.seed)
-    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device)
+    policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device, cfg.ppo.critic == "separate")
     train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
     reward = None if cfg.env.name else build_reward(cfg.reward, strategy.device)
     return OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy,
