@@ -17,7 +17,7 @@ from helpers import free_port, make_trainer, tiny_config
 import llmrl.trainers.base as trainers_base
 from llmrl.distributed import deepspeed_internals
 from llmrl.distributed.deepspeed_internals import TESTED_RANGE, missing_internals
-from llmrl.errors import first_line
+from llmrl.errors import UserError, first_line
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = deepspeed.__version__
@@ -50,6 +50,20 @@ def test_the_checkpoint_classes_are_where_the_safe_loader_looks():
     assert [c.__name__ for c in classes] == [name for _, name in deepspeed_internals.CHECKPOINT_CLASSES]
 
 
+def test_a_moved_internal_is_one_line_naming_it_the_version_and_the_ways_out():
+    class Stage3Optimizer:  # a release whose ZeRO-3 optimizer keeps its offload object under another name
+        offload = None
+
+    engine = type("Engine", (), {"optimizer": Stage3Optimizer()})()
+    assert missing_internals(engine) == ["engine.optimizer.parameter_offload"]
+    with pytest.raises(UserError) as raised:
+        deepspeed_internals.check_internals(engine)
+    assert str(raised.value) == (
+        f"DeepSpeed {VERSION} has moved internals that ZeRO-3 rollouts with gathered weights use "
+        f"(engine.optimizer.parameter_offload): set deepspeed.gather_for_generation: false, or install a tested "
+        f"DeepSpeed: pip install 'deepspeed{TESTED_RANGE}'")
+
+
 @pytest.fixture(scope="module")
 def zero3(tiny_model_dir, tmp_path_factory):
     """A trainer on one ZeRO-3 rank in this process (as under ``deepspeed --num_gpus 1``); the process group is
@@ -60,9 +74,10 @@ def zero3(tiny_model_dir, tmp_path_factory):
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(free_port())}.items():
             env.setenv(key, value)
+        # gather_for_generation false: prepare() does not check the internals; the tests below do, with their messages
         cfg = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("run"), "run.strategy=deepspeed",
                           "deepspeed.zero_stage=3", "train.micro_batch_size=4", "train.epochs=1",
-                          "generation.do_sample=false")
+                          "generation.do_sample=false", "deepspeed.gather_for_generation=false")
         strategy = make_strategy(cfg)
         try:
             yield make_trainer(cfg, strategy)
@@ -86,7 +101,7 @@ def test_a_zero3_engine_has_every_internal_llmrl_touches(zero3):
 def test_a_rollout_runs_with_the_hooks_off_and_they_come_back_after(zero3, monkeypatch):
     strategy, engine = zero3.strategy, zero3.strategy.engine
     prompts = zero3.prompt_texts(zero3.train_rows[:4])
-    strategy.ds_cfg.gather_for_generation = False  # DeepSpeed's hooks fetch every weight in every forward
+    assert not strategy.ds_cfg.gather_for_generation  # as built: DeepSpeed's hooks fetch every weight in every forward
     with_hooks = zero3.generate(prompts)
 
     before = hook_counts(engine)

@@ -68,6 +68,15 @@ def missing_internals(engine) -> list[str]:
     return missing
 
 
+def check_internals(engine) -> None:
+    """``UserError`` naming what ``missing_internals`` finds, the installed version and the ways out."""
+    missing = missing_internals(engine)
+    if missing:
+        raise UserError(f"DeepSpeed {deepspeed_version()} has moved internals that ZeRO-3 rollouts with gathered "
+                        f"weights use ({', '.join(missing)}): set deepspeed.gather_for_generation: false, or install "
+                        f"a tested DeepSpeed: pip install 'deepspeed{TESTED_RANGE}'")
+
+
 @contextmanager
 def zero3_hooks_removed(engine):
     """ZeRO-3's module hooks off ``engine``'s model until the block ends, then the same hooks back, in DeepSpeed's
@@ -82,11 +91,7 @@ def zero3_hooks_removed(engine):
 
     Raises ``UserError`` before touching anything if one of them is not there (a DeepSpeed outside that range).
     """
-    missing = missing_internals(engine)
-    if missing:
-        raise UserError(f"DeepSpeed {deepspeed_version()} has moved internals that ZeRO-3 rollouts with gathered "
-                        f"weights use ({', '.join(missing)}): set deepspeed.gather_for_generation: false, or install "
-                        f"a tested DeepSpeed: pip install 'deepspeed{TESTED_RANGE}'")
+    check_internals(engine)
     offload = engine.optimizer.parameter_offload
     module = offload.module
     start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]

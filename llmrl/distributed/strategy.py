@@ -244,6 +244,10 @@ class DeepSpeed(SingleProcess):
         super().prepare(model, optimizer, scheduler, max_grad_norm, grad_accum_steps, micro_batch_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if self.zero_stage == 3 and self.ds_cfg.gather_for_generation:
+            from llmrl.distributed.deepspeed_internals import check_internals
+
+            check_internals(self.engine)  # a DeepSpeed that moved them fails here, not at the first rollout
         return self.optimizer, self.scheduler
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
