@@ -137,7 +137,8 @@ def load_state_file(path: Path, allowed: tuple = ()) -> dict:
     ``weights_only=True`` rebuilds tensors, numbers, strings and containers only, so a tampered file cannot run
     code (a pickled ``os.system`` call fails to load instead). Numpy arrays (the RNG state of checkpoints from
     before the state was kept as tensors) are allowed too: rebuilding one runs no code of the file's choosing;
-    so are the plain data classes in ``allowed`` (DeepSpeed's enums and configs, see ``strategy.DeepSpeed``).
+    so are the plain data classes in ``allowed`` (DeepSpeed's enums and configs:
+    ``deepspeed_internals.checkpoint_classes``).
     """
     import numpy as np
     import torch

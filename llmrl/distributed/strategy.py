@@ -244,6 +244,10 @@ class DeepSpeed(SingleProcess):
         super().prepare(model, optimizer, scheduler, max_grad_norm, grad_accum_steps, micro_batch_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if self.zero_stage == 3 and self.ds_cfg.gather_for_generation:
+            from llmrl.distributed.deepspeed_internals import check_internals
+
+            check_internals(self.engine)  # a DeepSpeed that moved them fails here, not at the first rollout
         return self.optimizer, self.scheduler
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
@@ -297,20 +301,10 @@ class DeepSpeed(SingleProcess):
         """
         import deepspeed
 
-        offload = self.engine.optimizer.parameter_offload
-        module = offload.module
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
-            for param in module.parameters():
-                param.ds_active_sub_modules.clear()
-            for hook in (*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook):
-                hook.remove()
-            offload.forward_hooks, offload.backward_hooks = [], []
-            try:
-                yield
-            finally:  # the same hooks again, in DeepSpeed's order
-                offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward)
-                offload._register_deepspeed_module(module)
+        from llmrl.distributed.deepspeed_internals import zero3_hooks_removed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())), zero3_hooks_removed(self.engine):
+            yield
 
     @property
     def generate_kwargs(self) -> dict:
@@ -358,23 +352,14 @@ class DeepSpeed(SingleProcess):
         torch's safe loader, which rebuilds tensors, numbers and DeepSpeed's own plain data classes only, so a
         tampered file is refused instead of run."""
         from llmrl.distributed.checkpoint import load_state_file
+        from llmrl.distributed.deepspeed_internals import checkpoint_classes
 
         for path in sorted(Path(engine_dir).rglob("*.pt")):
-            load_state_file(path, allowed=deepspeed_state_classes())
+            load_state_file(path, allowed=checkpoint_classes())
 
     @property
     def loads_module_weights(self) -> bool:
         return True
-
-
-def deepspeed_state_classes() -> tuple:
-    """The classes DeepSpeed 0.19's checkpoint files hold besides tensors and containers: enums and config
-    records, data without behaviour on unpickling."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return (ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
