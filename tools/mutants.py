@@ -21,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_rl_math.py", "tests/test_estimators.py",
-              "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py"]
+              "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
+              "tests/test_config.py", "tests/test_policy.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -50,7 +51,7 @@ MUTANTS = [
      "GRPO's loss KL uses k1 (can go negative) instead of k3"),
     (O, "exp.advantages = self.whiten(advantages, mask)",
      "exp.advantages = self.whiten(advantages, torch.ones_like(mask))", "whitening counts padding"),
-    (O, "ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, local_mini)",
+    (O, "ent = self.estimator.reduce(entropy, mb.loss_mask, num_tokens, num_sequences)",
      "ent = rl.masked_mean(entropy, mb.loss_mask)",
      "the entropy divides by the microbatch's tokens, not the minibatch's"),
     (O, "scores = self.reward_norm.normalize(scores).float()", "scores = scores.float()",
@@ -95,11 +96,35 @@ MUTANTS = [
     ("llmrl/rl/gated.py", "torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg)",
      "torch.full_like(ratio, tau_neg), torch.full_like(ratio, tau_pos)", "SAPO's temperatures swapped"),
     (O, "kl_loss = self.estimator.reduce(rl.kl_penalty(logprobs, mb.ref_logprobs, \"k3\"), mb.loss_mask,\n"
-        "                                                        num_tokens, local_mini)",
+        "                                                        num_tokens, num_sequences)",
      "kl_loss = rl.masked_mean(rl.kl_penalty(logprobs, mb.ref_logprobs, \"k3\"), mb.loss_mask, num_tokens)",
      "the KL term ignores the loss aggregation"),
     ("llmrl/trainers/base.py", "if self.step < total and self.strategy.any_rank(self.stop_requested)[0]:",
      "if False:", "a callback's stop() is ignored"),
+    (O, "(mb_mask.sum(1) > 0).sum().to(mb_mask.dtype)", "torch.tensor(float(mb_mask.shape[0]))",
+     "the sequence divisors count skipped and dropped rows"),
+    (O, "num_tokens, num_sequences = (self.strategy.all_reduce_sum(counts) / sizes.world_size)",
+     "num_tokens, num_sequences = (self.strategy.all_reduce_sum(counts) / 1)",
+     "the divisors forget that ranks' gradients are averaged"),
+    (f"{A}/ppo.py", "moments = self.all_reduce_sum(rl.masked_moments(rewards, mask))",
+     "moments = rl.masked_moments(rewards, mask)", "reward whitening over this rank's tokens only"),
+    (O, "exp.advantages = exp.advantages * weight", "exp.advantages = exp.advantages",
+     "truncated importance sampling weighs nothing"),
+    (O, "weight = ratio.clamp(max=self.tis_cap)", "weight = ratio", "importance weights not truncated"),
+    (O, "log_ratio = (exp.logprobs - exp.sampler_logprobs) * mask",
+     "log_ratio = (exp.sampler_logprobs - exp.logprobs) * mask", "importance ratio upside down (sampler / trainer)"),
+    (O, "return g.engine == \"fast\" and not g.compile and m.dtype == \"float32\" and m.quantization is None",
+     "return g.engine == \"fast\" and not g.compile and m.quantization is None",
+     "pi_old taken from a bfloat16 sampler"),
+    ("llmrl/rl/dpo.py", "policy_chosen, ref_chosen = policy_chosen / chosen_tokens, ref_chosen / chosen_tokens",
+     "policy_chosen, ref_chosen = policy_chosen, ref_chosen", "IPO sums the chosen completion's log-probs"),
+    ("llmrl/models/policy.py", "            for p in trainable:\n                p.requires_grad_(True)",
+     "            for p in trainable:\n                pass", "a separate critic's adapter left frozen by peft"),
+    ("llmrl/trainers/base.py",
+     "set_peft_model_state_dict(self.policy.model, read_weights(critic, self.device), CRITIC_ADAPTER)",
+     "pass", "a separate critic is not loaded on resume"),
+    ("llmrl/models/policy.py", "            with self.critic():\n                _, values = self.outputs(",
+     "            if True:\n                _, values = self.outputs(", "a separate critic's values from the policy's adapter"),
 ]
 
 
