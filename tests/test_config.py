@@ -274,7 +274,8 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(tm
     cfg = load_config(write(tmp_path, base()))
     data = to_dict(cfg)
     for section, key in (("train", "loss_aggregation"), ("critic_free", "sapo_tau_neg"),
-                         ("run", "stop_grace_seconds")):
+                         ("run", "stop_grace_seconds"), ("train", "old_logprobs"), ("train", "importance_sampling"),
+                         ("train", "importance_sampling_cap"), ("ppo", "critic")):
         del data[section][key]
     checkpoint = tmp_path / "final"
     checkpoint.mkdir()

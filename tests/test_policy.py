@@ -303,3 +303,8 @@ def test_a_separate_critic_is_saved_and_resumed(tiny_model_dir, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     for before, after in zip(critic_weights, critic_weights[1:]):  # it trained at every step, the resumed one too
         assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    from llmrl import export  # the export is the policy alone: the base's weights, no adapter of either kind
+
+    export(run / "final", tmp_path / "exported")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert exported and not any("lora" in k or CRITIC_ADAPTER in k for k in exported)
