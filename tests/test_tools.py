@@ -29,7 +29,7 @@ def test_plot_writes_a_non_blank_png(tmp_path):
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     image = Image.open(run / "curves.png").convert("RGB")
-    assert image.size == (1500, 1600)
+    assert image.size == (1500, 1200)
     colours = image.getcolors(maxcolors=1_000_000)
     assert len(colours) > 50  # curves, text and axes, not a blank canvas
     white = max(count for count, rgb in colours if rgb == (255, 255, 255))
@@ -37,7 +37,30 @@ def test_plot_writes_a_non_blank_png(tmp_path):
     elsewhere = tmp_path / "plots" / "run.png"  # a folder that does not exist yet
     out = subprocess.run([sys.executable, "-m", "llmrl", "plot", str(run), "--out", str(elsewhere)],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0 and Image.open(elsewhere).size == (1500, 1600), out.stderr[-2000:]
+    assert out.returncode == 0 and Image.open(elsewhere).size == (1500, 1200), out.stderr[-2000:]
+
+
+def test_plot_draws_the_panels_the_run_logged_on_integer_steps():
+    """A 3-step DPO run: its loss, accuracy and margin and the held-out reward are drawn, nothing of PPO's, no
+    empty panel; a 3-step axis shows whole steps only."""
+    from llmrl.cli.plot import figure
+
+    rows = [{"step": s, "loss/dpo": 0.69 - s / 10, "rewards/accuracy": 0.5 + s / 10, "rewards/margin": s / 5,
+             "time/step": 0.4} for s in (1, 2, 3)] + [{"step": 3, "eval/reward": 0.5}]
+    fig = figure(rows, "dpo run")
+    drawn = [ax for ax in fig.axes if ax.axison]
+    titles = [ax.get_title() for ax in drawn]
+    assert titles == ["reward: shaped (trained on), raw (the reward's own), held-out", "DPO: loss",
+                      "DPO: preference accuracy", "DPO: margin (beta x log-ratio difference)", "seconds per phase"]
+    assert len(fig.axes) == 6  # two rows of three, the last one blank
+    for ax in drawn:
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    online = figure([{"step": 1, "reward/mean": -0.4, "reward/raw_mean": 0.2, "objective/kl": 0.1}], "online")
+    lines = [line.get_label() for line in online.axes[0].get_lines()]
+    assert lines == ["reward/mean", "reward/raw_mean"]  # the shaped reward beside the reward's own
+    assert figure([{"step": 1, "something/else": 1.0}], "none") is None
 
 
 def test_plot_of_a_folder_without_a_log_is_a_clear_error(tmp_path):

@@ -4,25 +4,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PANELS = [
-    ("reward", ["reward/mean", "eval/reward"]),
+PANELS = [  # (title, keys): a panel is drawn when the run logged one of its keys
+    ("reward: shaped (trained on), raw (the reward's own), held-out", ["reward/mean", "reward/raw_mean", "eval/reward"]),
     ("KL to the reference", ["objective/kl"]),
     ("entropy", ["objective/entropy"]),
     ("response length (tokens)", ["response/length"]),
     ("clip fraction", ["policy/clipfrac", "value/clipfrac"]),
-    ("seconds per phase", ["time/generate", "time/reward", "time/forward", "time/update"]),
-    ("episode success rate (env runs)", ["env/success", "eval/success"]),
-    ("turns per episode (env runs)", ["env/turns", "eval/turns"]),
-    ("episodes truncated (env runs)", ["env/truncated", "eval/truncated"]),
+    ("losses", ["loss/policy", "loss/value", "loss/kl"]),
+    ("DPO: loss", ["loss/dpo"]),
+    ("DPO: preference accuracy", ["rewards/accuracy"]),
+    ("DPO: margin (beta x log-ratio difference)", ["rewards/margin"]),
+    ("seconds per phase", ["time/generate", "time/reward", "time/forward", "time/update", "time/step"]),
+    ("episode success rate", ["env/success", "eval/success"]),
+    ("turns per episode", ["env/turns", "eval/turns"]),
+    ("episodes truncated", ["env/truncated", "eval/truncated"]),
     ("sampler vs trainer: |log-prob diff|", ["sampling/logprob_diff_mean", "sampling/logprob_diff_max"]),
     ("importance weights (train.importance_sampling)", ["sampling/is_weight_mean", "sampling/is_clipped"]),
 ]
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Writes ``figure``'s PNG of the run's log.jsonl (default: RUN_DIR/curves.png); returns its path."""
     import matplotlib.pyplot as plt
 
     from llmrl.config import ConfigError
@@ -34,27 +36,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = [r for r in read_log(run_dir) if "samples" not in r]
     if not rows:
         raise ConfigError(f"{run_dir / 'log.jsonl'} has no metrics yet")
-    rows_of_panels = -(-len(PANELS) // 3)
-    fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4 * rows_of_panels))
-    for ax in axes.flat[len(PANELS):]:
-        ax.axis("off")
-    for ax, (title, keys) in zip(axes.flat, PANELS):
-        drawn = False
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(points) < 20 else None, label=key)
-                drawn = True
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(str(run_dir))
-    fig.tight_layout()
+    fig = figure(rows, str(run_dir))
+    if fig is None:
+        raise ConfigError(f"{run_dir / 'log.jsonl'} holds none of the metrics llmrl plots")
     out = Path(out) if out else run_dir / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -62,11 +46,48 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def figure(rows: list[dict], title: str):
+    """The panels of ``PANELS`` that ``rows`` (log.jsonl's) hold a value of, three per row, steps on an integer
+    axis; None when they hold none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = [(name, [(key, [(r["step"], r[key]) for r in rows if r.get(key) is not None]) for key in keys])
+              for name, keys in PANELS]
+    curves = [(name, [(key, points) for key, points in lines if points]) for name, lines in curves]
+    curves = [(name, lines) for name, lines in curves if lines]
+    if not curves:
+        return None
+    n_rows = -(-len(curves) // 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
+    for ax, (name, lines) in zip(axes.flat, curves):
+        for key, points in lines:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        steps = {x for _, points in lines for x, _ in points}
+        if len(steps) == 1:  # one step (an evaluation at the end): a range around it that holds whole steps
+            ax.set_xlim(min(steps) - 1, min(steps) + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmrl.cli.console import run_cli
 
-    parser = argparse.ArgumentParser(description="Plot a run's metrics (reward, KL, entropy, length, clipfrac, "
-                                                 "time per phase) as PNG curves.")
+    parser = argparse.ArgumentParser(description="Plot the metrics a run logged (reward, KL, entropy, length, "
+                                                 "clip fraction, losses, DPO's accuracy, episodes, time per phase) "
+                                                 "as PNG curves.")
     parser.add_argument("run_dir", help="a run directory holding log.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
