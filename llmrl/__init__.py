@@ -19,6 +19,7 @@ _LAZY = {
     "RLTrainer": ("llmrl.api", "RLTrainer"),
     "RunResult": ("llmrl.api", "RunResult"),
     "Callback": ("llmrl.api", "Callback"),
+    "SFTTrainer": ("llmrl.trainers.sft", "SFTTrainer"),
     "Config": ("llmrl.config", "Config"),
     "load_config": ("llmrl.config", "load_config"),
     "export": ("llmrl.exporter", "export"),

@@ -290,6 +290,9 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     from llmrl.trainers.online import OnlineTrainer
 
     started = time.perf_counter()
+    if cfg.algorithm == "sft":
+        raise ConfigError("algorithm is sft: supervised fine-tuning runs with llmrl sft --config C.yaml (or "
+                          "llmrl.SFTTrainer from Python), not llmrl train / RLTrainer")
     run_dir = Path(cfg.run.output_dir)
     strategy = make_strategy(cfg)
     main = strategy.is_main

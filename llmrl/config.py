@@ -45,6 +45,10 @@ class ModelConfig:
                                      "and update passes; the same numbers as encoding every row in full.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them: "
                                               "less memory for longer sequences, about a third more compute.")
+    adapter: str | None = opt(None, "A peft LoRA adapter folder to start from (e.g. RUN/final/adapter of a LoRA "
+                                    "`llmrl sft` run on this model.name_or_path): trained further with its own r, "
+                                    "alpha and targets (the lora section is then not used); the reference stays the "
+                                    "base with the adapter disabled.")
 
 
 @dataclass
@@ -264,6 +268,26 @@ class WarmStartConfig:
 
 
 @dataclass
+class SFTConfig:
+    data: str = opt("", "Supervised data in TRL's SFT formats: prompt and completion columns (texts, or "
+                        "conversational message lists), or a messages column (a conversation): a "
+                        ".jsonl/.json/.csv/.parquet file or a datasets name.")
+    eval_data: str | None = opt(None, "Held-out rows (same forms); null: the last eval_size rows of data.")
+    eval_size: int = opt(64, "Held-out rows whose loss and token accuracy are logged as eval/loss, "
+                             "eval/token_accuracy.")
+    prompt_column: str = opt("prompt", "Column of the prompts (prompt-completion format).")
+    completion_column: str = opt("completion", "Column of the completions, the only tokens trained on (TRL's "
+                                               "completion_only_loss).")
+    messages_column: str = opt("messages", "Column of whole conversations; only the assistant turns are trained "
+                                           "on (TRL's assistant_only_loss).")
+    max_length: int = opt(512, "Tokens per row (prompt and completion); longer rows are cut at the end, as TRL does.")
+    batch_size: int = opt(8, "Rows per optimizer step.")
+    epochs: int = opt(1, "Passes over the training rows.")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (null: all epochs).")
+    lr: float = opt(2e-4, "AdamW learning rate (2e-4 suits LoRA; full fine-tuning wants ~1e-5).")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = opt(
         2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
@@ -350,10 +374,12 @@ class Sizes:
 @dataclass
 class Config:
     algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
-                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); or an Estimator "
+                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); sft "
+                                "(supervised fine-tuning, see sft; run by llmrl sft); or an Estimator "
                                 "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
-    lora: LoraConfig = opt(LoraConfig(), "The trained LoRA adapter.")
+    lora: LoraConfig | None = opt(LoraConfig(), "The trained LoRA adapter; null trains all weights (full "
+                                                "fine-tuning; algorithm sft only, for now).")
     data: DataConfig = opt(DataConfig(), "Prompts.")
     generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
@@ -362,6 +388,7 @@ class Config:
                                       "(clip_range and ent_coef also apply to the critic-free estimators).")
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
+    sft: SFTConfig = opt(SFTConfig(), "Supervised fine-tuning settings (algorithm: sft).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO settings, used under the deepspeed launcher.")
     env: EnvConfig = opt(EnvConfig(), "Multi-turn episodes against an environment (the reward is the environment's).")
@@ -394,6 +421,7 @@ class Config:
         from llmrl.algorithms import OFFLINE, estimator_class
 
         estimator = None if self.algorithm in OFFLINE else estimator_class(self.algorithm)
+        sft = self.algorithm == "sft"
         estimator_checks = [] if estimator is None else estimator.config_checks(self)
         estimator_checks.append((self.ppo.critic == "shared" or (estimator is not None and estimator.uses_critic),
                                  "ppo.critic", f"is separate with algorithm {self.algorithm}, which trains no critic: "
@@ -405,10 +433,30 @@ class Config:
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
-            (self.data.source != "" or self.env.name != "", "data.source",
+            (self.data.source != "" or self.env.name != "" or sft, "data.source",
              "is empty: name a task (task:reverse) or a prompt file (or an env.name to play)"),
-            (self.reward.function != "" or self.reward.components or self.env.name != "", "reward.function",
+            (self.reward.function != "" or self.reward.components or self.env.name != "" or sft, "reward.function",
              "is empty and there are no reward.components: name a reward (e.g. module:function)"),
+            (not sft or self.sft.data != "", "sft.data",
+             "is empty: algorithm sft needs a file of prompt/completion or messages rows"),
+            (not sft or self.env.name == "", "algorithm",
+             "is sft with an env.name: supervised fine-tuning reads sft.data and plays no episodes; remove env"),
+            (self.lora is not None or sft, "lora",
+             f"is null (full fine-tuning), which algorithm sft supports but {self.algorithm} does not yet: give a "
+             f"lora section, or fine-tune all weights with llmrl sft and start the RL run from its model"),
+            (self.lora is not None or self.model.quantization is None, "lora",
+             f"is null (full fine-tuning) with model.quantization = {self.model.quantization!r}: quantized weights "
+             f"cannot be trained; remove model.quantization or give a lora section"),
+            (self.lora is not None or self.model.adapter is None, "lora",
+             "is null (full fine-tuning) with model.adapter set: an adapter trains only its own weights; give a "
+             "lora section, or merge the adapter (llmrl export) and name the merged model in model.name_or_path"),
+            (self.sft.batch_size >= 1, "sft.batch_size", f"is {self.sft.batch_size}: must be at least 1"),
+            (self.sft.epochs >= 1, "sft.epochs", f"is {self.sft.epochs}: must be at least 1"),
+            (self.sft.max_steps is None or self.sft.max_steps >= 1, "sft.max_steps",
+             f"is {self.sft.max_steps}: must be at least 1, or null for all epochs"),
+            (self.sft.max_length >= 2, "sft.max_length", f"is {self.sft.max_length}: must be at least 2 (tokens)"),
+            (self.sft.eval_size >= 1, "sft.eval_size", f"is {self.sft.eval_size}: must be at least 1"),
+            (self.sft.lr > 0, "sft.lr", f"is {self.sft.lr}: must be > 0"),
             (self.env.name == "" or (self.reward.function == "" and not self.reward.components), "reward.function",
              f"is set with env.name = {self.env.name!r}: the environment's rewards are the episode's; remove the "
              f"reward section (a reward on whole transcripts is not supported yet)"),
@@ -495,8 +543,11 @@ class Config:
              f"is {t.eval_fraction}: must be between 0 and 1, exclusive (a share held out; the rest is trained on)"),
             (not uses_task or t.max_per_length >= 1, "data.task.max_per_length",
              f"is {t.max_per_length}: must be at least 1"),
-            (self.lora.r >= 1, "lora.r", f"is {self.lora.r}: must be at least 1 (e.g. 8)"),
-            (0 <= self.lora.dropout < 1, "lora.dropout", f"is {self.lora.dropout}: must be in [0, 1)"),
+            (self.lora is None or self.lora.r >= 1, "lora.r",
+             f"is {self.lora and self.lora.r}: must be at least 1 (e.g. 8); to train all weights instead, write "
+             f"lora: null"),
+            (self.lora is None or 0 <= self.lora.dropout < 1, "lora.dropout",
+             f"is {self.lora and self.lora.dropout}: must be in [0, 1)"),
             (self.reward.timeout is None or self.reward.timeout > 0, "reward.timeout",
              f"is {self.reward.timeout}: must be > 0 seconds, or null to wait forever"),
         ]

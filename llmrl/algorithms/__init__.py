@@ -11,7 +11,7 @@ from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo, ci
 from llmrl.algorithms.base import ESTIMATORS, Estimator, GroupEstimator, SequenceEstimator, register
 from llmrl.errors import ConfigError
 
-OFFLINE = ("dpo",)  # algorithms without rollouts, hence without an estimator
+OFFLINE = ("dpo", "sft")  # algorithms without rollouts, hence without an estimator (sft: llmrl.trainers.sft)
 
 
 _LOADED: dict[str, type[Estimator]] = {}  # classes named by a path, imported once per process

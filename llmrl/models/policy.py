@@ -157,6 +157,48 @@ def add_lora(model, cfg: LoraConfig):
         raise ConfigError(f"LoRA could not be attached (lora.target_modules = {cfg.target_modules!r}): {e}") from e
 
 
+ADAPTER_FINGERPRINT = "llmrl_base_fingerprint.json"  # written beside an adapter llmrl sft saves: its base
+
+
+def load_adapter(model, cfg: ModelConfig):
+    """``model`` (the base) with the peft LoRA adapter of folder ``cfg.adapter`` attached, trainable. An adapter made
+    for another base is refused in one line: by the base fingerprint llmrl sft saves beside it, else by the base
+    name peft recorded (its last path part, so a hub name and a local copy of it agree), else by its shapes."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    folder = Path(cfg.adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.adapter = {cfg.adapter!r} is not a peft adapter folder (no adapter_config.json "
+                          f"there): point it at a folder a LoRA run saved, e.g. RUN/final/adapter")
+    try:
+        adapter_config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"model.adapter = {cfg.adapter!r}: adapter_config.json is not valid JSON ({e})") from None
+    if adapter_config.get("peft_type") != "LORA":
+        raise ConfigError(f"model.adapter = {cfg.adapter!r} is a {adapter_config.get('peft_type')} adapter: llmrl "
+                          f"trains LoRA adapters only")
+    fingerprint = folder / ADAPTER_FINGERPRINT
+    if fingerprint.is_file():
+        why = fingerprint_mismatch(json.loads(fingerprint.read_text()), model.llmrl_base_fingerprint)
+        if why:
+            raise ConfigError(f"model.adapter = {cfg.adapter!r} was trained on another base than model.name_or_path = "
+                              f"{cfg.name_or_path!r} ({why}): name the base it was trained on")
+    else:
+        recorded = adapter_config.get("base_model_name_or_path") or ""
+        if recorded and Path(recorded.rstrip("/")).name != Path(cfg.name_or_path.rstrip("/")).name:
+            raise ConfigError(f"model.adapter = {cfg.adapter!r} was made for base {recorded!r}, not model.name_or_path "
+                              f"= {cfg.name_or_path!r}: name the base it was trained on")
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, modules the base lacks
+        raise ConfigError(f"model.adapter = {cfg.adapter!r} does not fit model.name_or_path = {cfg.name_or_path!r} "
+                          f"({str(e).strip().splitlines()[0][:160]}): name the base it was trained on") from None
+
+
 CRITIC_ADAPTER = "critic"  # the peft adapter of a separate critic (ppo.critic: separate), beside peft's "default"
 
 
@@ -279,7 +321,7 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.dev
     ``separate_critic`` a second LoRA adapter (the same settings) for the value head."""
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, tokenizer, device)
-    model = add_lora(base, lora_cfg)
+    model = load_adapter(base, model_cfg) if model_cfg.adapter else add_lora(base, lora_cfg)
     if separate_critic:
         model.add_adapter(CRITIC_ADAPTER, model.peft_config["default"])
         model.base_model.set_adapter("default")
