@@ -4,7 +4,8 @@ Rows in TRL's SFT formats: ``prompt`` + ``completion`` (texts, or conversational
 the completion only (TRL's ``completion_only_loss``), or ``messages`` (a conversation) with the loss on the
 assistant turns only (TRL's ``assistant_only_loss``). A LoRA adapter is trained (``lora:``), or every weight
 (``lora: null``). The run folder is a run's: ``log.jsonl`` (loss/sft, sft/token_accuracy, eval/loss,
-eval/token_accuracy), ``config.yaml``, ``summary.json`` and ``final/``: ``final/adapter`` (start an RL run from it
+eval/token_accuracy), ``summary.json`` and ``final/`` (``config.yaml``, ``tokenizer/`` and ``adapter/`` or ``model/``):
+``final/adapter`` (start an RL run from it
 with ``model.adapter``) or ``final/model`` (a plain transformers model: ``model.name_or_path``).
 """
 from __future__ import annotations
@@ -191,11 +192,11 @@ def parameter_count(model_cfg) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_full_fine_tuning_fits(model_cfg, device: torch.device, available=available_memory_bytes) -> None:
+def check_full_fine_tuning_fits(model_cfg, device: torch.device) -> None:
     """Full fine-tuning holds weights, gradients and AdamW's two moments: about 4 x parameters x bytes per value.
     Refused before loading when that exceeds the device's free memory."""
     n = parameter_count(model_cfg)
-    free = available(device)
+    free = available_memory_bytes(device)
     if n is None or free is None:
         return
     need = 4 * n * BYTES[model_cfg.dtype]
@@ -246,25 +247,24 @@ def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     return train[:-s.eval_size], train[-s.eval_size:]
 
 
-def build_sft_model(cfg: Config, device: torch.device):
-    """(model, tokenizer): the base, with a new LoRA adapter, the adapter of model.adapter, or all weights trained."""
-    from llmrl.models.policy import add_lora, load_adapter, load_base_model, load_tokenizer
+def build_sft_model(cfg: Config, tokenizer, device: torch.device):
+    """The base, with a new LoRA adapter, the adapter of model.adapter, or all weights trained."""
+    from llmrl.models import policy
 
     m = cfg.model
     if cfg.lora is None:
         check_full_fine_tuning_fits(m, device)
-    tokenizer = load_tokenizer(m)
-    base = load_base_model(m, tokenizer, device)
+    base = policy.load_base_model(m, tokenizer, device)
     fingerprint = base.llmrl_base_fingerprint
     if cfg.lora is None:
         model = base
         model.requires_grad_(True)
     else:
-        model = load_adapter(base, m) if m.adapter else add_lora(base, cfg.lora)
+        model = policy.load_adapter(base, m) if m.adapter else policy.add_lora(base, cfg.lora)
     model.llmrl_base_fingerprint = fingerprint
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+    return model
 
 
 def save_sft_model(model, tokenizer, cfg: Config, target: Path) -> Path:
@@ -293,6 +293,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
 
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir
     from llmrl.distributed.strategy import SingleProcess
+    from llmrl.models.policy import load_tokenizer
     from llmrl.tracking import MetricsLogger, read_log
 
     if cfg.algorithm != "sft":
@@ -306,11 +307,12 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
     _, lock = claim_run_dir(run_dir, False, overwrite, strategy)
     try:
         strategy.seed_everything(cfg.run.seed)
-        model, tokenizer = build_sft_model(cfg, strategy.device)
+        tokenizer = load_tokenizer(cfg.model)
+        # every row is checked (and tokenised) before the model is loaded
         train, cut = encode_rows(tokenizer, train_rows, s, "sft.data")
         evals, _ = encode_rows(tokenizer, eval_rows, s, "sft.eval_data" if s.eval_data else "sft.data (held out)")
+        model = build_sft_model(cfg, tokenizer, strategy.device)
         make_run_dir(run_dir, overwrite)
-        save_config(cfg, run_dir / "config.yaml")
         device = strategy.device
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=cfg.train.weight_decay)
