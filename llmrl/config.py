@@ -379,7 +379,8 @@ class Config:
                                 "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig | None = opt(LoraConfig(), "The trained LoRA adapter; null trains all weights (full "
-                                                "fine-tuning; algorithm sft only, for now).")
+                                                "fine-tuning; the RL reference is then a frozen copy of the "
+                                                "starting model: twice the weights' memory).")
     data: DataConfig = opt(DataConfig(), "Prompts.")
     generation: GenerationConfig = opt(GenerationConfig(), "Rollout sampling.")
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
@@ -441,9 +442,12 @@ class Config:
              "is empty: algorithm sft needs a file of prompt/completion or messages rows"),
             (not sft or self.env.name == "", "algorithm",
              "is sft with an env.name: supervised fine-tuning reads sft.data and plays no episodes; remove env"),
-            (self.lora is not None or sft, "lora",
-             f"is null (full fine-tuning), which algorithm sft supports but {self.algorithm} does not yet: give a "
-             f"lora section, or fine-tune all weights with llmrl sft and start the RL run from its model"),
+            (self.lora is not None or self.ppo.critic == "shared", "lora",
+             "is null (full fine-tuning) with ppo.critic: separate, whose critic is a LoRA adapter: use ppo.critic: "
+             "shared (the value head reads the policy's hidden state) or give a lora section"),
+            (self.lora is not None or self.generation.engine != "vllm", "lora",
+             "is null (full fine-tuning) with generation.engine: vllm, which is sent only LoRA-adapted blocks: use "
+             "engine fast or generate, or give a lora section"),
             (self.lora is not None or self.model.quantization is None, "lora",
              f"is null (full fine-tuning) with model.quantization = {self.model.quantization!r}: quantized weights "
              f"cannot be trained; remove model.quantization or give a lora section"),

@@ -221,6 +221,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
                           f"run's final/ or step-N/ folder")
     check_out(checkpoint, out, overwrite)
+    if (checkpoint / "model" / "config.json").is_file():  # full fine-tuning (lora: null): the model is plain already
+        return export_full_model(checkpoint, out, dtype, adapter_only)
     tolerance = TOLERANCE if tolerance is None else tolerance
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(f"--tolerance {tolerance} must be a finite number >= 0 (the default is {TOLERANCE:g})")
@@ -286,6 +288,28 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     finally:
         bar.close()
     return result["max_diff"]
+
+
+def export_full_model(checkpoint: Path, out: Path, dtype: str, adapter_only: bool) -> float:
+    """A fully fine-tuned checkpoint's model (a plain transformers folder) and tokenizer, in ``dtype``, to ``out``;
+    nothing is merged, so the logits are the checkpoint's (returns 0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmrl.distributed.checkpoint import write_atomically
+
+    if adapter_only:
+        raise ConfigError(f"--adapter-only: {checkpoint} was trained with lora: null (all weights), so it has no "
+                          f"adapter; export without --adapter-only")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_atomically(out, write)
+    print(f"exported {checkpoint} (all weights trained, nothing to merge) in {dtype} to {out}", flush=True)
+    return 0.0
 
 
 def check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:

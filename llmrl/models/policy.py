@@ -308,20 +308,48 @@ class Policy(nn.Module):
 
     @contextmanager
     def reference(self):
-        """The reference policy: the same base with the adapter disabled (no second copy of the weights)."""
+        """The reference policy: the same base with the adapter disabled (no second copy of the weights); with full
+        fine-tuning (``lora: null``), the frozen copy of the starting model that ``build_policy`` made."""
+        frozen = self.__dict__.get("frozen_reference")  # not a submodule: never trained, saved or handed to DeepSpeed
+        if frozen is not None:
+            trained = self._modules["model"]
+            self._modules["model"] = frozen
+            try:
+                yield
+            finally:
+                self._modules["model"] = trained
+            return
         with self.keeping_trainable(), self.model.disable_adapter():
             yield
+
+    @property
+    def full_fine_tuning(self) -> bool:
+        """All weights trained (``lora: null``): no peft adapter, a frozen copy as the reference."""
+        return self.__dict__.get("frozen_reference") is not None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, separate_critic: bool = False):
+def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, device: torch.device,
+                 separate_critic: bool = False):
     """(policy, tokenizer) ready to train: base (maybe quantized) + LoRA + zero value head; with
-    ``separate_critic`` a second LoRA adapter (the same settings) for the value head."""
+    ``separate_critic`` a second LoRA adapter (the same settings) for the value head. ``lora_cfg`` None: every
+    weight is trained and the reference is a frozen copy of the starting model."""
     tokenizer = load_tokenizer(model_cfg)
+    if lora_cfg is None:
+        from llmrl.trainers.sft import check_full_fine_tuning_fits
+
+        check_full_fine_tuning_fits(model_cfg, device, copies=5, why="the frozen reference copy, ")
     base = load_base_model(model_cfg, tokenizer, device)
-    model = load_adapter(base, model_cfg) if model_cfg.adapter else add_lora(base, lora_cfg)
+    frozen = None
+    if lora_cfg is None:  # full fine-tuning: the reference is a frozen copy of the starting model (memory doubles)
+        import copy
+
+        frozen = copy.deepcopy(base).requires_grad_(False).eval()
+        model = base.requires_grad_(True)
+    else:
+        model = load_adapter(base, model_cfg) if model_cfg.adapter else add_lora(base, lora_cfg)
     if separate_critic:
         model.add_adapter(CRITIC_ADAPTER, model.peft_config["default"])
         model.base_model.set_adapter("default")
@@ -334,4 +362,6 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.dev
     policy = Policy(model, base.config.get_text_config().hidden_size, base.llmrl_base_fingerprint,
                     share_prompts=model_cfg.share_prompts, separate_critic=separate_critic)
     policy.value_head.to(device)  # the LM is already placed; quantized models refuse .to()
+    if frozen is not None:
+        policy.__dict__["frozen_reference"] = frozen
     return policy, tokenizer

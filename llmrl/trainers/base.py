@@ -398,7 +398,9 @@ class Trainer:
                     failure.append(e)
 
         def write_weights() -> None:
-            self.policy.model.save_pretrained(tmp / "adapter")
+            # full fine-tuning: the whole model, a plain transformers folder (export copies it), in one file
+            self.policy.model.save_pretrained(tmp / ("model" if self.policy.full_fine_tuning else "adapter"),
+                                              **({"max_shard_size": "10000GB"} if self.policy.full_fine_tuning else {}))
             save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       tmp / "value_head.safetensors")
 
@@ -495,6 +497,9 @@ class Trainer:
 
         path = Path(path)
         self.check_base(path)
+        if self.policy.full_fine_tuning:
+            self.load_full_weights(path)
+            return
         adapter = read_weights(path / "adapter" / "adapter_model.safetensors", self.device)
         result = set_peft_model_state_dict(self.policy.model, adapter)
         if getattr(result, "unexpected_keys", None):
@@ -513,6 +518,23 @@ class Trainer:
         except RuntimeError as e:  # wrong shapes
             raise ConfigError(f"checkpoint {path}: value_head.safetensors does not fit this model "
                               f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
+
+    def load_full_weights(self, path: Path) -> None:
+        """Full fine-tuning: the whole model and the value head of checkpoint ``path`` (tied weights are saved once
+        and tied again here, as safetensors' ``load_model`` does)."""
+        from safetensors.torch import load_model
+
+        weights = path / "model" / "model.safetensors"
+        if not weights.is_file() and (path / "adapter").is_dir():
+            raise ConfigError(f"checkpoint {path} holds a LoRA adapter, but lora is null (full fine-tuning): resume it "
+                              f"with the lora section it was trained with")
+        read_weights(weights, self.device)  # missing, damaged or not finite: one line naming it
+        try:
+            load_model(self.policy.model, weights, strict=True, device=str(self.device))
+        except RuntimeError as e:
+            raise ConfigError(f"checkpoint {path}: model/model.safetensors does not fit this model "
+                              f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
+        self.policy.value_head.load_state_dict(read_weights(path / "value_head.safetensors", self.device))
 
     def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
         """Continue from checkpoint ``path``; ``state``: its trainer_state.pt, when the caller has read it already."""

@@ -192,17 +192,18 @@ def parameter_count(model_cfg) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_full_fine_tuning_fits(model_cfg, device: torch.device) -> None:
-    """Full fine-tuning holds weights, gradients and AdamW's two moments: about 4 x parameters x bytes per value.
-    Refused before loading when that exceeds the device's free memory."""
+def check_full_fine_tuning_fits(model_cfg, device: torch.device, copies: int = 4, why: str = "") -> None:
+    """Full fine-tuning holds weights, gradients and AdamW's two moments: about 4 x parameters x bytes per value
+    (``copies``: 5 with an RL run's frozen reference). Refused before loading when that exceeds the device's free
+    memory (activations come on top)."""
     n = parameter_count(model_cfg)
     free = available_memory_bytes(device)
     if n is None or free is None:
         return
-    need = 4 * n * BYTES[model_cfg.dtype]
+    need = copies * n * BYTES[model_cfg.dtype]
     if need > free:
         raise ConfigError(f"lora is null (full fine-tuning) but model.name_or_path = {model_cfg.name_or_path!r} has "
-                          f"{n / 1e6:,.0f}M parameters: weights, gradients and AdamW's two moments need about "
+                          f"{n / 1e6:,.0f}M parameters: weights, {why}gradients and AdamW's two moments need about "
                           f"{need / 2**30:,.1f} GiB in {model_cfg.dtype}, more than the {free / 2**30:,.1f} GiB free "
                           f"on {device}: train a LoRA adapter (a lora section, e.g. lora: {{r: 16}}) or use a "
                           f"bigger device")

@@ -1,0 +1,80 @@
+"""Full fine-tuning of the RL algorithms (lora: null): every weight trains, the value head too, the reference is a
+frozen copy of the starting model, and checkpoints resume and export. Tiny models built in-process."""
+import pytest
+import torch
+
+from helpers import make_trainer, tiny_config
+
+
+def reference_logits(trainer, ids):
+    with torch.no_grad(), trainer.policy.reference():
+        return trainer.policy(ids, torch.ones_like(ids), with_values=False)[0]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_full_fine_tuning_trains_every_weight_and_keeps_the_reference(tiny_model_dir, tmp_path, algorithm):
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path / "run", "lora=null", f"algorithm={algorithm}",
+                                       "train.lr=1e-3"))
+    policy = trainer.policy
+    assert policy.full_fine_tuning and not hasattr(policy.model, "peft_config")
+    ids = trainer.tokenizer(["abc>", "fed>"], return_tensors="pt")["input_ids"]
+    ref_before = reference_logits(trainer, ids)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    assert all(p.requires_grad for p in policy.parameters())
+    stats = trainer.train_step()
+    after = dict(policy.named_parameters())
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    if algorithm == "ppo":
+        assert unchanged == [], unchanged  # every weight of the model moved, the value head too
+    else:  # no critic: the value head is not in the loss
+        assert all(n.startswith("value_head") for n in unchanged), unchanged
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # first rollout: policy == its frozen copy
+    assert torch.equal(reference_logits(trainer, ids), ref_before)  # the reference stays fixed
+    with torch.no_grad():
+        assert not torch.allclose(policy(ids, torch.ones_like(ids), with_values=False)[0], ref_before)
+    # the frozen copy is neither trained nor part of the policy's parameters (nor of a checkpoint)
+    assert len(list(policy.parameters())) == len(before)
+
+
+def test_full_fine_tuning_checkpoints_resume_and_export(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import llmrl
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "lora=null")
+    trainer = make_trainer(cfg)
+    trainer.train_step()
+    trainer.eval_reward_before = 0.0
+    path = trainer.save_checkpoint(tmp_path / "run" / "step-1")
+    assert (path / "model" / "model.safetensors").is_file() and not (path / "adapter").exists()
+    fresh = make_trainer(cfg)
+    fresh.load_checkpoint(path)
+    trained = dict(trainer.policy.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.policy.named_parameters())
+    ids = trainer.tokenizer(["abc>"], return_tensors="pt")["input_ids"]
+    assert torch.equal(reference_logits(fresh, ids), reference_logits(trainer, ids))  # still the starting model
+    llmrl.export(path, tmp_path / "exported")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    with torch.no_grad():
+        expected = trainer.policy(ids, torch.ones_like(ids), with_values=False)[0]
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_full_fine_tuning_dpo_step_keeps_the_reference(tiny_model_dir, tmp_path):
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.models.policy import build_policy
+    from llmrl.trainers.dpo import DPOTrainer, load_pairs
+    from helpers import REPO
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "lora=null", "algorithm=dpo", "dpo.batch_size=4",
+                      f"dpo.data={REPO / 'configs/data/reverse_prefs.jsonl'}")
+    strategy = SingleProcess("cpu")
+    policy, tok = build_policy(cfg.model, cfg.lora, strategy.device)
+    trainer = DPOTrainer(cfg, policy, tok, load_pairs(cfg.dpo.data), [], strategy, tmp_path / "run", None)
+    ids = tok(["abc>"], return_tensors="pt")["input_ids"]
+    ref = reference_logits(trainer, ids)
+    stats = trainer.train_step()
+    assert stats["loss/dpo"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at the first step
+    assert torch.equal(reference_logits(trainer, ids), ref)
+    with torch.no_grad():
+        assert not torch.allclose(policy(ids, torch.ones_like(ids), with_values=False)[0], ref)
