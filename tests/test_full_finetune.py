@@ -78,3 +78,30 @@ def test_full_fine_tuning_dpo_step_keeps_the_reference(tiny_model_dir, tmp_path)
     assert torch.equal(reference_logits(trainer, ids), ref)
     with torch.no_grad():
         assert not torch.allclose(policy(ids, torch.ones_like(ids), with_values=False)[0], ref)
+
+
+def test_full_fine_tuning_from_the_command_line_resumes_exports_and_evaluates(tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    run = tmp_path / "run"
+    common = ["--config", str(REPO / "configs/tiny.yaml"), "lora=null", f"model.name_or_path={tiny_model_dir}",
+              "warm_start=null", f"run.output_dir={run}", "train.rollout_batch_size=8", "train.mini_batch_size=8",
+              "train.micro_batch_size=8", "train.epochs=1", "data.eval_size=8", "run.progress=false",
+              "run.save_every=1", "run.eval_every=0", "run.threads=1"]
+
+    def llmrl(*args):
+        out = subprocess.run([sys.executable, "-m", "llmrl", *args], capture_output=True, text=True,
+                             env=subprocess_env(), timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    llmrl("train", *common, "train.total_steps=2")
+    assert "resumed from" in llmrl("train", *common, "train.total_steps=3", "--resume").stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    llmrl("export", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert "KL to base" in llmrl("eval", "--checkpoint", str(run / "final")).stdout

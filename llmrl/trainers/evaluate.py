@@ -20,7 +20,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     from llmrl.trust import check_checkpoint_algorithm, check_checkpoint_config
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "adapter").is_dir():
+    if not (checkpoint / "adapter").is_dir() and not (checkpoint / "model").is_dir():  # model: lora: null
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not an llmrl checkpoint: pass a run's final/ or "
                           f"step-N/ folder")
     if config is None:
