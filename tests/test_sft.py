@@ -231,7 +231,9 @@ def test_full_fine_tuning_too_large_for_memory_is_refused_before_loading(tiny_mo
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["lora.r=0"], "lora.r is 0: must be at least 1 (e.g. 8); to train all weights instead, write lora: null"),
-    (["lora=null"], "lora is null (full fine-tuning), which algorithm sft supports but ppo does not yet"),
+    (["lora=null", "ppo.critic=separate"], "lora is null (full fine-tuning) with ppo.critic: separate"),
+    (["lora=null", "model.quantization=4bit"], "lora is null (full fine-tuning) with model.quantization = '4bit'"),
+    (["lora=null", "model.adapter=x"], "lora is null (full fine-tuning) with model.adapter set"),
     (["algorithm=sft"], "sft.data is empty"),
 ])
 def test_config_errors_are_one_line(overrides, fragment):
