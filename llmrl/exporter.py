@@ -306,6 +306,7 @@ def export_full_model(checkpoint: Path, out: Path, dtype: str, adapter_only: boo
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_checksums(tmp)  # --verify and --overwrite read them, as for a merged export
 
     write_atomically(out, write)
     print(f"exported {checkpoint} (all weights trained, nothing to merge) in {dtype} to {out}", flush=True)

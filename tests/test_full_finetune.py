@@ -54,6 +54,9 @@ def test_full_fine_tuning_checkpoints_resume_and_export(tiny_model_dir, tmp_path
     ids = trainer.tokenizer(["abc>"], return_tensors="pt")["input_ids"]
     assert torch.equal(reference_logits(fresh, ids), reference_logits(trainer, ids))  # still the starting model
     llmrl.export(path, tmp_path / "exported")
+    from llmrl.exporter import verify_export
+
+    assert verify_export(tmp_path / "exported") >= 3  # checksums written, as for a merged export
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     with torch.no_grad():
         expected = trainer.policy(ids, torch.ones_like(ids), with_values=False)[0]

@@ -248,3 +248,18 @@ def test_an_sft_config_runs_with_llmrl_sft_not_llmrl_train(tiny_model_dir, tmp_p
     cfg = sft_config(tiny_model_dir, tmp_path / "run", data="x.jsonl")
     with pytest.raises(ConfigError, match="runs with llmrl sft"):
         RLTrainer({**cfg, "algorithm": "sft"}).train()
+
+
+def test_a_chat_template_that_rewrites_earlier_turns_is_one_line(chat_model_dir):
+    from transformers import AutoTokenizer
+
+    from llmrl.trainers.sft import row_segments
+
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    # marks the last message: a turn's text then depends on what follows, so no span of it is "the turn"
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %}!{% endif %}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    messages = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(ConfigError, match="row 3: the chat template does not write the conversation turn by turn"):
+        row_segments(tok, {"messages": messages}, SFTConfig(), "row 3")

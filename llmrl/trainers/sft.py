@@ -72,10 +72,10 @@ def row_segments(tokenizer, row: dict, cfg: SFTConfig, where: str) -> Segments:
         segments, at = [], 0
         for i in turns:
             # the turn's text: from after its generation prompt (what a rollout is given) to the end of the turn
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) \
-                if i else 0
-            end = len(tokenizer.apply_chat_template(messages[:i + 1], tokenize=False))
-            if not at <= start <= end <= len(full):
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            start, end = len(prefix), len(through)
+            if not (at <= start <= end and full.startswith(prefix) and full.startswith(through)):
                 raise ConfigError(f"{where}: the chat template does not write the conversation turn by turn "
                                   f"(assistant turn {i} does not follow its prefix): give prompt and completion "
                                   f"columns instead")
