@@ -284,7 +284,8 @@ class SFTConfig:
     batch_size: int = opt(8, "Rows per optimizer step.")
     epochs: int = opt(1, "Passes over the training rows.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (null: all epochs).")
-    lr: float = opt(2e-4, "AdamW learning rate (2e-4 suits LoRA; full fine-tuning wants ~1e-5).")
+    lr: float = opt(2e-4, "AdamW learning rate (2e-4 suits LoRA; full fine-tuning wants ~1e-5); train.lr is not "
+                          "used by sft, but train.lr_schedule, warmup_steps, weight_decay and max_grad_norm are.")
 
 
 @dataclass

@@ -263,3 +263,14 @@ def test_a_chat_template_that_rewrites_earlier_turns_is_one_line(chat_model_dir)
                 {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
     with pytest.raises(ConfigError, match="row 3: the chat template does not write the conversation turn by turn"):
         row_segments(tok, {"messages": messages}, SFTConfig(), "row 3")
+
+
+def test_sft_follows_train_lr_schedule(tiny_model_dir, tmp_path):
+    import llmrl
+
+    cfg = sft_config(tiny_model_dir, tmp_path / "run", max_steps=4, lr=1e-3)
+    cfg["train"] = {"lr_schedule": "linear"}
+    result = llmrl.SFTTrainer(cfg, train_dataset=ROWS).train()
+    lrs = [row["optim/lr"] for row in result.metrics if "optim/lr" in row]
+    # linear to 0 over 4 steps, no warmup: step k (from 0) uses 1e-3 * (1 - k / 4)
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-9)

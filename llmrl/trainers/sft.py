@@ -297,6 +297,12 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
     from llmrl.models.policy import load_tokenizer
     from llmrl.tracking import MetricsLogger, read_log
 
+    from llmrl.distributed.strategy import launched_by_deepspeed
+    from llmrl.trainers.base import lr_lambda
+
+    if launched_by_deepspeed():
+        raise ConfigError("llmrl sft runs in one process (one GPU or the CPU): start it with python or llmrl sft, "
+                          "not the deepspeed launcher")
     if cfg.algorithm != "sft":
         raise ConfigError(f"algorithm is {cfg.algorithm!r}: llmrl sft with a data file runs algorithm: sft (set "
                           f"it, with an sft section), or give the config a warm_start section")
@@ -319,6 +325,8 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=cfg.train.weight_decay)
         per_epoch = math.ceil(len(train) / s.batch_size)
         total = per_epoch * s.epochs if s.max_steps is None else s.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, total))
         logger = MetricsLogger(run_dir, report_to=cfg.run.report_to, config=to_dict(cfg))
         before = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
         logger.log(0, before)
@@ -338,13 +346,15 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
                 loss, n, correct = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or math.inf))
+                lr = scheduler.get_last_lr()[0]
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if not math.isfinite(loss.item()):
                     raise ConfigError(f"step {step}: the SFT loss is {loss.item()}: lower sft.lr")
                 stats = {"loss/sft": loss.item(), "sft/token_accuracy": correct / max(n, 1), "sft/tokens": n,
-                         "optim/grad_norm": grad_norm, "optim/lr": s.lr}
+                         "optim/grad_norm": grad_norm, "optim/lr": lr}
                 if step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
                     after = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
                     stats.update(after)
