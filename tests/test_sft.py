@@ -274,3 +274,23 @@ def test_sft_follows_train_lr_schedule(tiny_model_dir, tmp_path):
     lrs = [row["optim/lr"] for row in result.metrics if "optim/lr" in row]
     # linear to 0 over 4 steps, no warmup: step k (from 0) uses 1e-3 * (1 - k / 4)
     assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-9)
+
+
+def test_an_rl_run_from_an_sft_adapter_trains_it_further_and_exports(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    import llmrl
+
+    adapter = llmrl.SFTTrainer(sft_config(tiny_model_dir, tmp_path / "sft", max_steps=5), train_dataset=ROWS
+                               ).train().output
+    small = ["train.total_steps=1", "train.rollout_batch_size=8", "train.mini_batch_size=8",
+             "train.micro_batch_size=8", "train.epochs=1", "run.eval_every=0", "run.progress=false",
+             "data.eval_size=8", "warm_start=null", f"model.name_or_path={tiny_model_dir}",
+             f"model.adapter={adapter}", f"run.output_dir={tmp_path / 'rl'}"]
+    result = llmrl.RLTrainer(REPO / "configs" / "tiny.yaml", overrides=small).train()
+    start = load_file(adapter / "adapter_model.safetensors")
+    trained = load_file(result.final_checkpoint / "adapter" / "adapter_model.safetensors")
+    # the same adapter, with its own r = 8 (not the lora section's r: 16 of configs/tiny.yaml)
+    assert start.keys() == trained.keys() and all(start[k].shape == trained[k].shape for k in start)
+    assert any(not torch.equal(start[k], trained[k]) for k in start)  # trained further
+    llmrl.export(result.final_checkpoint, tmp_path / "exported")  # merged into the base it was trained on
