@@ -189,9 +189,11 @@ def load_adapter(model, cfg: ModelConfig):
                               f"{cfg.name_or_path!r} ({why}): name the base it was trained on")
     else:
         recorded = adapter_config.get("base_model_name_or_path") or ""
-        if recorded and Path(recorded.rstrip("/")).name != Path(cfg.name_or_path.rstrip("/")).name:
+        if recorded and Path(recorded.rstrip("/")).name.lower() != Path(cfg.name_or_path.rstrip("/")).name.lower():
             raise ConfigError(f"model.adapter = {cfg.adapter!r} was made for base {recorded!r}, not model.name_or_path "
-                              f"= {cfg.name_or_path!r}: name the base it was trained on")
+                              f"= {cfg.name_or_path!r}: name the base it was trained on (if it is the same model "
+                              f"under another name, write that name as base_model_name_or_path in "
+                              f"{config_file})")
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, modules the base lacks
