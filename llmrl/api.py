@@ -301,7 +301,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     else:
         reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
         eval_reward = build_eval_reward(cfg.reward)
-    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env, say=lambda text: say(main, text))
     columns = set(train_rows[0]) - {cfg.data.prompt_column}
     for r in (reward, eval_reward):
         if r is not None:

@@ -70,8 +70,10 @@ class DataConfig:
                           "or a datasets name.")
     prompt_column: str = opt("prompt", "Column holding the prompt text; other columns reach the reward as kwargs.")
     eval_source: str | None = opt(None, "Held-out prompts (same forms as source); null: the task's held-out "
-                                        "split, or the last eval_size rows of source.")
-    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding.")
+                                        "split, or eval_size rows of source chosen by a hash of the prompt (never "
+                                        "trained on; at most a quarter of the rows, docs/data.md).")
+    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding; 0: no held-out set and no "
+                              "evaluation.")
     max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error.")
     task: TaskConfig = opt(TaskConfig(), "Settings of a built-in task (source: task:NAME).")
 
@@ -427,7 +429,8 @@ class Config:
              f"is {self.generation.max_new_tokens}: must be at least 1"),
             (self.train.total_steps > 0, "train.total_steps", f"is {self.train.total_steps}: must be at least 1"),
             (self.train.epochs > 0, "train.epochs", f"is {self.train.epochs}: must be at least 1"),
-            (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
+            (self.data.eval_size >= 0, "data.eval_size",
+             f"is {self.data.eval_size}: must be >= 0 (0: no held-out set and no evaluation)"),
             (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
              f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
              f"base and would sample from another policy than the one trained; use engine: fast"),
