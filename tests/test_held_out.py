@@ -129,7 +129,8 @@ class Evaluations(llmrl.Callback):
 def test_evaluation_off_end_to_end_through_the_python_api(tiny_model_dir, tmp_path, capsys):
     from llmrl.cli.plot import plot_run
 
-    rows = [{"prompt": w + ">", "answer": w[::-1]} for w in ("abc", "bad", "cafe", "face", "dead", "bead", "fade", "ace")]
+    words = ("abc", "bad", "cafe", "face", "dead", "bead", "fade", "ace")
+    rows = [{"prompt": w + ">", "answer": w[::-1]} for w in words]
     calls = []
 
     def reward(prompts, completions, answer, **kwargs):
