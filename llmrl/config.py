@@ -628,6 +628,22 @@ TRL_NAMES = {
     "reward_funcs": "reward.function or reward.components",
     "output_dir": "run.output_dir",
     "seed": "run.seed",
+    "max_prompt_length": "data.max_prompt_length (a longer prompt is an error, not truncated)",
+    "loss_type": "train.loss_aggregation (token_mean for dapo/bnpo, sequence_mean for grpo, token_sum for dr_grpo) "
+                 "or the algorithm (cispo, sapo)",
+    "scale_rewards": "critic_free.scale (group, batch or none)",
+    "missing_eos_penalty": "generation.missing_eos_penalty",
+    "temperature": "generation.temperature",
+    "top_k": "generation.top_k",
+    "top_p": "generation.top_p",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "report_to": "run.report_to",
+    "logging_dir": "run.output_dir (TensorBoard and log.jsonl are written there)",
+    "mask_truncated_completions": "none: llmrl keeps truncated completions in the loss and scores them down with "
+                                  "generation.missing_eos_penalty (null disables it)",
+    "top_entropy_quantile": "none: llmrl's loss keeps every token (TRL's default, 1.0)",
 }
 
 
@@ -642,7 +658,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"{full} is now {MOVED_KEYS[full]} (the optimizer and batch sizes every algorithm "
                               f"shares are in the train: section): rename it in the config or the override")
         if key not in names and str(key) in TRL_NAMES:
-            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; llmrl's is {TRL_NAMES[str(key)]} "
+            ours = TRL_NAMES[str(key)]
+            ours = f"llmrl has {ours}" if ours.startswith("none:") else f"llmrl's is {ours}"
+            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; {ours} "
                               f"(docs/trl.md lists the others)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
