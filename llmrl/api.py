@@ -30,7 +30,8 @@ class Callback:
     cleanly at the next step boundary: it then evaluates and saves as a finished run does), the step and:
 
     - ``on_step_end``: the step's metrics (what ``log.jsonl`` holds: ``reward/mean``, ``objective/kl``, ...);
-    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training);
+    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training); never
+      with ``data.eval_size`` 0 (evaluation off);
     - ``on_save``: the checkpoint folder just written.
     """
 

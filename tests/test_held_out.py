@@ -158,3 +158,19 @@ def test_evaluation_off_end_to_end_through_the_python_api(tiny_model_dir, tmp_pa
     with pytest.raises(ConfigError, match=r"^data.eval_size is 0: the run had evaluation off, so it has no held-out "
                                           r"prompts .*pass data.eval_source=FILE data.eval_size=N"):
         llmrl.evaluate(result.final_checkpoint)
+
+
+@pytest.mark.parametrize("extra", [
+    ["algorithm=dpo", "dpo.batch_size=4"],
+    ["env.name=tests/test_envs.py:Echo", "env.max_turns=2", "env.max_episode_tokens=8", "reward.function=",
+     "data.source=", "train.rollout_batch_size=4", "train.mini_batch_size=4"],
+], ids=["dpo", "episodes"])
+def test_evaluation_off_for_dpo_and_for_episodes(tiny_model_dir, tmp_path, extra):
+    seen = Evaluations()
+    overrides = ["run.progress=false", "train.rollout_batch_size=8", "train.mini_batch_size=4",
+                 "train.micro_batch_size=4", "train.epochs=1", "run.device=cpu", "run.threads=1", "train.total_steps=1",
+                 "data.eval_size=0", f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'run'}",
+                 "warm_start=null", *extra]
+    result = llmrl.RLTrainer(TINY, overrides=overrides, callbacks=[seen]).train()
+    assert result.summary["steps"] == 1 and result.summary["eval_reward_after"] is None and seen.seen == []
+    assert result.metrics and not any(k.startswith("eval/") for r in result.metrics for k in r)
