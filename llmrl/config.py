@@ -74,7 +74,8 @@ class DataConfig:
                                         "trained on; at most a quarter of the rows, docs/data.md).")
     eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding; 0: no held-out set and no "
                               "evaluation.")
-    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error.")
+    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error, never truncated (TRL's "
+                                     "max_prompt_length truncated them; docs/trl.md).")
     task: TaskConfig = opt(TaskConfig(), "Settings of a built-in task (source: task:NAME).")
 
 
@@ -212,7 +213,7 @@ class CriticFreeConfig:
         "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
         "(none).")
     kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
-                               "disables.")
+                               "disables (TRL's beta, whose default is 0; docs/trl.md says why llmrl keeps one).")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
     clip_range_high: float = opt(0.28, "DAPO: the token ratio's upper clip is 1 + this (clip-higher); the lower "
                                        "stays 1 - ppo.clip_range.")
