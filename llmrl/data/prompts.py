@@ -118,7 +118,7 @@ def hold_out(rows: list[dict], eval_size: int, source: str, column: str,
              say: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) of one source that has no data.eval_source: the held-out prompts are those
     whose hash (``prompt_hash``) is smallest, so they are spread over the whole file whatever its order, the
-    same on every rank and in every run, and every copy of a prompt lands on one side. Both keep the file's
+    same on every rank and in every run; no copy of a held-out prompt is trained on. Both keep the file's
     order. ``eval_size`` 0: nothing is held out. More than a quarter of the rows is never taken: a small file
     holds out a quarter (at least one row) and ``say`` is told so; a single row is refused (nothing would be
     left to train on)."""
