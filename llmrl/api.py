@@ -30,7 +30,8 @@ class Callback:
     cleanly at the next step boundary: it then evaluates and saves as a finished run does), the step and:
 
     - ``on_step_end``: the step's metrics (what ``log.jsonl`` holds: ``reward/mean``, ``objective/kl``, ...);
-    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training);
+    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training); never
+      with ``data.eval_size`` 0 (evaluation off);
     - ``on_save``: the checkpoint folder just written.
     """
 
@@ -301,7 +302,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     else:
         reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
         eval_reward = build_eval_reward(cfg.reward)
-    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env, say=lambda text: say(main, text))
     columns = set(train_rows[0]) - {cfg.data.prompt_column}
     for r in (reward, eval_reward):
         if r is not None:

@@ -70,9 +70,12 @@ class DataConfig:
                           "or a datasets name.")
     prompt_column: str = opt("prompt", "Column holding the prompt text; other columns reach the reward as kwargs.")
     eval_source: str | None = opt(None, "Held-out prompts (same forms as source); null: the task's held-out "
-                                        "split, or the last eval_size rows of source.")
-    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding.")
-    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error.")
+                                        "split, or eval_size rows of source chosen by a hash of the prompt (never "
+                                        "trained on; at most a quarter of the rows, docs/data.md).")
+    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding; 0: no held-out set and no "
+                              "evaluation.")
+    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error, never truncated (TRL's "
+                                     "max_prompt_length truncated them; docs/trl.md).")
     task: TaskConfig = opt(TaskConfig(), "Settings of a built-in task (source: task:NAME).")
 
 
@@ -210,7 +213,7 @@ class CriticFreeConfig:
         "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
         "(none).")
     kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
-                               "disables.")
+                               "disables (TRL's beta, whose default is 0; docs/trl.md says why llmrl keeps one).")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
     clip_range_high: float = opt(0.28, "DAPO: the token ratio's upper clip is 1 + this (clip-higher); the lower "
                                        "stays 1 - ppo.clip_range.")
@@ -427,7 +430,8 @@ class Config:
              f"is {self.generation.max_new_tokens}: must be at least 1"),
             (self.train.total_steps > 0, "train.total_steps", f"is {self.train.total_steps}: must be at least 1"),
             (self.train.epochs > 0, "train.epochs", f"is {self.train.epochs}: must be at least 1"),
-            (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
+            (self.data.eval_size >= 0, "data.eval_size",
+             f"is {self.data.eval_size}: must be >= 0 (0: no held-out set and no evaluation)"),
             (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
              f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
              f"base and would sample from another policy than the one trained; use engine: fast"),
@@ -625,6 +629,22 @@ TRL_NAMES = {
     "reward_funcs": "reward.function or reward.components",
     "output_dir": "run.output_dir",
     "seed": "run.seed",
+    "max_prompt_length": "data.max_prompt_length (a longer prompt is an error, not truncated)",
+    "loss_type": "train.loss_aggregation (token_mean for dapo/bnpo, sequence_mean for grpo, token_sum for dr_grpo) "
+                 "or the algorithm (cispo, sapo)",
+    "scale_rewards": "critic_free.scale (group, batch or none)",
+    "missing_eos_penalty": "generation.missing_eos_penalty",
+    "temperature": "generation.temperature",
+    "top_k": "generation.top_k",
+    "top_p": "generation.top_p",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "report_to": "run.report_to",
+    "logging_dir": "run.output_dir (TensorBoard and log.jsonl are written there)",
+    "mask_truncated_completions": "none: llmrl keeps truncated completions in the loss and scores them down with "
+                                  "generation.missing_eos_penalty (null disables it)",
+    "top_entropy_quantile": "none: llmrl's loss keeps every token (TRL's default, 1.0)",
 }
 
 
@@ -639,7 +659,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"{full} is now {MOVED_KEYS[full]} (the optimizer and batch sizes every algorithm "
                               f"shares are in the train: section): rename it in the config or the override")
         if key not in names and str(key) in TRL_NAMES:
-            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; llmrl's is {TRL_NAMES[str(key)]} "
+            ours = TRL_NAMES[str(key)]
+            ours = f"llmrl has {ours}" if ours.startswith("none:") else f"llmrl's is {ours}"
+            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; {ours} "
                               f"(docs/trl.md lists the others)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)

@@ -246,10 +246,38 @@ def test_resume_export_and_eval_read_a_checkpoint_config_of_the_old_layout(tmp_p
     ("generation.max_completion_length=64", "generation.max_new_tokens"),
     ("num_generations=8", "critic_free.num_generations"),
     ("train.learning_rate=1e-5", "train.lr"),
+    ("critic_free.loss_type=dr_grpo", "train.loss_aggregation"),
+    ("critic_free.scale_rewards=batch", "critic_free.scale"),
+    ("train.max_prompt_length=512", "data.max_prompt_length"),
+    ("critic_free.missing_eos_penalty=1.0", "generation.missing_eos_penalty"),
+    ("train.temperature=0.7", "generation.temperature"),
+    ("epsilon=0.2", "ppo.clip_range"),
+    ("critic_free.epsilon_high=0.28", "critic_free.clip_range_high"),
 ])
 def test_a_trl_name_is_answered_with_llmrls_key(override, llmrl_key):
     with pytest.raises(ConfigError, match=rf"is TRL's name; llmrl's is {re.escape(llmrl_key)}"):
         load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("name", ["mask_truncated_completions", "top_entropy_quantile"])
+def test_a_trl_name_without_an_llmrl_equivalent_says_so(name):
+    with pytest.raises(ConfigError, match=rf"^unknown config key 'train.{name}': '{name}' is TRL's name; llmrl has "
+                                          rf"none: .*\(docs/trl.md lists the others\)$"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"train.{name}=true"])
+
+
+def test_every_trl_name_in_the_docs_table_is_answered_with_llmrls_key():
+    # the names of docs/trl.md's defaults table (first column, in backticks): each one has its line in TRL_NAMES
+    from llmrl.config import TRL_NAMES
+
+    text = (REPO / "docs" / "trl.md").read_text()
+    table = text[text.index("## Defaults"):]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    names = {n for line in rows for n in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert {"beta", "num_iterations", "max_completion_length", "max_prompt_length", "num_generations", "loss_type",
+            "scale_rewards", "missing_eos_penalty", "temperature", "learning_rate", "epsilon", "epsilon_high",
+            "mask_truncated_completions", "top_entropy_quantile"} <= names
+    assert names - set(TRL_NAMES) == set()
 
 
 def test_llmrl_version():
