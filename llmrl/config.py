@@ -82,6 +82,15 @@ class GenerationConfig:
     temperature: float = opt(1.0, "Sampling temperature; log-probs are computed from logits / temperature.")
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
+    min_p: float = opt(0.0, "Keep only tokens at least min_p times as likely as the likeliest (after temperature); "
+                            "0 disables. Like top_k/top_p it shapes sampling only: log-probs stay logits / "
+                            "temperature (docs/runs.md).")
+    repetition_penalty: float = opt(1.0, "Divide the logits of tokens already in the prompt or completion by this "
+                                         "(multiply negative ones) before sampling, greedy included; 1.0 disables. "
+                                         "Sampling only: log-probs stay logits / temperature (docs/runs.md).")
+    stop: list[str] = opt([], "Stop strings (vLLM's and TRL's stop): a completion ends at the token that completes "
+                              "one; the stop string is kept in the completion and it counts as finished (no "
+                              "missing_eos_penalty).")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
     engine: Literal["fast", "generate", "vllm"] = opt(
         "fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' (transformers' "
@@ -436,6 +445,12 @@ class Config:
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
             (self.generation.top_k >= 0, "generation.top_k",
              f"is {self.generation.top_k}: must be >= 0 (0 keeps every token)"),
+            (0 <= self.generation.min_p < 1, "generation.min_p",
+             f"is {self.generation.min_p}: must be in [0, 1) (0 keeps every token)"),
+            (self.generation.repetition_penalty > 0, "generation.repetition_penalty",
+             f"is {self.generation.repetition_penalty}: must be > 0 (1.0 disables, 1.1 to 1.3 discourages repeats)"),
+            (all(isinstance(x, str) and x for x in self.generation.stop), "generation.stop",
+             f"is {self.generation.stop!r}: list non-empty strings, e.g. [\"\\n\\n\"]"),
             (self.train.lr > 0, "train.lr", f"is {self.train.lr}: must be > 0"),
             (self.ppo.clip_range > 0, "ppo.clip_range", f"is {self.ppo.clip_range}: must be > 0 (e.g. 0.2)"),
             (self.ppo.clip_range_value > 0, "ppo.clip_range_value",
