@@ -303,7 +303,13 @@ class RunConfig:
     progress: bool = opt(True, "Show a progress bar.")
     log_samples: int = opt(4, "At each evaluation, log this many (prompt, completion, reward) rows to log.jsonl "
                               "and TensorBoard text; 0 disables.")
-    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb].")
+    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb] (needs pip install "
+                                   "wandb; the W&B files go to WANDB_DIR when set, else the run directory).")
+    wandb_project: str | None = opt(None, "W&B project (with report_to: [wandb]); null: WANDB_PROJECT, else W&B's "
+                                          "default.")
+    wandb_entity: str | None = opt(None, "W&B team or user (with report_to: [wandb]); null: WANDB_ENTITY, else "
+                                         "your default.")
+    wandb_run_name: str | None = opt(None, "W&B run name (with report_to: [wandb]); null: the run directory's name.")
 
 
 @dataclass
@@ -411,6 +417,9 @@ class Config:
             *estimator_checks,
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
+            *[(getattr(self.run, key) is None or "wandb" in self.run.report_to, f"run.{key}",
+               f"is {getattr(self.run, key)!r} but run.report_to does not name wandb: add report_to: [wandb], or "
+               f"remove run.{key}") for key in ("wandb_project", "wandb_entity", "wandb_run_name")],
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
