@@ -228,13 +228,15 @@ def test_filter_logits_keeps_the_tokens_generate_keeps():
 # generation.repetition_penalty and min_p: the fast engine applies transformers' own processors in generate's order
 # (the penalty on the raw logits, greedy included; min-p after temperature, top-k and top-p, sampling only) and
 # records the trainer's log-probs (logits / temperature, before either), so both engines agree token for token.
-@pytest.mark.parametrize("settings", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7)])
-def test_repetition_penalty_greedy_tokens_equal_generate(trainer, settings):
+@pytest.mark.parametrize("settings,static", [(dict(repetition_penalty=1.5), False),
+                                             (dict(repetition_penalty=0.7), False),
+                                             (dict(repetition_penalty=1.5), True)])
+def test_repetition_penalty_greedy_tokens_equal_generate(trainer, settings, static):
     tok = trainer.tokenizer
     enc, ref_tokens, ref_logprobs = reference(trainer, 12, do_sample=False, **settings)
     _, plain, _ = reference(trainer, 12, do_sample=False)
     assert plain.shape != ref_tokens.shape or not torch.equal(plain, ref_tokens)  # the setting changes the tokens
-    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id)
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id, static=static)
     tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 12,
                                        Sampling(greedy=True, **settings))
     assert torch.equal(tokens, ref_tokens)
@@ -309,6 +311,9 @@ def test_stop_strings_end_completions_alike_in_both_engines(trainer):
             assert fast.ended[i]
             assert not any((PROMPTS[i] + text[:k]).endswith(("b>", "dd")) for k in range(len(text))), text
         assert (fast.logprobs[i][~fast.response_mask[i].bool()] == 0).all()
+    greedy = [generate(model, tok, PROMPTS, cfg, cpu, greedy=True, engine=engine) for engine in
+              (RolloutEngine(tok.eos_token_id, tok.pad_token_id), None)]
+    assert torch.equal(greedy[0].response, greedy[1].response) and torch.equal(greedy[0].ended, greedy[1].ended)
     torch.manual_seed(3)  # without the stop strings the same draw runs on past them
     free = generate(model, tok, PROMPTS, with_generation(trainer, max_new_tokens=12, temperature=1.0, top_k=0,
                                                          top_p=1.0), cpu,

@@ -24,7 +24,7 @@ class Experience:
     # (B, T) the environment's per-turn rewards at the last token of each model turn (multi-turn episodes; their
     # row sums are the raw scores); None: the whole score belongs at the last token.
     step_rewards: torch.Tensor | None = None
-    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
+    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token or a stop string
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
     entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
     # (B, T) the sampler's own log-probs when the trainer recomputed ``logprobs`` (to compare, and for truncated
