@@ -28,3 +28,21 @@ def test_a_separate_critic_and_ppo_warn_nothing(tiny_model_dir, tmp_path):
     shown = [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}" for w in caught
              if not str(w.message).startswith(UNAVOIDABLE)]
     assert shown == [], "\n".join(shown)
+
+
+def test_the_tiny_models_loss_is_named_so_the_warm_start_logs_nothing(monkeypatch):
+    """transformers picks a model's loss from its class name, which GPT2LMHeadModel does not match, and logs a
+    fallback notice on the first supervised step of the warm start unless the model names its loss."""
+    import torch
+    import transformers.modeling_utils
+
+    from llmrl.data.tasks import SEPARATOR
+    from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
+
+    logged = []
+    monkeypatch.setattr(transformers.modeling_utils.logger, "warning_once", lambda *a, **k: logged.append(a))
+    tokenizer = char_tokenizer("abcdef" + SEPARATOR)
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=16)
+    ids = torch.tensor([[3, 4, 5, 9]])
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and logged == []
