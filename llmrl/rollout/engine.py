@@ -2,7 +2,8 @@
 
 ``model.generate`` stays the reference (``generation.engine: generate``); this loop gives the same greedy
 tokens and the same log-probs (tested). What it removes per token: the logits-processor and
-stopping-criteria stacks, the re-preparation of model inputs and the full-vocabulary score copies.
+stopping-criteria stacks (transformers' own repetition penalty, min-p and stop-string checks run only when
+set), the re-preparation of model inputs and the full-vocabulary score copies.
 Prompts are encoded once (prefill, keeping only the last position's logits) and each step feeds one token
 per sequence against the KV cache. The attention mask and position ids are written into buffers allocated
 once, sampling stays on the device, and the loop stops as soon as every sequence has emitted its stop token
@@ -147,7 +148,11 @@ class RolloutEngine:
             ids = torch.cat([input_ids, tokens], dim=1)
         if sampling.repetition_penalty != 1.0:
             padding = (attention_mask != 0).int().argmax(dim=1)
-            processor = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=padding)
+            try:
+                processor = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty,
+                                                             prompt_ignore_length=padding)
+            except TypeError:  # older transformers: no prompt_ignore_length, and its generate penalises padding too
+                processor = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
             penalty = lambda logits: processor(ids[:, :P + n], logits)  # noqa: E731 (reads n as it grows)
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
 
