@@ -285,6 +285,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     from llmrl.distributed.strategy import make_strategy
     from llmrl.models.policy import build_policy, context_length
     from llmrl.models.sources import resolve_model
+    from llmrl.packages import check_packages
     from llmrl.rewards.base import build_eval_reward, build_reward
     from llmrl.tracking import MetricsLogger, read_log
     from llmrl.trainers.base import Hooks, Terminated
@@ -292,6 +293,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
 
     started = time.perf_counter()
     run_dir = Path(cfg.run.output_dir)
+    check_packages(cfg)  # wandb, bitsandbytes, vllm, deepspeed: before anything loads
     strategy = make_strategy(cfg)
     main = strategy.is_main
     if cfg.env.name:  # the environment's rewards; a wrong name or kwargs fail here, before anything heavy
@@ -365,7 +367,9 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
                   f"std {trainer.reward_norm.std:.4f}")
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
                            resume_step=trainer.step if resume_from is not None else None,
-                           report_to=cfg.run.report_to, config=to_dict(cfg))
+                           report_to=cfg.run.report_to, config=to_dict(cfg),
+                           wandb_project=cfg.run.wandb_project, wandb_entity=cfg.run.wandb_entity,
+                           wandb_run_name=cfg.run.wandb_run_name)
     try:
         summary = trainer.run(logger, eval_rows)
     except Terminated:  # SIGTERM: every rank stopped at the same step (and saved it, if there was time)

@@ -85,6 +85,15 @@ class GenerationConfig:
     temperature: float = opt(1.0, "Sampling temperature; log-probs are computed from logits / temperature.")
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
+    min_p: float = opt(0.0, "Keep only tokens at least min_p times as likely as the likeliest (after temperature); "
+                            "0 disables. Like top_k/top_p it shapes sampling only: log-probs stay logits / "
+                            "temperature (docs/runs.md).")
+    repetition_penalty: float = opt(1.0, "Divide the logits of tokens already in the prompt or completion by this "
+                                         "(multiply negative ones) before sampling, greedy included; 1.0 disables. "
+                                         "Sampling only: log-probs stay logits / temperature (docs/runs.md).")
+    stop: list[str] = opt([], "Stop strings (vLLM's and TRL's stop): a completion ends at the token that completes "
+                              "one; the stop string is kept in the completion and it counts as finished (no "
+                              "missing_eos_penalty).")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
     engine: Literal["fast", "generate", "vllm"] = opt(
         "fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' (transformers' "
@@ -297,7 +306,13 @@ class RunConfig:
     progress: bool = opt(True, "Show a progress bar.")
     log_samples: int = opt(4, "At each evaluation, log this many (prompt, completion, reward) rows to log.jsonl "
                               "and TensorBoard text; 0 disables.")
-    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb].")
+    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb] (needs pip install "
+                                   "wandb; the W&B files go to WANDB_DIR when set, else the run directory).")
+    wandb_project: str | None = opt(None, "W&B project (with report_to: [wandb]); null: WANDB_PROJECT, else W&B's "
+                                          "default.")
+    wandb_entity: str | None = opt(None, "W&B team or user (with report_to: [wandb]); null: WANDB_ENTITY, else "
+                                         "your default.")
+    wandb_run_name: str | None = opt(None, "W&B run name (with report_to: [wandb]); null: the run directory's name.")
 
 
 @dataclass
@@ -405,6 +420,9 @@ class Config:
             *estimator_checks,
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
+            *[(getattr(self.run, key) is None or "wandb" in self.run.report_to, f"run.{key}",
+               f"is {getattr(self.run, key)!r} but run.report_to does not name wandb: add report_to: [wandb], or "
+               f"remove run.{key}") for key in ("wandb_project", "wandb_entity", "wandb_run_name")],
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
@@ -440,6 +458,12 @@ class Config:
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
             (self.generation.top_k >= 0, "generation.top_k",
              f"is {self.generation.top_k}: must be >= 0 (0 keeps every token)"),
+            (0 <= self.generation.min_p < 1, "generation.min_p",
+             f"is {self.generation.min_p}: must be in [0, 1) (0 keeps every token)"),
+            (self.generation.repetition_penalty > 0, "generation.repetition_penalty",
+             f"is {self.generation.repetition_penalty}: must be > 0 (1.0 disables, 1.1 to 1.3 discourages repeats)"),
+            (all(isinstance(x, str) and x for x in self.generation.stop), "generation.stop",
+             f"is {self.generation.stop!r}: list non-empty strings, e.g. [\"\\n\\n\"]"),
             (self.train.lr > 0, "train.lr", f"is {self.train.lr}: must be > 0"),
             (self.ppo.clip_range > 0, "ppo.clip_range", f"is {self.ppo.clip_range}: must be > 0 (e.g. 0.2)"),
             (self.ppo.clip_range_value > 0, "ppo.clip_range_value",
@@ -619,6 +643,9 @@ TRL_NAMES = {
     "epsilon": "ppo.clip_range",
     "epsilon_high": "critic_free.clip_range_high",
     "use_vllm": "generation.engine: vllm",
+    "min_p": "generation.min_p",
+    "repetition_penalty": "generation.repetition_penalty",
+    "run_name": "run.wandb_run_name",
     "vllm_importance_sampling_correction": "train.importance_sampling",
     "vllm_importance_sampling_cap": "train.importance_sampling_cap",
     "save_steps": "run.save_every",

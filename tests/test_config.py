@@ -104,6 +104,9 @@ def test_overrides_set_single_keys_and_are_checked(tmp_path):
     ("train", "micro_batch_size", 0, "train.micro_batch_size is 0"),
     # each of these crashed deep in torch, or trained on silently
     ("generation", "top_k", -5, "generation.top_k is -5: must be >= 0"),
+    ("generation", "min_p", 1.0, r"generation.min_p is 1.0: must be in \[0, 1\)"),
+    ("generation", "repetition_penalty", 0.0, "generation.repetition_penalty is 0.0: must be > 0"),
+    ("generation", "stop", [""], r"generation.stop is \[''\]: list non-empty strings"),
     ("train", "lr", -1.0, "train.lr is -1.0: must be > 0"),
     ("ppo", "clip_range", -0.2, "ppo.clip_range is -0.2: must be > 0"),
     ("train", "max_grad_norm", -1.0, "train.max_grad_norm is -1.0"),

@@ -39,6 +39,7 @@ RESUMABLE = {
     "run.progress": "", "run.eval_every": "", "run.save_every": "", "run.keep_last": "", "run.log_samples": "",
     "run.report_to": "", "run.threads": "", "run.device": "", "run.output_dir": "the run folder moved",
     "run.stop_grace_seconds": "",  # also: checkpoints written before the setting existed still resume
+    "run.wandb_project": "", "run.wandb_entity": "", "run.wandb_run_name": "",
 }
 RESUMABLE_COMPONENT_KEYS = ("timeout", "retries", "batch_size")
 

@@ -426,8 +426,10 @@ def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineT
     """
     from llmrl.data.prompts import load_prompts
     from llmrl.models.policy import build_policy
+    from llmrl.packages import check_packages
     from llmrl.rewards.base import build_eval_reward, build_reward
 
+    check_packages(cfg)  # before the model loads
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device, cfg.ppo.critic == "separate")
     train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
