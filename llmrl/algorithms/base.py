@@ -109,7 +109,8 @@ class Estimator:
         if self.kl_in_reward:
             how = (f"adaptive towards ppo.kl_target={p.kl_target} over ppo.kl_horizon={p.kl_horizon:g}"
                    if p.adaptive_kl else "fixed (ppo.adaptive_kl=False)")
-            return f"in the reward: -beta x {p.kl_estimator} per token, beta from ppo.init_kl_coef={p.init_kl_coef}, {how}"
+            return (f"in the reward: -beta x {p.kl_estimator} per token, beta from "
+                    f"ppo.init_kl_coef={p.init_kl_coef}, {how}")
         if self.loss_kl_coef:
             return f"a loss term: critic_free.kl_coef={self.loss_kl_coef} x k3 to the reference"
         return "none in the loss (the k3 KL to the reference is logged as info/kl_ref, for information)"

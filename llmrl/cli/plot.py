@@ -113,10 +113,10 @@ def figure(rows: list[dict], title: str):
 def main(argv: list[str] | None = None) -> int:
     from llmrl.cli.console import run_cli
 
-    parser = argparse.ArgumentParser(description="Plot the metrics a run logged (reward, raw and shaped, and each shaping step; "
-                                                 "the KL and its coefficient as the algorithm uses them; entropy, length, "
-                                                 "clip fraction, losses, DPO's accuracy, episodes, time per phase) "
-                                                 "as PNG curves.")
+    parser = argparse.ArgumentParser(description="Plot the metrics a run logged (reward, raw and shaped, and each "
+                                                 "shaping step; the KL and its coefficient as the algorithm uses "
+                                                 "them; entropy, length, clip fraction, losses, DPO's accuracy, "
+                                                 "episodes, time per phase) as PNG curves.")
     parser.add_argument("run_dir", help="a run directory holding log.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
