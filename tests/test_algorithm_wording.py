@@ -141,23 +141,28 @@ def test_a_card_with_the_kl_in_the_reward_shows_the_controller(tiny_model_dir, t
     assert "critic_free.num_generations=4" in card if algorithm == "rloo" else "critic_free" not in card
 
 
-def test_the_start_up_line_names_the_algorithm_and_its_settings(tiny_model_dir, tmp_path, capsys):
+def test_the_start_up_line_and_the_bar_name_the_algorithm_and_its_settings(tiny_model_dir, tmp_path, capsys):
+    """The bar said ppo: for GRPO runs once; the first line lists GRPO's settings, none of PPO's."""
     from helpers import make_trainer
 
     from llmrl.algorithms import describe
     from llmrl.tracking import MetricsLogger
 
     cfg = config_of(tiny_model_dir, tmp_path, "grpo", "train.total_steps=1", "train.epochs=1", "train.rollout_batch_size=8",
-                    "train.mini_batch_size=8", "train.micro_batch_size=8", "data.eval_size=4")
+                    "train.mini_batch_size=8", "train.micro_batch_size=8", "data.eval_size=4", "run.progress=true")
     trainer = make_trainer(cfg)
     logger = MetricsLogger(tmp_path / "run", enabled=True)
     try:
         trainer.run(logger, trainer.eval_rows)
     finally:
         logger.close()
-    first = capsys.readouterr().out.splitlines()[0]
+    out, err = capsys.readouterr()
+    first = out.splitlines()[0]
     assert first == "; ".join(f"{label}: {text}" for label, text in describe(cfg))
     assert first.startswith("grpo: critic_free.num_generations=4") and "critic_free.kl_coef=0.04 x k3" in first
+    assert not [word for word in PPO_ONLY if word in first]
+    bar = [line for line in err.replace("\r", "\n").splitlines() if "it/s, reward=" in line]  # the training bar
+    assert bar and all(line.startswith("grpo: ") for line in bar), bar
 
 
 def test_train_help_names_every_algorithm_not_ppo_alone(capsys):
