@@ -197,7 +197,8 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         f"| optimisation | lr={t.lr}" + ("" if cfg.algorithm in OFFLINE else f", rollout={t.rollout_batch_size}, "
                                          f"minibatch={t.mini_batch_size}, epochs={t.epochs}") + " |",
         # the algorithm's own settings (llmrl.algorithms.describe): none of PPO's for a run of another algorithm
-        *(f"| {label} | {text}{beta if label == 'KL' else ''} |" for label, text in describe(cfg, load=False)),
+        *(f"| KL | {text}{beta} |" if label == "KL" else f"| {label} settings | {text} |"
+          for label, text in describe(cfg, load=False)),
         f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
     ]
     if not adapter_only and dtype == "fp32":

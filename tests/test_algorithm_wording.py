@@ -117,6 +117,7 @@ def test_the_model_card_lists_the_algorithms_settings_and_none_of_ppos(tiny_mode
     checkpoint.mkdir(parents=True)
     torch.save({"step": 3, "kl_ctl": {"value": 0.05}}, checkpoint / COMPLETE_MARK)
     card = model_card(cfg, checkpoint, "fp32", 0.0, 1e-3)
+    assert f"| {algorithm} settings | " in card
     for text in own:
         assert text in card, (text, card)
     for word in PPO_ONLY + ("final beta", "PPO"):
