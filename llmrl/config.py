@@ -198,7 +198,8 @@ MOVED_KEYS = {**{f"ppo.{k}": f"train.{k}" for k in (
 class PPOConfig:
     gamma: float = opt(1.0, "Discount factor of GAE.")
     lam: float = opt(0.95, "GAE lambda.")
-    clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
+    clip_range: float = opt(0.2, "Policy ratio clip epsilon (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE; DAPO's lower "
+                                 "bound; GSPO, CISPO and SAPO do not read it).")
     clip_range_value: float = opt(0.2, "Value prediction clip around the rollout values.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     critic: Literal["shared", "separate"] = opt(
@@ -207,11 +208,13 @@ class PPOConfig:
         "one more forward pass for the values), as OpenRLHF's separate critic. docs/algorithms.md has the "
         "measured comparison.")
     ent_coef: float = opt(0.0, "Weight of the entropy bonus.")
-    init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty.")
+    init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty in the reward (PPO, RLOO, REINFORCE; "
+                                    "the algorithms with a KL loss term use critic_free.kl_coef).")
     adaptive_kl: bool = opt(True, "Adapt beta towards kl_target (Ziegler et al. 2019); false keeps it fixed.")
     kl_target: float = opt(6.0, "Target summed KL per sequence for the adaptive controller.")
     kl_horizon: float = opt(10000.0, "Horizon of the adaptive controller, in sequences.")
-    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward (PPO, RLOO, "
+                                                      "REINFORCE): k1, k2 or k3; a KL loss term is always k3.")
     whiten_rewards: bool = opt(False, "Whiten per-token rewards (keeping their mean) before GAE.")
 
 
@@ -221,11 +224,12 @@ class CriticFreeConfig:
     scale: Literal["group", "batch", "none"] = opt(
         "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
         "(none).")
-    kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
-                               "disables (TRL's beta, whose default is 0; docs/trl.md says why llmrl keeps one).")
+    kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO, CISPO, SAPO: weight of the k3 KL to the reference in the "
+                               "loss (logged as objective/kl_coef); 0 disables it (the KL is then logged as "
+                               "info/kl_ref). TRL's beta, whose default is 0; docs/trl.md says why llmrl keeps one.")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
     clip_range_high: float = opt(0.28, "DAPO: the token ratio's upper clip is 1 + this (clip-higher); the lower "
-                                       "stays 1 - ppo.clip_range.")
+                                       "stays 1 - ppo.clip_range. CISPO: its weight is capped at 1 + this.")
     sequence_clip_low: float = opt(3e-4, "GSPO: the sequence ratio's lower clip is 1 - this.")
     sequence_clip_high: float = opt(4e-4, "GSPO: the sequence ratio's upper clip is 1 + this.")
     sapo_tau_pos: float = opt(1.0, "SAPO: the soft gate's temperature for positive advantages.")
@@ -377,7 +381,8 @@ class Config:
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
     train: TrainConfig = opt(TrainConfig(), "Optimizer and batch sizes, shared by every algorithm.")
     ppo: PPOConfig = opt(PPOConfig(), "PPO's own settings: GAE, clipping, value loss, KL penalty and its controller "
-                                      "(clip_range and ent_coef also apply to the critic-free estimators).")
+                                      "(clip_range and ent_coef also apply to the critic-free estimators, the KL "
+                                      "penalty and its controller to RLOO and REINFORCE).")
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
@@ -634,7 +639,8 @@ TRL_NAMES = {
     "num_generations": "critic_free.num_generations",
     "max_completion_length": "generation.max_new_tokens",
     "num_iterations": "train.epochs",
-    "beta": "critic_free.kl_coef (GRPO/RLOO), ppo.init_kl_coef (PPO) or dpo.beta (DPO)",
+    "beta": "critic_free.kl_coef (GRPO family), ppo.init_kl_coef (PPO, RLOO, REINFORCE: KL in the reward) "
+            "or dpo.beta (DPO)",
     "learning_rate": "train.lr",
     "max_steps": "train.total_steps",
     "per_device_train_batch_size": "train.micro_batch_size",

@@ -168,7 +168,12 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         for row in read_log(checkpoint.parent):
             if row.get("step", 0) <= state["step"] and "samples" not in row:
                 metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
-    p, t, algorithm = cfg.ppo, cfg.train, cfg.algorithm.upper()
+    from llmrl.algorithms import ESTIMATORS, OFFLINE, describe
+
+    t, algorithm = cfg.train, cfg.algorithm.upper()
+    # the controller's last beta, where the KL is in the reward (PPO, RLOO, REINFORCE)
+    in_reward = getattr(ESTIMATORS.get(cfg.algorithm), "kl_in_reward", False)
+    beta = f"; final beta={state['kl_ctl']['value']:.4g}" if in_reward and "kl_ctl" in state else ""
     how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
            if adapter_only else "merged into the base here. Loads with `transformers` alone: "
            "`AutoModelForCausalLM.from_pretrained(this_folder)`")
@@ -189,11 +194,11 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
           [f"| reward | {reward_description(cfg)} |", f"| prompts | `{cfg.data.source}` |"]),
         f"| steps | {state['step']} |",
         f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
-        f"| optimisation | lr={t.lr}, rollout={t.rollout_batch_size}, minibatch={t.mini_batch_size}, "
-        f"epochs={t.epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
-        f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
-        f"final beta={state['kl_ctl']['value']:.4g} |" if "kl_ctl" in state else
-        f"| KL | DPO's implicit KL, beta={cfg.dpo.beta} |",
+        f"| optimisation | lr={t.lr}" + ("" if cfg.algorithm in OFFLINE else f", rollout={t.rollout_batch_size}, "
+                                         f"minibatch={t.mini_batch_size}, epochs={t.epochs}") + " |",
+        # the algorithm's own settings (llmrl.algorithms.describe): none of PPO's for a run of another algorithm
+        *(f"| KL | {text}{beta} |" if label == "KL" else f"| {label} settings | {text} |"
+          for label, text in describe(cfg, load=False)),
         f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
     ]
     if not adapter_only and dtype == "fp32":

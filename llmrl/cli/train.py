@@ -30,8 +30,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, "Fine-tune a causal LM with reinforcement learning (PPO, GRPO, RLOO, REINFORCE, DPO, ...: "
-                            "the config's algorithm) on a LoRA adapter.")
+    from llmrl.algorithms import ESTIMATORS, OFFLINE
+
+    args = parse_args(argv, f"Fine-tune a causal LM on a LoRA adapter with the config's algorithm "
+                            f"({', '.join([*ESTIMATORS, *OFFLINE])}; default ppo).")
     return run_cli(lambda: run(load_config(args.config, args.overrides), resume=args.resume,
                                overwrite=args.overwrite))
 

@@ -235,6 +235,10 @@ class Trainer:
         from llmrl.tracking import read_log
 
         cfg, main = self.cfg, self.strategy.is_main
+        if main:  # the algorithm run and its own settings, as the model card will list them
+            from llmrl.algorithms import describe
+
+            print("; ".join(f"{label}: {text}" for label, text in describe(cfg)), flush=True)
         if not self.evaluates:
             if main and self.step == 0:
                 print("evaluation off (data.eval_size is 0): no held-out set, no eval/* metrics", flush=True)
@@ -273,7 +277,7 @@ class Trainer:
             "steps": self.step,
             "wall_seconds": round(self.wall_seconds(), 2),  # over every process of the run (resumes included)
             "train_reward_last": stats.get("reward/mean"),
-            "kl_last": stats.get("objective/kl"),
+            "kl_last": stats.get("objective/kl", stats.get("info/kl_ref")),
             "run_dir": str(self.run_dir),
             "final_checkpoint": str(final),
             "eval_samples": [{"prompt": p, "completion": c, "reward": r}
