@@ -828,16 +828,23 @@ def resolve_config_paths(data: dict, folder: str | Path, where: str, cls: type =
     return data
 
 
+def is_checkpoint_config(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint's own config.yaml, whose paths were resolved when its run started."""
+    from llmrl.distributed.checkpoint import COMPLETE_MARK
+
+    return Path(path).name == "config.yaml" and (Path(path).parent / COMPLETE_MARK).is_file()
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
                 saved: bool = False):
     """Read a YAML recipe into ``cls`` (default Config), apply ``section.key=value`` overrides, type-check
     and validate. Relative paths in the file are read from its folder, those of the overrides from the working
-    directory (``resolve_config_paths``). ``saved``: the file is a checkpoint's config.yaml (perhaps written by
-    an older llmrl), whose paths were resolved when the run started."""
+    directory (``resolve_config_paths``); a checkpoint's own config.yaml keeps its paths, resolved when its run
+    started. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
     data = _read_yaml(path)
     if saved:
         data = upgrade_saved_config(data)
-    else:
+    elif not is_checkpoint_config(path):
         resolve_config_paths(data, Path(path).parent, f"config file {str(path)!r}", cls)
     for assignment in overrides:
         apply_override(data, assignment)
