@@ -828,11 +828,13 @@ def resolve_config_paths(data: dict, folder: str | Path, where: str, cls: type =
     return data
 
 
+# The file that makes a folder a complete checkpoint (llmrl.distributed.checkpoint.COMPLETE_MARK, which is this).
+CHECKPOINT_MARK = "trainer_state.pt"
+
+
 def is_checkpoint_config(path: str | Path) -> bool:
     """Whether ``path`` is a checkpoint's own config.yaml, whose paths were resolved when its run started."""
-    from llmrl.distributed.checkpoint import COMPLETE_MARK
-
-    return Path(path).name == "config.yaml" and (Path(path).parent / COMPLETE_MARK).is_file()
+    return Path(path).name == "config.yaml" and (Path(path).parent / CHECKPOINT_MARK).is_file()
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
