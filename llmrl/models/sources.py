@@ -151,7 +151,31 @@ def public_origin(spec: str) -> str | None:
     if spec in ORIGINS:
         return ORIGINS[spec]
     if spec.endswith(".gguf"):
-        return ORIGINS.get(Path(spec).name)
+        if Path(spec).name in ORIGINS:
+            return ORIGINS[Path(spec).name]
+        try:
+            path = package_path(spec, "model") if spec.startswith("pkg:") else Path(spec).expanduser()
+        except ConfigError:
+            return None
+        return gguf_source(path) if path.is_file() else None
     if spec.startswith("pkg:") or looks_local(spec) or Path(spec).expanduser().exists():
         return None
     return spec
+
+
+HUB_URL = "https://huggingface.co/"
+
+
+def gguf_source(path: Path) -> str | None:
+    """The hub id a GGUF file says its weights were converted from (its ``general.source.repo_url``, as llama.cpp's
+    converter writes it for a hub model), or None. Only the header is read."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get(gguf.Keys.General.SOURCE_REPO_URL)
+        url = field.contents() if field is not None else None
+    except Exception:  # no gguf package, or a file it cannot read: no origin known (conversion names the problem)
+        return None
+    if isinstance(url, str) and url.startswith(HUB_URL) and url[len(HUB_URL):].strip("/").count("/") == 1:
+        return url[len(HUB_URL):].strip("/")
+    return None
