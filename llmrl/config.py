@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -820,13 +821,88 @@ def upgrade_saved_config(data: dict) -> dict:
     return data
 
 
+# The settings that name something to read. In a config file a relative path is read from the file's own folder
+# (a recipe and its data travel together); in a command-line override, from the working directory, as any shell
+# path is. A value is a path when it is a 'file.py:name' form, ends in a data or model file's extension, or is
+# deepspeed.config_file; a relative value of the other keys may as well be a hub, dataset or package name, or a
+# folder a warm start builds, so it is taken from the config's folder only when it exists there. run.output_dir
+# (and every folder llmrl writes) stays relative to the working directory, as TRL's output_dir is.
+PATH_KEYS = {
+    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
+               "reward.function", "reward.eval_function", "reward.components[].function",
+               "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
+               "warm_start.base"),
+    "RewardTrainConfig": ("model", "data", "text_fn"),
+}
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf", ".yaml", ".yml")
+
+
+def _path_nodes(data: Any, keys: list[str]):
+    """(mapping, key) for each place the dotted ``keys`` (``name[]`` for every item of a list) reach in ``data``."""
+    if not isinstance(data, dict):
+        return
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        if isinstance(data.get(head), str):
+            yield data, head
+        return
+    items = data.get(head.removesuffix("[]"))
+    for item in (items if isinstance(items, list) else []) if head.endswith("[]") else [items]:
+        yield from _path_nodes(item, rest)
+
+
+def resolve_config_paths(data: dict, folder: str | Path, where: str, cls: type = None) -> dict:
+    """``data`` (a config file's mapping) with its relative paths made relative to the working directory, read from
+    ``folder`` (the file's own folder; see PATH_KEYS). Changed in place and returned."""
+    folder = str(folder)
+    if Path(os.path.abspath(folder)) == Path.cwd():
+        return data
+    for dotted in PATH_KEYS.get((cls or Config).__name__, ()):
+        for node, key in _path_nodes(data, dotted.split(".")):
+            value = node[key]
+            if not value or value.startswith(("/", "~", "pkg:", "task:", "in-memory:", "http://", "https://")):
+                continue
+            target, colon, name = value.rpartition(":")
+            if colon and target.endswith(".py"):
+                path, tail = target, colon + name
+            elif ":" in value:
+                continue  # package.module:name, a built-in rule, a hub revision...
+            else:
+                path, tail = value, ""
+            is_file = bool(tail) or path.endswith(FILE_SUFFIXES) or dotted == "deepspeed.config_file"
+            there = os.path.normpath(os.path.join(folder, path))
+            if Path(there).exists() or is_file and not Path(path).exists():
+                node[key] = there + tail
+            elif is_file:
+                shown = dotted.replace("[]", "[i]")
+                raise ConfigError(f"{shown} = {value!r} in {where}: a relative path in a config file is read from "
+                                  f"the file's folder ({folder}/), where {path!r} does not exist (it does from the "
+                                  f"working directory): write it relative to {folder}/ "
+                                  f"({os.path.relpath(path, folder) + tail!r}) or absolute, or give it on the "
+                                  f"command line")
+    return data
+
+
+# The file that makes a folder a complete checkpoint (llmrl.distributed.checkpoint.COMPLETE_MARK, which is this).
+CHECKPOINT_MARK = "trainer_state.pt"
+
+
+def is_checkpoint_config(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint's own config.yaml, whose paths were resolved when its run started."""
+    return Path(path).name == "config.yaml" and (Path(path).parent / CHECKPOINT_MARK).is_file()
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
                 saved: bool = False):
     """Read a YAML recipe into ``cls`` (default Config), apply ``section.key=value`` overrides, type-check
-    and validate. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
+    and validate. Relative paths in the file are read from its folder, those of the overrides from the working
+    directory (``resolve_config_paths``); a checkpoint's own config.yaml keeps its paths, resolved when its run
+    started. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
     data = _read_yaml(path)
     if saved:
         data = upgrade_saved_config(data)
+    elif not is_checkpoint_config(path):
+        resolve_config_paths(data, Path(path).parent, f"config file {str(path)!r}", cls)
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(cls or Config, data)
