@@ -148,6 +148,7 @@ def test_the_deepspeed_json_is_merged_section_by_section():
                                     ("zero2.json", False, False), ("zero3_offload.json", False, True)):
         strategy.ds_cfg = DeepSpeedConfig(zero_stage=3 if "zero3" in file else 2, offload_optimizer=offload,
                                           config_file=str(REPO / "configs" / "deepspeed" / file))
+        strategy.zero_stage = strategy.ds_cfg.zero_stage  # as make_strategy resolves it
         strategy.dtype = "float32"
         config = strategy.config_dict(1.0, 2, 4)
         assert strategy.offloads_optimizer(config) is expected, file
