@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import EQUAL, MASTER_PORT, free_port, launch_ppo, ppo_command, subprocess_env, training_rows
+from helpers import EQUAL, MASTER_PORT, assert_one_line, free_port, launch_ppo, ppo_command, subprocess_env, training_rows
 
 from llmrl.config import ConfigError, load_config
 
@@ -81,6 +81,14 @@ def test_torchrun_as_two_nodes_of_one_rank_each_matches_one_process(warm, tmp_pa
         for x, y in zip(a, b):
             assert abs(x[key] - y[key]) < TOLERANCE, (key, x[key], y[key])
     assert b[-1]["objective/kl"] != 0.0  # the policy moved at step 1
+
+
+def test_a_bad_setting_on_two_ranks_is_one_line_with_the_sizes_to_use(tmp_path):
+    """Issue 31: the tiny recipe (mini = micro = 32) on 2 ranks printed its divisibility error once per rank."""
+    out = launch_ppo([f"run.output_dir={tmp_path / 'run'}"])
+    assert_one_line(out, "train.mini_batch_size / world size = 32 / 2 = 16 is not divisible by train.micro_batch_size "
+                         "= 32: use train.micro_batch_size = 16")
+    assert out.stderr.count("error: ") == 1, out.stderr[-3000:]
 
 
 def test_cpu_ranks_leave_no_shared_memory_behind(equal_runs):
