@@ -396,19 +396,19 @@ class Config:
                    f"{t.mini_batch_size}" if t.rollout_batch_size % t.mini_batch_size else
                    f"train.mini_batch_size = {t.mini_batch_size} is not divisible by the world size = {world_size}")
             over = f" and split evenly over {ranks}" if world_size > 1 else ""
-            raise ConfigError(f"{why}: use train.mini_batch_size = {nearest_sizes(t.mini_batch_size, fits)} (it must divide "
-                              f"train.rollout_batch_size{over})")
+            raise ConfigError(f"{why}: use train.mini_batch_size = {nearest_sizes(t.mini_batch_size, fits)} (it must "
+                              f"divide train.rollout_batch_size{over})")
         num_mini = t.rollout_batch_size // t.mini_batch_size
         local_mini = t.mini_batch_size // world_size
         if local_mini % t.micro_batch_size:
             share = f"train.mini_batch_size / world size = {t.mini_batch_size} / {world_size}" if world_size > 1 \
                 else "train.mini_batch_size"
             minis = nearest_sizes(t.mini_batch_size, lambda n: n % (world_size * t.micro_batch_size) == 0
-                             and t.rollout_batch_size % n == 0, t.rollout_batch_size)
+                                  and t.rollout_batch_size % n == 0, t.rollout_batch_size)
+            micros = nearest_sizes(t.micro_batch_size, lambda n: local_mini % n == 0, local_mini)
             raise ConfigError(f"{share} = {local_mini} is not divisible by train.micro_batch_size = "
-                              f"{t.micro_batch_size}: use train.micro_batch_size = "
-                              f"{nearest_sizes(t.micro_batch_size, lambda n: local_mini % n == 0, local_mini)} (sequences "
-                              f"per forward on one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
+                              f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
+                              f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
         accum = local_mini // t.micro_batch_size
         optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)

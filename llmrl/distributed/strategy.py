@@ -211,8 +211,9 @@ class DeepSpeed(SingleProcess):
         nodes = max(1, self.world_size // max(local, 1))
         offload = [what for on, what in ((self.ds_cfg.offload_optimizer, "optimizer"),
                                          (self.ds_cfg.offload_params, "weights")) if on]
-        return (f"strategy: DeepSpeed ZeRO-{self.zero_stage}{' with ' + ' and '.join(offload) + ' offloaded to CPU' if offload else ''}, "
-                f"{self.world_size} rank{'s' if self.world_size != 1 else ''} on {nodes} node{'s' if nodes != 1 else ''} "
+        offloaded = f" with {' and '.join(offload)} offloaded to CPU" if offload else ""
+        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''} on {nodes} node{'s' if nodes != 1 else ''}"
+        return (f"strategy: DeepSpeed ZeRO-{self.zero_stage}{offloaded}, {ranks} "
                 f"({self.backend}, {self.device.type}); per rank: {accumulation_words(accum, micro)}")
 
     def config_dict(self, max_grad_norm: float, grad_accum_steps: int, micro_batch_size: int) -> dict:
@@ -476,7 +477,8 @@ def announce_op_build(builder_class: str, purpose: str, main: bool) -> None:
         import deepspeed.ops
 
         builder = get_accelerator().create_op_builder(builder_class)
-        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, True) or not op_needs_build(builder):
+        compatible = builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, True)
+        if not compatible or not op_needs_build(builder):
             return
     except Exception:  # noqa: BLE001 - an announcement only: DeepSpeed reports its own build errors
         return
