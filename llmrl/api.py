@@ -354,7 +354,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     from llmrl.demo.warm_start import run_warm_start
     from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
-    from llmrl.distributed.strategy import make_strategy
+    from llmrl.distributed.strategy import accumulation, make_strategy
     from llmrl.models.policy import build_policy, context_length
     from llmrl.models.sources import resolve_model
     from llmrl.packages import check_packages
@@ -368,6 +368,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     check_packages(cfg)  # wandb, bitsandbytes, vllm, deepspeed: before anything loads
     strategy = make_strategy(cfg)
     main = strategy.is_main
+    say(main, strategy.describe(*accumulation(cfg, strategy.world_size)))
     if cfg.env.name:  # the environment's rewards; a wrong name or kwargs fail here, before anything heavy
         from llmrl.envs import make_env
 

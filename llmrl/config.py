@@ -282,8 +282,9 @@ class WarmStartConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = opt(
-        2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
+    zero_stage: Literal[0, 1, 2, 3] | None = opt(
+        None, "ZeRO stage 0-3 under the deepspeed launcher or torchrun (3 partitions the weights too); null: the "
+              "stage config_file sets, else 2. Set both only if they agree.")
     offload_optimizer: bool = opt(False, "Keep optimizer state in CPU memory (ZeRO-Offload).")
     offload_params: bool = opt(False, "Keep partitioned weights in CPU memory (ZeRO-3 only).")
     gather_for_generation: bool = opt(True, "ZeRO-3: gather the weights once per rollout for generation instead "
@@ -401,15 +402,38 @@ class Config:
         return 1 if self.algorithm in OFFLINE else estimator_class(self.algorithm).completions_per_prompt(self)
 
     def sizes(self, world_size: int = 1) -> Sizes:
-        t = self.train
-        local_rollout = exact_div(t.rollout_batch_size, world_size, "train.rollout_batch_size", "the world size")
-        exact_div(local_rollout, self.group_size, "train.rollout_batch_size per rank",
-                  "critic_free.num_generations")
-        num_mini = exact_div(t.rollout_batch_size, t.mini_batch_size, "train.rollout_batch_size",
-                             "train.mini_batch_size")
-        local_mini = exact_div(t.mini_batch_size, world_size, "train.mini_batch_size", "the world size")
-        accum = exact_div(local_mini, t.micro_batch_size, "train.mini_batch_size / world size",
-                          "train.micro_batch_size")
+        """Every size derived from train: and the world size; a size that does not divide is a ConfigError naming
+        the nearest values that do (``world_size`` ranks, ``group_size`` completions per prompt)."""
+        t, k, ranks = self.train, self.group_size, f"{world_size} ranks"
+        if t.rollout_batch_size % (world_size * k):
+            what = ("the world size" if k == 1 else "critic_free.num_generations" if world_size == 1 else
+                    f"the world size x critic_free.num_generations = {world_size} x {k}")
+            why = f"split evenly over {ranks}" if k == 1 else \
+                "sample whole groups of completions" + (f" on each of {ranks}" if world_size > 1 else "")
+            raise ConfigError(f"train.rollout_batch_size = {t.rollout_batch_size} is not divisible by {what} = "
+                              f"{world_size * k}: use train.rollout_batch_size = "
+                              f"{nearest_sizes(t.rollout_batch_size, lambda n: n % (world_size * k) == 0)} (to {why})")
+        local_rollout = t.rollout_batch_size // world_size
+        if t.rollout_batch_size % t.mini_batch_size or t.mini_batch_size % world_size:
+            fits = lambda n: t.rollout_batch_size % n == 0 and n % world_size == 0  # noqa: E731
+            why = (f"train.rollout_batch_size = {t.rollout_batch_size} is not divisible by train.mini_batch_size = "
+                   f"{t.mini_batch_size}" if t.rollout_batch_size % t.mini_batch_size else
+                   f"train.mini_batch_size = {t.mini_batch_size} is not divisible by the world size = {world_size}")
+            over = f" and split evenly over {ranks}" if world_size > 1 else ""
+            raise ConfigError(f"{why}: use train.mini_batch_size = {nearest_sizes(t.mini_batch_size, fits)} (it must "
+                              f"divide train.rollout_batch_size{over})")
+        num_mini = t.rollout_batch_size // t.mini_batch_size
+        local_mini = t.mini_batch_size // world_size
+        if local_mini % t.micro_batch_size:
+            share = f"train.mini_batch_size / world size = {t.mini_batch_size} / {world_size}" if world_size > 1 \
+                else "train.mini_batch_size"
+            minis = nearest_sizes(t.mini_batch_size, lambda n: n % (world_size * t.micro_batch_size) == 0
+                                  and t.rollout_batch_size % n == 0, t.rollout_batch_size)
+            micros = nearest_sizes(t.micro_batch_size, lambda n: local_mini % n == 0, local_mini)
+            raise ConfigError(f"{share} = {local_mini} is not divisible by train.micro_batch_size = "
+                              f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
+                              f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
+        accum = local_mini // t.micro_batch_size
         optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
@@ -568,6 +592,15 @@ def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
                 if dataclasses.is_dataclass(item):
                     out += _floats(item, f"{key}[{i}].")
     return out
+
+
+def nearest_sizes(value: int, fits, limit: int | None = None) -> str:
+    """The closest positive integers to ``value`` (one below, one above, at most ``limit``) for which ``fits`` holds,
+    written 'A or B' (or one of them): the values to suggest when a size does not divide."""
+    limit = limit or 2 * value + 1024
+    below = next((n for n in range(min(value, limit), 0, -1) if fits(n)), None)
+    above = next((n for n in range(value + 1, limit + 1) if fits(n)), None)
+    return " or ".join(str(n) for n in (below, above) if n is not None)
 
 
 def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:

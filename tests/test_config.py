@@ -161,8 +161,8 @@ def test_shipped_deepspeed_configs_agree_with_their_stage(path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("deepspeed.zero_stage=5", "deepspeed.zero_stage is 5: use 0, 1, 2 or 3"),
-    ("deepspeed.zero_stage=true", "deepspeed.zero_stage is True: use 0, 1, 2 or 3"),  # True == 1 in Python
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage is 5: use 0, 1, 2, 3 or null"),  # null: the JSON's, else 2
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage is True: use 0, 1, 2, 3 or null"),  # True == 1 in Python
     ("model.quantization=16bit", "model.quantization is '16bit': use 8bit, 4bit or null"),
     ("critic_free.scale=std", "critic_free.scale is 'std': use group, batch or none"),
     ("generation.engine=vlm", "generation.engine is 'vlm': use fast, generate or vllm"),
