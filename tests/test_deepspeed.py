@@ -189,10 +189,11 @@ def test_the_deepspeed_json_is_merged_section_by_section():
         assert config["gradient_clipping"] == 1.0 and config["train_micro_batch_size_per_gpu"] == 4
 
 
-@pytest.mark.parametrize("file", sorted(p.name for p in (REPO / "configs" / "deepspeed").glob("*.json")))
-def test_every_shipped_deepspeed_json_starts_a_run(warm, tmp_path, file):
+def test_the_shipped_zero3_json_starts_a_run_without_zero_stage(warm, tmp_path):
     """deepspeed.zero_stage left out: the file's stage is taken (issue 31: zero3.json was refused against the default
-    2), and the start-up line names it."""
+    2), and the start-up line names it. One real launch (CI time); every shipped JSON's stage is resolved in
+    tests/test_ranks.py."""
+    file = "zero3.json"
     stage = json.loads((REPO / "configs" / "deepspeed" / file).read_text())["zero_optimization"]["stage"]
     out = launch_ppo([f"model.name_or_path={warm}", f"deepspeed.config_file=configs/deepspeed/{file}",
                       "train.total_steps=1", "train.rollout_batch_size=8",

@@ -269,3 +269,12 @@ def test_a_checkpoint_that_saved_stage_2_resumes_with_the_key_left_out(tmp_path)
                 resume_changes(checkpoint, cfg)
         else:
             assert resume_changes(checkpoint, cfg) == {}
+
+
+@pytest.mark.parametrize("file", sorted(p.name for p in (REPO / "configs" / "deepspeed").glob("*.json")))
+def test_every_shipped_deepspeed_json_gives_its_own_stage_without_zero_stage(file):
+    from llmrl.distributed.strategy import resolve_zero_stage
+
+    path = REPO / "configs" / "deepspeed" / file
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    assert resolve_zero_stage(load_config(TINY, [f"deepspeed.config_file={path}"]).deepspeed) == stage
