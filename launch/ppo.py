@@ -1,4 +1,6 @@
-"""PPO fine-tuning. One process: python launch/ppo.py --config configs/tiny.yaml [section.key=value ...]"""
+"""RL fine-tuning with the config's algorithm (ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo or dpo;
+the file keeps PPO's name for the commands that call it). Same as ``llmrl train``. One process:
+python launch/ppo.py --config configs/tiny.yaml [section.key=value ...]"""
 import os
 import sys
 

@@ -30,7 +30,8 @@ class Callback:
     cleanly at the next step boundary: it then evaluates and saves as a finished run does), the step and:
 
     - ``on_step_end``: the step's metrics (what ``log.jsonl`` holds: ``reward/mean``, ``objective/kl``, ...);
-    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training);
+    - ``on_evaluate``: the evaluation's metrics (``eval/reward``, ...), also at step 0 (before training); never
+      with ``data.eval_size`` 0 (evaluation off);
     - ``on_save``: the checkpoint folder just written.
     """
 
@@ -79,12 +80,36 @@ class RLTrainer:
                  model=None, tokenizer=None, reward_funcs: list | Callable | str | None = None,
                  reward_weights: list[float] | None = None, train_dataset=None, eval_dataset=None,
                  env: type | None = None, callbacks: Iterable = (), resume: bool = False, overwrite: bool = False):
-        self.cfg = _config(config, list(overrides))
+        overrides = list(overrides)
         self.resume, self.overwrite = resume, overwrite
         self.callbacks = _checked_callbacks(callbacks)
         self.model_object, self.tokenizer_object = _checked_model(model, tokenizer)
         self._objects: dict[str, object] = {}  # in-memory name -> object, registered when train() starts
-        data = to_dict(self.cfg)
+        # With resume, the run's own saved config is the base and only the overrides (and the objects below) change
+        # it: a resume need not repeat what the run was started with. What the given config says otherwise is
+        # reported when the run resumes (resume_notes), never applied unasked.
+        saved, checkpoint = _saved_run_config(config, overrides) if resume else (None, None)
+        self.resume_notes: list[str] = []
+        if saved is None:
+            self.cfg = self._with_objects(to_dict(_config(config, overrides)), model, tokenizer, reward_funcs,
+                                          reward_weights, train_dataset, eval_dataset, env)
+        else:
+            self.cfg = self._with_objects(saved, model, tokenizer, reward_funcs, reward_weights, train_dataset,
+                                          eval_dataset, env)
+            if config is not None:
+                given = self._with_objects(to_dict(_config(config, overrides)), model, tokenizer, reward_funcs,
+                                           reward_weights, train_dataset, eval_dataset, env)
+                self.resume_notes = _ignored_differences(given, self.cfg, config)
+            from llmrl.distributed.run_dir import resume_changes
+
+            resume_changes(checkpoint, self.cfg)  # a change a resumed run cannot take: one line, before any loading
+        self.trainer = None  # the engine (llmrl.trainers), while train() runs and after
+        self._stop = False
+
+    def _with_objects(self, data: dict, model, tokenizer, reward_funcs, reward_weights, train_dataset, eval_dataset,
+                      env) -> Config:
+        """The config ``data`` with what the Python objects given to RLTrainer replace, validated."""
+        data = json.loads(json.dumps(data, default=str))
         if isinstance(model, (str, Path)):
             data["model"]["name_or_path"] = str(model)
         if isinstance(tokenizer, (str, Path)):
@@ -105,10 +130,9 @@ class RLTrainer:
                 raise ConfigError(f"env = {env!r} is a {type(env).__name__}: pass the environment's class (llmrl "
                                   f"builds one per episode batch with env.kwargs), not an instance")
             data["env"]["name"] = self._register(env.__name__, env)
-        self.cfg = from_dict(Config, data)
-        self.cfg.validate()
-        self.trainer = None  # the engine (llmrl.trainers), while train() runs and after
-        self._stop = False
+        cfg = from_dict(Config, data)
+        cfg.validate()
+        return cfg
 
     # ------------------------------------------------------------------ what the user calls
     def train(self) -> RunResult:
@@ -197,6 +221,55 @@ def _config(config, overrides: list[str]) -> Config:
     raise ConfigError(f"config is a {type(config).__name__}: give a llmrl Config, a dict or a YAML path")
 
 
+def _saved_run_config(config, overrides: list[str]) -> tuple[dict | None, Path | None]:
+    """For a resume: (the config.yaml of the latest checkpoint in the run folder that ``config`` and ``overrides``
+    name (run.output_dir), with the overrides applied on top; that checkpoint), or (None, None) when there is none
+    (the run then says why)."""
+    from llmrl.config import (RunConfig, _read_yaml, is_checkpoint_config, load_yaml_text, resolve_config_paths,
+                              upgrade_saved_config)
+    from llmrl.distributed.checkpoint import latest_checkpoint
+
+    if isinstance(config, (str, Path)):
+        data = _read_yaml(config)
+        if not is_checkpoint_config(config):
+            resolve_config_paths(data, Path(config).parent, f"config file {str(config)!r}")
+    elif isinstance(config, Config):
+        data = to_dict(config)
+    else:
+        data = json.loads(json.dumps(config or {}, default=str))
+    for assignment in overrides:
+        apply_override(data, assignment)
+    run_section = data.get("run") if isinstance(data.get("run"), dict) else {}
+    run_dir = Path(str(run_section.get("output_dir") or RunConfig().output_dir))
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not (checkpoint / "config.yaml").is_file():
+        return None, None
+    try:
+        saved = load_yaml_text((checkpoint / "config.yaml").read_text(), f"{checkpoint}/config.yaml")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {checkpoint}/config.yaml cannot be read ({str(e).splitlines()[0]}): move "
+                          f"this checkpoint away to resume from the one before it") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {checkpoint}/config.yaml holds no mapping of settings: move this checkpoint "
+                          f"away to resume from the one before it")
+    saved = upgrade_saved_config(saved)
+    for assignment in overrides:
+        apply_override(saved, assignment)
+    saved.setdefault("run", {})["output_dir"] = str(run_dir)  # where it was found (the folder may have moved)
+    return saved, checkpoint
+
+
+def _ignored_differences(given: Config, resumed: Config, config) -> list[str]:
+    """One line for each setting where the config given to a resume differs from the run's own (kept)."""
+    from llmrl.distributed.run_dir import _flat
+
+    where = f"{str(config)!r}" if isinstance(config, (str, Path)) else "the config given"
+    theirs, ours = _flat(to_dict(given)), _flat(to_dict(resumed))
+    return [f"note: {where} has {key} = {theirs.get(key)!r}, the run's own config {ours.get(key)!r}: the run's is "
+            f"kept (with --resume only what the command line overrides changes; give {key}=VALUE to change it)"
+            for key in sorted(theirs.keys() | ours.keys()) if theirs.get(key) != ours.get(key)]
+
+
 def _checked_callbacks(callbacks) -> list:
     callbacks = list(callbacks or ())
     for cb in callbacks:
@@ -281,9 +354,10 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     from llmrl.demo.warm_start import run_warm_start
     from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
-    from llmrl.distributed.strategy import make_strategy
+    from llmrl.distributed.strategy import accumulation, make_strategy
     from llmrl.models.policy import build_policy, context_length
     from llmrl.models.sources import resolve_model
+    from llmrl.packages import check_packages
     from llmrl.rewards.base import build_eval_reward, build_reward
     from llmrl.tracking import MetricsLogger, read_log
     from llmrl.trainers.base import Hooks, Terminated
@@ -294,8 +368,10 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
         raise ConfigError("algorithm is sft: supervised fine-tuning runs with llmrl sft --config C.yaml (or "
                           "llmrl.SFTTrainer from Python), not llmrl train / RLTrainer")
     run_dir = Path(cfg.run.output_dir)
+    check_packages(cfg)  # wandb, bitsandbytes, vllm, deepspeed: before anything loads
     strategy = make_strategy(cfg)
     main = strategy.is_main
+    say(main, strategy.describe(*accumulation(cfg, strategy.world_size)))
     if cfg.env.name:  # the environment's rewards; a wrong name or kwargs fail here, before anything heavy
         from llmrl.envs import make_env
 
@@ -304,7 +380,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     else:
         reward = build_reward(cfg.reward, strategy.device)  # bad paths, models, URLs fail before anything heavy
         eval_reward = build_eval_reward(cfg.reward)
-    train_rows, eval_rows = load_prompts(cfg.data, cfg.env)
+    train_rows, eval_rows = load_prompts(cfg.data, cfg.env, say=lambda text: say(main, text))
     columns = set(train_rows[0]) - {cfg.data.prompt_column}
     for r in (reward, eval_reward):
         if r is not None:
@@ -361,13 +437,17 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
             trainer.set_learning_rate(cfg.train.lr)
         say(main, f"resumed from {resume_from} at step {trainer.step}" +
             (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}" if changed else ""))
+        for note in owner.resume_notes if owner is not None else ():
+            say(main, note)
     elif cfg.reward.normalize == "reference":
         trainer.fit_reward_normalizer()
         say(main, f"reward normalisation fitted on reference samples: mean {trainer.reward_norm.mean:.4f}, "
                   f"std {trainer.reward_norm.std:.4f}")
     logger = MetricsLogger(run_dir, enabled=strategy.is_main,
                            resume_step=trainer.step if resume_from is not None else None,
-                           report_to=cfg.run.report_to, config=to_dict(cfg))
+                           report_to=cfg.run.report_to, config=to_dict(cfg),
+                           wandb_project=cfg.run.wandb_project, wandb_entity=cfg.run.wandb_entity,
+                           wandb_run_name=cfg.run.wandb_run_name)
     try:
         summary = trainer.run(logger, eval_rows)
     except Terminated:  # SIGTERM: every rank stopped at the same step (and saved it, if there was time)

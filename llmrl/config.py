@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -74,9 +75,12 @@ class DataConfig:
                           "or a datasets name.")
     prompt_column: str = opt("prompt", "Column holding the prompt text; other columns reach the reward as kwargs.")
     eval_source: str | None = opt(None, "Held-out prompts (same forms as source); null: the task's held-out "
-                                        "split, or the last eval_size rows of source.")
-    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding.")
-    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error.")
+                                        "split, or eval_size rows of source chosen by a hash of the prompt (never "
+                                        "trained on; at most a quarter of the rows, docs/data.md).")
+    eval_size: int = opt(128, "Number of held-out prompts scored with greedy decoding; 0: no held-out set and no "
+                              "evaluation.")
+    max_prompt_length: int = opt(64, "Prompts longer than this many tokens are an error, never truncated (TRL's "
+                                     "max_prompt_length truncated them; docs/trl.md).")
     task: TaskConfig = opt(TaskConfig(), "Settings of a built-in task (source: task:NAME).")
 
 
@@ -86,6 +90,15 @@ class GenerationConfig:
     temperature: float = opt(1.0, "Sampling temperature; log-probs are computed from logits / temperature.")
     top_k: int = opt(0, "Sample from the k most likely tokens; 0 disables.")
     top_p: float = opt(1.0, "Nucleus sampling mass; 1.0 disables.")
+    min_p: float = opt(0.0, "Keep only tokens at least min_p times as likely as the likeliest (after temperature); "
+                            "0 disables. Like top_k/top_p it shapes sampling only: log-probs stay logits / "
+                            "temperature (docs/runs.md).")
+    repetition_penalty: float = opt(1.0, "Divide the logits of tokens already in the prompt or completion by this "
+                                         "(multiply negative ones) before sampling, greedy included; 1.0 disables. "
+                                         "Sampling only: log-probs stay logits / temperature (docs/runs.md).")
+    stop: list[str] = opt([], "Stop strings (vLLM's and TRL's stop): a completion ends at the token that completes "
+                              "one; the stop string is kept in the completion and it counts as finished (no "
+                              "missing_eos_penalty).")
     do_sample: bool = opt(True, "Sample rollouts; false decodes them greedily (deterministic, for checks).")
     engine: Literal["fast", "generate", "vllm"] = opt(
         "fast", "Rollout decoder: 'fast' (llmrl's decode loop, KV cache, early stop), 'generate' (transformers' "
@@ -190,7 +203,8 @@ MOVED_KEYS = {**{f"ppo.{k}": f"train.{k}" for k in (
 class PPOConfig:
     gamma: float = opt(1.0, "Discount factor of GAE.")
     lam: float = opt(0.95, "GAE lambda.")
-    clip_range: float = opt(0.2, "Policy ratio clip epsilon.")
+    clip_range: float = opt(0.2, "Policy ratio clip epsilon (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE; DAPO's lower "
+                                 "bound; GSPO, CISPO and SAPO do not read it).")
     clip_range_value: float = opt(0.2, "Value prediction clip around the rollout values.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     critic: Literal["shared", "separate"] = opt(
@@ -199,11 +213,13 @@ class PPOConfig:
         "one more forward pass for the values), as OpenRLHF's separate critic. docs/algorithms.md has the "
         "measured comparison.")
     ent_coef: float = opt(0.0, "Weight of the entropy bonus.")
-    init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty.")
+    init_kl_coef: float = opt(0.05, "Initial beta of the per-token KL penalty in the reward (PPO, RLOO, REINFORCE; "
+                                    "the algorithms with a KL loss term use critic_free.kl_coef).")
     adaptive_kl: bool = opt(True, "Adapt beta towards kl_target (Ziegler et al. 2019); false keeps it fixed.")
     kl_target: float = opt(6.0, "Target summed KL per sequence for the adaptive controller.")
     kl_horizon: float = opt(10000.0, "Horizon of the adaptive controller, in sequences.")
-    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward: k1, k2 or k3.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "Per-token KL estimator in the reward (PPO, RLOO, "
+                                                      "REINFORCE): k1, k2 or k3; a KL loss term is always k3.")
     whiten_rewards: bool = opt(False, "Whiten per-token rewards (keeping their mean) before GAE.")
 
 
@@ -213,11 +229,12 @@ class CriticFreeConfig:
     scale: Literal["group", "batch", "none"] = opt(
         "group", "GRPO: divide centred scores by the group's std (group), the batch's (batch), or not at all "
         "(none).")
-    kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO: weight of the k3 KL to the reference in the loss; 0 "
-                               "disables.")
+    kl_coef: float = opt(0.04, "GRPO, Dr. GRPO, GSPO, CISPO, SAPO: weight of the k3 KL to the reference in the "
+                               "loss (logged as objective/kl_coef); 0 disables it (the KL is then logged as "
+                               "info/kl_ref). TRL's beta, whose default is 0; docs/trl.md says why llmrl keeps one.")
     baseline_momentum: float = opt(0.9, "REINFORCE: momentum of the running-mean baseline.")
     clip_range_high: float = opt(0.28, "DAPO: the token ratio's upper clip is 1 + this (clip-higher); the lower "
-                                       "stays 1 - ppo.clip_range.")
+                                       "stays 1 - ppo.clip_range. CISPO: its weight is capped at 1 + this.")
     sequence_clip_low: float = opt(3e-4, "GSPO: the sequence ratio's lower clip is 1 - this.")
     sequence_clip_high: float = opt(4e-4, "GSPO: the sequence ratio's upper clip is 1 + this.")
     sapo_tau_pos: float = opt(1.0, "SAPO: the soft gate's temperature for positive advantages.")
@@ -290,8 +307,9 @@ class SFTConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = opt(
-        2, "ZeRO stage 0-3 under the deepspeed launcher (3 partitions the weights too).")
+    zero_stage: Literal[0, 1, 2, 3] | None = opt(
+        None, "ZeRO stage 0-3 under the deepspeed launcher or torchrun (3 partitions the weights too); null: the "
+              "stage config_file sets, else 2. Set both only if they agree.")
     offload_optimizer: bool = opt(False, "Keep optimizer state in CPU memory (ZeRO-Offload).")
     offload_params: bool = opt(False, "Keep partitioned weights in CPU memory (ZeRO-3 only).")
     gather_for_generation: bool = opt(True, "ZeRO-3: gather the weights once per rollout for generation instead "
@@ -319,7 +337,13 @@ class RunConfig:
     progress: bool = opt(True, "Show a progress bar.")
     log_samples: int = opt(4, "At each evaluation, log this many (prompt, completion, reward) rows to log.jsonl "
                               "and TensorBoard text; 0 disables.")
-    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb].")
+    report_to: list[str] = opt([], "Extra trackers besides log.jsonl and TensorBoard: [wandb] (needs pip install "
+                                   "wandb; the W&B files go to WANDB_DIR when set, else the run directory).")
+    wandb_project: str | None = opt(None, "W&B project (with report_to: [wandb]); null: WANDB_PROJECT, else W&B's "
+                                          "default.")
+    wandb_entity: str | None = opt(None, "W&B team or user (with report_to: [wandb]); null: WANDB_ENTITY, else "
+                                         "your default.")
+    wandb_run_name: str | None = opt(None, "W&B run name (with report_to: [wandb]); null: the run directory's name.")
 
 
 @dataclass
@@ -387,7 +411,8 @@ class Config:
     reward: RewardConfig = opt(RewardConfig(), "The reward.")
     train: TrainConfig = opt(TrainConfig(), "Optimizer and batch sizes, shared by every algorithm.")
     ppo: PPOConfig = opt(PPOConfig(), "PPO's own settings: GAE, clipping, value loss, KL penalty and its controller "
-                                      "(clip_range and ent_coef also apply to the critic-free estimators).")
+                                      "(clip_range and ent_coef also apply to the critic-free estimators, the KL "
+                                      "penalty and its controller to RLOO and REINFORCE).")
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
     sft: SFTConfig = opt(SFTConfig(), "Supervised fine-tuning settings (algorithm: sft).")
@@ -406,15 +431,38 @@ class Config:
         return 1 if self.algorithm in OFFLINE else estimator_class(self.algorithm).completions_per_prompt(self)
 
     def sizes(self, world_size: int = 1) -> Sizes:
-        t = self.train
-        local_rollout = exact_div(t.rollout_batch_size, world_size, "train.rollout_batch_size", "the world size")
-        exact_div(local_rollout, self.group_size, "train.rollout_batch_size per rank",
-                  "critic_free.num_generations")
-        num_mini = exact_div(t.rollout_batch_size, t.mini_batch_size, "train.rollout_batch_size",
-                             "train.mini_batch_size")
-        local_mini = exact_div(t.mini_batch_size, world_size, "train.mini_batch_size", "the world size")
-        accum = exact_div(local_mini, t.micro_batch_size, "train.mini_batch_size / world size",
-                          "train.micro_batch_size")
+        """Every size derived from train: and the world size; a size that does not divide is a ConfigError naming
+        the nearest values that do (``world_size`` ranks, ``group_size`` completions per prompt)."""
+        t, k, ranks = self.train, self.group_size, f"{world_size} ranks"
+        if t.rollout_batch_size % (world_size * k):
+            what = ("the world size" if k == 1 else "critic_free.num_generations" if world_size == 1 else
+                    f"the world size x critic_free.num_generations = {world_size} x {k}")
+            why = f"split evenly over {ranks}" if k == 1 else \
+                "sample whole groups of completions" + (f" on each of {ranks}" if world_size > 1 else "")
+            raise ConfigError(f"train.rollout_batch_size = {t.rollout_batch_size} is not divisible by {what} = "
+                              f"{world_size * k}: use train.rollout_batch_size = "
+                              f"{nearest_sizes(t.rollout_batch_size, lambda n: n % (world_size * k) == 0)} (to {why})")
+        local_rollout = t.rollout_batch_size // world_size
+        if t.rollout_batch_size % t.mini_batch_size or t.mini_batch_size % world_size:
+            fits = lambda n: t.rollout_batch_size % n == 0 and n % world_size == 0  # noqa: E731
+            why = (f"train.rollout_batch_size = {t.rollout_batch_size} is not divisible by train.mini_batch_size = "
+                   f"{t.mini_batch_size}" if t.rollout_batch_size % t.mini_batch_size else
+                   f"train.mini_batch_size = {t.mini_batch_size} is not divisible by the world size = {world_size}")
+            over = f" and split evenly over {ranks}" if world_size > 1 else ""
+            raise ConfigError(f"{why}: use train.mini_batch_size = {nearest_sizes(t.mini_batch_size, fits)} (it must "
+                              f"divide train.rollout_batch_size{over})")
+        num_mini = t.rollout_batch_size // t.mini_batch_size
+        local_mini = t.mini_batch_size // world_size
+        if local_mini % t.micro_batch_size:
+            share = f"train.mini_batch_size / world size = {t.mini_batch_size} / {world_size}" if world_size > 1 \
+                else "train.mini_batch_size"
+            minis = nearest_sizes(t.mini_batch_size, lambda n: n % (world_size * t.micro_batch_size) == 0
+                                  and t.rollout_batch_size % n == 0, t.rollout_batch_size)
+            micros = nearest_sizes(t.micro_batch_size, lambda n: local_mini % n == 0, local_mini)
+            raise ConfigError(f"{share} = {local_mini} is not divisible by train.micro_batch_size = "
+                              f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
+                              f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
+        accum = local_mini // t.micro_batch_size
         optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
@@ -432,6 +480,9 @@ class Config:
             *estimator_checks,
             (set(self.run.report_to) <= {"wandb", "tensorboard"}, "run.report_to",
              f"is {self.run.report_to}: only wandb (and tensorboard, always on) exist"),
+            *[(getattr(self.run, key) is None or "wandb" in self.run.report_to, f"run.{key}",
+               f"is {getattr(self.run, key)!r} but run.report_to does not name wandb: add report_to: [wandb], or "
+               f"remove run.{key}") for key in ("wandb_project", "wandb_entity", "wandb_run_name")],
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
@@ -480,7 +531,8 @@ class Config:
              f"is {self.generation.max_new_tokens}: must be at least 1"),
             (self.train.total_steps > 0, "train.total_steps", f"is {self.train.total_steps}: must be at least 1"),
             (self.train.epochs > 0, "train.epochs", f"is {self.train.epochs}: must be at least 1"),
-            (self.data.eval_size > 0, "data.eval_size", f"is {self.data.eval_size}: must be at least 1"),
+            (self.data.eval_size >= 0, "data.eval_size",
+             f"is {self.data.eval_size}: must be >= 0 (0: no held-out set and no evaluation)"),
             (self.generation.engine != "vllm" or self.model.quantization is None, "generation.engine",
              f"is 'vllm' with model.quantization = {self.model.quantization!r}: vLLM loads its own full-precision "
              f"base and would sample from another policy than the one trained; use engine: fast"),
@@ -489,6 +541,12 @@ class Config:
             (0 < self.generation.top_p <= 1, "generation.top_p", f"is {self.generation.top_p}: must be in (0, 1]"),
             (self.generation.top_k >= 0, "generation.top_k",
              f"is {self.generation.top_k}: must be >= 0 (0 keeps every token)"),
+            (0 <= self.generation.min_p < 1, "generation.min_p",
+             f"is {self.generation.min_p}: must be in [0, 1) (0 keeps every token)"),
+            (self.generation.repetition_penalty > 0, "generation.repetition_penalty",
+             f"is {self.generation.repetition_penalty}: must be > 0 (1.0 disables, 1.1 to 1.3 discourages repeats)"),
+            (all(isinstance(x, str) and x for x in self.generation.stop), "generation.stop",
+             f"is {self.generation.stop!r}: list non-empty strings, e.g. [\"\\n\\n\"]"),
             (self.train.lr > 0, "train.lr", f"is {self.train.lr}: must be > 0"),
             (self.ppo.clip_range > 0, "ppo.clip_range", f"is {self.ppo.clip_range}: must be > 0 (e.g. 0.2)"),
             (self.ppo.clip_range_value > 0, "ppo.clip_range_value",
@@ -592,6 +650,15 @@ def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
+def nearest_sizes(value: int, fits, limit: int | None = None) -> str:
+    """The closest positive integers to ``value`` (one below, one above, at most ``limit``) for which ``fits`` holds,
+    written 'A or B' (or one of them): the values to suggest when a size does not divide."""
+    limit = limit or 2 * value + 1024
+    below = next((n for n in range(min(value, limit), 0, -1) if fits(n)), None)
+    above = next((n for n in range(value + 1, limit + 1) if fits(n)), None)
+    return " or ".join(str(n) for n in (below, above) if n is not None)
+
+
 def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
     if b <= 0 or a % b != 0:
         raise ConfigError(f"{a_name} = {a} is not divisible by {b_name} = {b}: choose sizes where it divides")
@@ -662,7 +729,8 @@ TRL_NAMES = {
     "num_generations": "critic_free.num_generations",
     "max_completion_length": "generation.max_new_tokens",
     "num_iterations": "train.epochs",
-    "beta": "critic_free.kl_coef (GRPO/RLOO), ppo.init_kl_coef (PPO) or dpo.beta (DPO)",
+    "beta": "critic_free.kl_coef (GRPO family), ppo.init_kl_coef (PPO, RLOO, REINFORCE: KL in the reward) "
+            "or dpo.beta (DPO)",
     "learning_rate": "train.lr",
     "max_steps": "train.total_steps",
     "per_device_train_batch_size": "train.micro_batch_size",
@@ -671,6 +739,9 @@ TRL_NAMES = {
     "epsilon": "ppo.clip_range",
     "epsilon_high": "critic_free.clip_range_high",
     "use_vllm": "generation.engine: vllm",
+    "min_p": "generation.min_p",
+    "repetition_penalty": "generation.repetition_penalty",
+    "run_name": "run.wandb_run_name",
     "vllm_importance_sampling_correction": "train.importance_sampling",
     "vllm_importance_sampling_cap": "train.importance_sampling_cap",
     "save_steps": "run.save_every",
@@ -681,6 +752,22 @@ TRL_NAMES = {
     "reward_funcs": "reward.function or reward.components",
     "output_dir": "run.output_dir",
     "seed": "run.seed",
+    "max_prompt_length": "data.max_prompt_length (a longer prompt is an error, not truncated)",
+    "loss_type": "train.loss_aggregation (token_mean for dapo/bnpo, sequence_mean for grpo, token_sum for dr_grpo) "
+                 "or the algorithm (cispo, sapo)",
+    "scale_rewards": "critic_free.scale (group, batch or none)",
+    "missing_eos_penalty": "generation.missing_eos_penalty",
+    "temperature": "generation.temperature",
+    "top_k": "generation.top_k",
+    "top_p": "generation.top_p",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "report_to": "run.report_to",
+    "logging_dir": "run.output_dir (TensorBoard and log.jsonl are written there)",
+    "mask_truncated_completions": "none: llmrl keeps truncated completions in the loss and scores them down with "
+                                  "generation.missing_eos_penalty (null disables it)",
+    "top_entropy_quantile": "none: llmrl's loss keeps every token (TRL's default, 1.0)",
 }
 
 
@@ -695,7 +782,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"{full} is now {MOVED_KEYS[full]} (the optimizer and batch sizes every algorithm "
                               f"shares are in the train: section): rename it in the config or the override")
         if key not in names and str(key) in TRL_NAMES:
-            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; llmrl's is {TRL_NAMES[str(key)]} "
+            ours = TRL_NAMES[str(key)]
+            ours = f"llmrl has {ours}" if ours.startswith("none:") else f"llmrl's is {ours}"
+            raise ConfigError(f"unknown config key {full!r}: {key!r} is TRL's name; {ours} "
                               f"(docs/trl.md lists the others)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -821,13 +910,88 @@ def upgrade_saved_config(data: dict) -> dict:
     return data
 
 
+# The settings that name something to read. In a config file a relative path is read from the file's own folder
+# (a recipe and its data travel together); in a command-line override, from the working directory, as any shell
+# path is. A value is a path when it is a 'file.py:name' form, ends in a data or model file's extension, or is
+# deepspeed.config_file; a relative value of the other keys may as well be a hub, dataset or package name, or a
+# folder a warm start builds, so it is taken from the config's folder only when it exists there. run.output_dir
+# (and every folder llmrl writes) stays relative to the working directory, as TRL's output_dir is.
+PATH_KEYS = {
+    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
+               "reward.function", "reward.eval_function", "reward.components[].function",
+               "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
+               "warm_start.base"),
+    "RewardTrainConfig": ("model", "data", "text_fn"),
+}
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf", ".yaml", ".yml")
+
+
+def _path_nodes(data: Any, keys: list[str]):
+    """(mapping, key) for each place the dotted ``keys`` (``name[]`` for every item of a list) reach in ``data``."""
+    if not isinstance(data, dict):
+        return
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        if isinstance(data.get(head), str):
+            yield data, head
+        return
+    items = data.get(head.removesuffix("[]"))
+    for item in (items if isinstance(items, list) else []) if head.endswith("[]") else [items]:
+        yield from _path_nodes(item, rest)
+
+
+def resolve_config_paths(data: dict, folder: str | Path, where: str, cls: type = None) -> dict:
+    """``data`` (a config file's mapping) with its relative paths made relative to the working directory, read from
+    ``folder`` (the file's own folder; see PATH_KEYS). Changed in place and returned."""
+    folder = str(folder)
+    if Path(os.path.abspath(folder)) == Path.cwd():
+        return data
+    for dotted in PATH_KEYS.get((cls or Config).__name__, ()):
+        for node, key in _path_nodes(data, dotted.split(".")):
+            value = node[key]
+            if not value or value.startswith(("/", "~", "pkg:", "task:", "in-memory:", "http://", "https://")):
+                continue
+            target, colon, name = value.rpartition(":")
+            if colon and target.endswith(".py"):
+                path, tail = target, colon + name
+            elif ":" in value:
+                continue  # package.module:name, a built-in rule, a hub revision...
+            else:
+                path, tail = value, ""
+            is_file = bool(tail) or path.endswith(FILE_SUFFIXES) or dotted == "deepspeed.config_file"
+            there = os.path.normpath(os.path.join(folder, path))
+            if Path(there).exists() or is_file and not Path(path).exists():
+                node[key] = there + tail
+            elif is_file:
+                shown = dotted.replace("[]", "[i]")
+                raise ConfigError(f"{shown} = {value!r} in {where}: a relative path in a config file is read from "
+                                  f"the file's folder ({folder}/), where {path!r} does not exist (it does from the "
+                                  f"working directory): write it relative to {folder}/ "
+                                  f"({os.path.relpath(path, folder) + tail!r}) or absolute, or give it on the "
+                                  f"command line")
+    return data
+
+
+# The file that makes a folder a complete checkpoint (llmrl.distributed.checkpoint.COMPLETE_MARK, which is this).
+CHECKPOINT_MARK = "trainer_state.pt"
+
+
+def is_checkpoint_config(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint's own config.yaml, whose paths were resolved when its run started."""
+    return Path(path).name == "config.yaml" and (Path(path).parent / CHECKPOINT_MARK).is_file()
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
                 saved: bool = False):
     """Read a YAML recipe into ``cls`` (default Config), apply ``section.key=value`` overrides, type-check
-    and validate. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
+    and validate. Relative paths in the file are read from its folder, those of the overrides from the working
+    directory (``resolve_config_paths``); a checkpoint's own config.yaml keeps its paths, resolved when its run
+    started. ``saved``: the file is a checkpoint's config.yaml, perhaps written by an older llmrl."""
     data = _read_yaml(path)
     if saved:
         data = upgrade_saved_config(data)
+    elif not is_checkpoint_config(path):
+        resolve_config_paths(data, Path(path).parent, f"config file {str(path)!r}", cls)
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(cls or Config, data)

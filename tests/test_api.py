@@ -296,3 +296,36 @@ def test_the_docs_python_example_runs_as_written(tiny_model_dir, tmp_path):
     assert (tmp_path / "runs" / "python-ppo-export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "python-grpo" / "summary.json").read_text())["steps"] == 6
     assert os.listdir(tmp_path / "runs" / "python-ppo" / "final")
+
+
+def test_a_resume_keeps_the_runs_own_settings_and_applies_only_what_is_given(tiny_model_dir, tmp_path, capsys):
+    """The run was started with overrides (sizes, model, lr); the resume names only the run and what changes."""
+    from helpers import training_rows
+
+    from llmrl.cli.train import main
+
+    run = tmp_path / "run"
+    llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, run, "train.lr=0.0003")).train()
+    capsys.readouterr()
+    resumed = llmrl.RLTrainer(TINY, overrides=[f"run.output_dir={run}", "train.total_steps=3"], resume=True)
+    assert (resumed.cfg.train.lr, resumed.cfg.train.rollout_batch_size, resumed.cfg.model.name_or_path) == \
+        (0.0003, 8, str(tiny_model_dir))
+    assert resumed.train().summary["steps"] == 3
+    printed = capsys.readouterr().out
+    # what tiny.yaml says otherwise is reported, not applied
+    assert "note: " in printed and "train.lr = 0.001, the run's own config 0.0003: the run's is kept" in printed
+    assert [(r["step"], r["optim/lr"]) for r in training_rows(run)][-1] == (3, 0.0003)
+    # the command line: no --config, the run named by run.output_dir; a new lr applies from step 4
+    assert main(["--resume", f"run.output_dir={run}", "train.total_steps=4", "train.lr=0.0001"]) == 0
+    assert [(r["step"], r["optim/lr"]) for r in training_rows(run)][-2:] == [(3, 0.0003), (4, 0.0001)]
+    saved = yaml.safe_load((run / "final" / "config.yaml").read_text())
+    assert saved["train"]["rollout_batch_size"] == 8 and saved["model"]["name_or_path"] == str(tiny_model_dir)
+
+
+@pytest.mark.parametrize("change", ["lora.r=4", "algorithm=grpo", "model.name_or_path=gpt2"])
+def test_a_resume_that_changes_what_the_run_is_is_one_line_before_anything_loads(tiny_model_dir, tmp_path, change):
+    run = tmp_path / "run"
+    llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, run, "train.total_steps=1")).train()
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^--resume: {re.escape(key)} .* differ from the checkpoint's settings"):
+        llmrl.RLTrainer(None, overrides=[f"run.output_dir={run}", change], resume=True)  # not .train()

@@ -151,7 +151,7 @@ LAYERS = [
     {"llmrl.algorithms"},
     {"llmrl.config"},
     {"llmrl.data", "llmrl.models", "llmrl.rollout", "llmrl.rewards", "llmrl.envs", "llmrl.distributed",
-     "llmrl.tracking", "llmrl.trust"},
+     "llmrl.tracking", "llmrl.trust", "llmrl.packages"},
     {"llmrl.trainers", "llmrl.exporter"},
     {"llmrl.demo"},
     {"llmrl.api"},

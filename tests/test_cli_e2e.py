@@ -152,7 +152,7 @@ def test_a_reward_that_fails_mid_run_stops_it_and_keeps_the_checkpoints(tmp_path
     (["model.name_or_path=/no/such/model", "warm_start=null"], "error: model.name_or_path = '/no/such/model' does not exist: "
                                           "point it at a model folder, a .gguf file, pkg:PACKAGE/sub/path or a hub name"),
     (["train.mini_batch_size=48"], "error: train.rollout_batch_size = 64 is not divisible by train.mini_batch_size = 48: "
-                               "choose sizes where it divides"),
+                               "use train.mini_batch_size = 32 or 64 (it must divide train.rollout_batch_size)"),
     (["data.source=/no/prompts.jsonl"], "error: data.source = '/no/prompts.jsonl' does not exist: give a prompt "
                                       "file path or task:NAME"),
     # the tiny recipe's exact_match on prompts without an answer column: it failed at the first rollout

@@ -104,6 +104,9 @@ def test_overrides_set_single_keys_and_are_checked(tmp_path):
     ("train", "micro_batch_size", 0, "train.micro_batch_size is 0"),
     # each of these crashed deep in torch, or trained on silently
     ("generation", "top_k", -5, "generation.top_k is -5: must be >= 0"),
+    ("generation", "min_p", 1.0, r"generation.min_p is 1.0: must be in \[0, 1\)"),
+    ("generation", "repetition_penalty", 0.0, "generation.repetition_penalty is 0.0: must be > 0"),
+    ("generation", "stop", [""], r"generation.stop is \[''\]: list non-empty strings"),
     ("train", "lr", -1.0, "train.lr is -1.0: must be > 0"),
     ("ppo", "clip_range", -0.2, "ppo.clip_range is -0.2: must be > 0"),
     ("train", "max_grad_norm", -1.0, "train.max_grad_norm is -1.0"),
@@ -158,8 +161,8 @@ def test_shipped_deepspeed_configs_agree_with_their_stage(path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("deepspeed.zero_stage=5", "deepspeed.zero_stage is 5: use 0, 1, 2 or 3"),
-    ("deepspeed.zero_stage=true", "deepspeed.zero_stage is True: use 0, 1, 2 or 3"),  # True == 1 in Python
+    ("deepspeed.zero_stage=5", "deepspeed.zero_stage is 5: use 0, 1, 2, 3 or null"),  # null: the JSON's, else 2
+    ("deepspeed.zero_stage=true", "deepspeed.zero_stage is True: use 0, 1, 2, 3 or null"),  # True == 1 in Python
     ("model.quantization=16bit", "model.quantization is '16bit': use 8bit, 4bit or null"),
     ("critic_free.scale=std", "critic_free.scale is 'std': use group, batch or none"),
     ("generation.engine=vlm", "generation.engine is 'vlm': use fast, generate or vllm"),
@@ -246,10 +249,38 @@ def test_resume_export_and_eval_read_a_checkpoint_config_of_the_old_layout(tmp_p
     ("generation.max_completion_length=64", "generation.max_new_tokens"),
     ("num_generations=8", "critic_free.num_generations"),
     ("train.learning_rate=1e-5", "train.lr"),
+    ("critic_free.loss_type=dr_grpo", "train.loss_aggregation"),
+    ("critic_free.scale_rewards=batch", "critic_free.scale"),
+    ("train.max_prompt_length=512", "data.max_prompt_length"),
+    ("critic_free.missing_eos_penalty=1.0", "generation.missing_eos_penalty"),
+    ("train.temperature=0.7", "generation.temperature"),
+    ("epsilon=0.2", "ppo.clip_range"),
+    ("critic_free.epsilon_high=0.28", "critic_free.clip_range_high"),
 ])
 def test_a_trl_name_is_answered_with_llmrls_key(override, llmrl_key):
     with pytest.raises(ConfigError, match=rf"is TRL's name; llmrl's is {re.escape(llmrl_key)}"):
         load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("name", ["mask_truncated_completions", "top_entropy_quantile"])
+def test_a_trl_name_without_an_llmrl_equivalent_says_so(name):
+    with pytest.raises(ConfigError, match=rf"^unknown config key 'train.{name}': '{name}' is TRL's name; llmrl has "
+                                          rf"none: .*\(docs/trl.md lists the others\)$"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"train.{name}=true"])
+
+
+def test_every_trl_name_in_the_docs_table_is_answered_with_llmrls_key():
+    # the names of docs/trl.md's defaults table (first column, in backticks): each one has its line in TRL_NAMES
+    from llmrl.config import TRL_NAMES
+
+    text = (REPO / "docs" / "trl.md").read_text()
+    table = text[text.index("## Defaults"):]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    names = {n for line in rows for n in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert {"beta", "num_iterations", "max_completion_length", "max_prompt_length", "num_generations", "loss_type",
+            "scale_rewards", "missing_eos_penalty", "temperature", "learning_rate", "epsilon", "epsilon_high",
+            "mask_truncated_completions", "top_entropy_quantile"} <= names
+    assert names - set(TRL_NAMES) == set()
 
 
 def test_llmrl_version():
@@ -320,3 +351,89 @@ def test_where_pi_old_comes_from_by_default():
     assert importance_sampling_cap(cfg("generation.engine=vllm", "train.importance_sampling=false")) is None
     assert importance_sampling_cap(cfg()) is None
     assert importance_sampling_cap(cfg("train.importance_sampling=true")) == 2.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Relative paths: in a config file, from the file's folder; in an override, from the working directory.
+
+
+def recipe_in_a_subfolder(tmp_path, tiny_model_dir) -> Path:
+    """project/recipes/r.yaml naming, relative to recipes/: a model folder, prompt and preference files, a reward
+    file, a DeepSpeed JSON; a hub name and run.output_dir stay as written."""
+    import shutil
+
+    recipes = tmp_path / "project" / "recipes"
+    (recipes / "data").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, recipes / "model")
+    (recipes / "data" / "p.jsonl").write_text('{"prompt": "abc"}\n{"prompt": "cab"}\n')
+    (recipes / "data" / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (recipes / "score.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    (recipes / "ds.json").write_text("{}\n")
+    path = recipes / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name_or_path": "model", "tokenizer": "gpt2"},
+        "data": {"source": "data/p.jsonl", "eval_source": "data/p.jsonl", "eval_size": 1},
+        "dpo": {"data": "data/prefs.jsonl"},
+        "reward": {"components": [{"function": "score.py:score"}, {"function": "exact_match"},
+                                  {"function": "reward_models.rules:keywords"}]},
+        "deepspeed": {"config_file": "ds.json"},
+        "run": {"output_dir": "runs/r"}}))
+    return path
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, tiny_model_dir, monkeypatch):
+    from llmrl.data.prompts import load_prompts
+    from llmrl.rewards.base import build_reward
+
+    recipe = recipe_in_a_subfolder(tmp_path, tiny_model_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(Path("..") / "project" / "recipes" / "r.yaml")
+    recipes = Path("../project/recipes")
+    assert Path(cfg.model.name_or_path) == recipes / "model"
+    assert Path(cfg.data.source) == Path(cfg.data.eval_source) == recipes / "data" / "p.jsonl"
+    assert Path(cfg.dpo.data) == recipes / "data" / "prefs.jsonl"
+    assert Path(cfg.deepspeed.config_file) == recipes / "ds.json"
+    assert cfg.reward.components[0].function == str(recipes / "score.py") + ":score"
+    # not paths: a hub name, a built-in rule, a module; and the run folder is the working directory's
+    assert cfg.model.tokenizer == "gpt2"
+    assert [c.function for c in cfg.reward.components[1:]] == ["exact_match", "reward_models.rules:keywords"]
+    assert cfg.run.output_dir == "runs/r"
+    # and they load from here
+    train_rows, eval_rows = load_prompts(cfg.data)
+    assert [r["prompt"] for r in train_rows] == ["abc", "cab"] and eval_rows[0]["prompt"] in ("abc", "cab")
+    assert build_reward(cfg.reward, "cpu").components[0].name  # the reward file was imported
+    assert (Path(cfg.model.name_or_path) / "config.json").is_file()
+
+
+def test_a_relative_path_in_an_override_is_read_from_the_working_directory(tmp_path, tiny_model_dir, monkeypatch):
+    recipe = recipe_in_a_subfolder(tmp_path, tiny_model_dir)
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "fed"}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(recipe.relative_to(tmp_path), ["data.source=mine.jsonl", "dpo.data=mine.jsonl"])
+    assert cfg.data.source == cfg.dpo.data == "mine.jsonl"
+    assert Path(cfg.data.eval_source) == Path("project/recipes/data/p.jsonl")  # the file's own, from its folder
+
+
+def test_a_path_written_from_the_working_directory_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "p.jsonl").write_text('{"prompt": "abc"}\n')
+    (tmp_path / "configs" / "r.yaml").write_text(yaml.safe_dump(base(data={"source": "configs/data/p.jsonl"})))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/r.yaml")
+    assert "\n" not in str(e.value)
+    assert "data.source = 'configs/data/p.jsonl'" in str(e.value) and "'data/p.jsonl'" in str(e.value)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_finds_its_files_from_any_folder(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cls = RewardTrainConfig if path.name.startswith("reward_") else Config
+    cfg = load_config(path, cls=cls)
+    files = [cfg.data] if cls is RewardTrainConfig else \
+        [cfg.data.source, cfg.data.eval_source or "", cfg.dpo.data, cfg.deepspeed.config_file or ""]
+    for f in files:
+        if f.endswith(".jsonl") and path.name != "llama7b_8bit_zero2.yaml":  # that one names the user's prompts
+            assert Path(f).is_file(), f

@@ -99,13 +99,16 @@ def test_sampled_tokens_equal_generate_from_the_same_seed(trainer):
     assert other.shape != tokens.shape or not torch.equal(other, tokens)
 
 
-def test_engine_logprobs_equal_the_trainers_recomputed_ones(trainer):
-    """What the trainer scores at training time is what the engine sampled from (temperature 0.7)."""
+@pytest.mark.parametrize("settings", [{}, dict(repetition_penalty=1.5, min_p=0.2)])
+def test_engine_logprobs_equal_the_trainers_recomputed_ones(trainer, settings):
+    """What the trainer scores at training time is what the engine records (temperature 0.7): log pi(a|s) of
+    logits / temperature. The repetition penalty and min-p choose the token only, as top-k/top-p do (TRL's
+    training log-probs do not see them either), so pi_old may still come from the sampler (train.old_logprobs)."""
     tok = trainer.tokenizer
     enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(5)
     tokens, logprobs, entropy = RolloutEngine(tok.eos_token_id, tok.pad_token_id).generate(
-        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 8, Sampling(temperature=0.7),
+        trainer.policy.model, enc["input_ids"], enc["attention_mask"], 8, Sampling(temperature=0.7, **settings),
         with_entropy=True)
     cfg = trainer.cfg.generation
     old = cfg.temperature
@@ -220,3 +223,118 @@ def test_filter_logits_keeps_the_tokens_generate_keeps():
     row = torch.tensor([[0.5, 0.2, 0.3]]).log()
     assert torch.isinf(filter_logits(row, 0, 0.6)).tolist() == [[False, True, False]]
     assert torch.isinf(filter_logits(row, 1, 1.0)).tolist() == [[False, True, True]]
+
+
+# generation.repetition_penalty and min_p: the fast engine applies transformers' own processors in generate's order
+# (the penalty on the raw logits, greedy included; min-p after temperature, top-k and top-p, sampling only) and
+# records the trainer's log-probs (logits / temperature, before either), so both engines agree token for token.
+@pytest.mark.parametrize("settings,static", [(dict(repetition_penalty=1.5), False),
+                                             (dict(repetition_penalty=0.7), False),
+                                             (dict(repetition_penalty=1.5), True)])
+def test_repetition_penalty_greedy_tokens_equal_generate(trainer, settings, static):
+    tok = trainer.tokenizer
+    enc, ref_tokens, ref_logprobs = reference(trainer, 12, do_sample=False, **settings)
+    _, plain, _ = reference(trainer, 12, do_sample=False)
+    assert plain.shape != ref_tokens.shape or not torch.equal(plain, ref_tokens)  # the setting changes the tokens
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id, static=static)
+    tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 12,
+                                       Sampling(greedy=True, **settings))
+    assert torch.equal(tokens, ref_tokens)
+    keep = live(tokens, tok.eos_token_id)
+    assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5)  # raw logits: the penalty only chose
+
+
+@pytest.mark.parametrize("settings", [dict(min_p=0.5), dict(repetition_penalty=1.5),
+                                      dict(min_p=0.1, repetition_penalty=1.3, top_k=5)])
+def test_min_p_and_repetition_penalty_sampled_tokens_equal_generate(trainer, settings):
+    tok = trainer.tokenizer
+    torch.manual_seed(7)
+    enc, ref_tokens, ref_logprobs = reference(trainer, 10, do_sample=True, temperature=0.7, **settings)
+    engine = RolloutEngine(tok.eos_token_id, tok.pad_token_id)
+    torch.manual_seed(7)
+    tokens, logprobs = engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                                       Sampling(temperature=0.7, **settings))
+    assert tokens.shape == ref_tokens.shape and torch.equal(tokens, ref_tokens)
+    keep = live(tokens, tok.eos_token_id)
+    assert torch.allclose(logprobs[keep], ref_logprobs[keep], atol=1e-5)  # log-softmax(logits / 0.7), unfiltered
+    differ = []  # and the setting bites: over a few seeds, the draws without it differ somewhere
+    for seed in range(10):
+        draws = []
+        for sampling in (Sampling(temperature=0.7, **settings), Sampling(temperature=0.7)):
+            torch.manual_seed(seed)
+            draws.append(engine.generate(trainer.policy.model, enc["input_ids"], enc["attention_mask"], 10,
+                                         sampling)[0])
+        differ.append(draws[0].shape != draws[1].shape or not torch.equal(*draws))
+    assert any(differ)
+
+
+def test_min_p_keeps_the_tokens_generate_keeps():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    # hand-worked: probabilities 0.5, 0.3, 0.2; min_p 0.5 keeps tokens with p >= 0.25: the first two
+    row = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert torch.isinf(filter_logits(row, 0, 1.0, 0.5)).tolist() == [[False, False, True]]
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0)) * 3
+    theirs = MinPLogitsWarper(0.2)(None, TopPLogitsWarper(0.9)(None, logits.clone()))
+    assert torch.equal(torch.isinf(filter_logits(logits, 0, 0.9, 0.2)), torch.isinf(theirs))
+
+
+def with_generation(trainer, **settings):
+    """The trainer's generation settings with ``settings`` changed (a copy: the module's trainer is shared)."""
+    import dataclasses
+
+    return dataclasses.replace(trainer.cfg.generation, **settings)
+
+
+def test_stop_strings_end_completions_alike_in_both_engines(trainer):
+    """generation.stop: both engines end a completion at the token that completes a stop string, keep the string
+    in the completion (as generate and vLLM's include_stop_str_in_output do), and count it as finished."""
+    from llmrl.rollout.experience import decode_completions
+
+    tok = trainer.tokenizer
+    cfg = with_generation(trainer, stop=["b>", "dd"], max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0)
+    model, cpu = trainer.policy.model, torch.device("cpu")
+    torch.manual_seed(3)
+    fast = generate(model, tok, PROMPTS, cfg, cpu, engine=RolloutEngine(tok.eos_token_id, tok.pad_token_id))
+    torch.manual_seed(3)
+    reference_exp = generate(model, tok, PROMPTS, cfg, cpu)  # model.generate with stop_strings
+    assert torch.equal(fast.response, reference_exp.response)
+    assert torch.equal(fast.response_mask, reference_exp.response_mask)
+    assert torch.equal(fast.ended, reference_exp.ended)
+    texts = decode_completions(tok, fast)
+    by_string = [i for i, text in enumerate(texts) if text.endswith(("b>", "dd"))]
+    assert by_string, texts  # some completions were cut at a stop string
+    for i, text in enumerate(texts):
+        ids = fast.response[i][fast.response_mask[i].bool()].tolist()
+        cut = i in by_string and ids[-1] != tok.eos_token_id
+        if cut:  # finished, the string kept, and none completed earlier (over the prompt's tail too, as generate)
+            assert fast.ended[i]
+            assert not any((PROMPTS[i] + text[:k]).endswith(("b>", "dd")) for k in range(len(text))), text
+        assert (fast.logprobs[i][~fast.response_mask[i].bool()] == 0).all()
+    greedy = [generate(model, tok, PROMPTS, cfg, cpu, greedy=True, engine=engine) for engine in
+              (RolloutEngine(tok.eos_token_id, tok.pad_token_id), None)]
+    assert torch.equal(greedy[0].response, greedy[1].response) and torch.equal(greedy[0].ended, greedy[1].ended)
+    torch.manual_seed(3)  # without the stop strings the same draw runs on past them
+    free = generate(model, tok, PROMPTS, with_generation(trainer, max_new_tokens=12, temperature=1.0, top_k=0,
+                                                         top_p=1.0), cpu,
+                    engine=RolloutEngine(tok.eos_token_id, tok.pad_token_id))
+    assert free.response_mask.sum() > fast.response_mask.sum()
+
+
+def test_a_completion_cut_at_a_stop_string_gets_no_missing_eos_penalty(tiny_model_dir, tmp_path, monkeypatch):
+    """generation.missing_eos_penalty punishes completions that never finished; one ended by a stop string did."""
+    trainer = make_trainer(tiny_config(tiny_model_dir, tmp_path, "generation.missing_eos_penalty=5.0",
+                                       "generation.max_new_tokens=12", "reward.clip=null",
+                                       "generation.stop=[a, b, c, d, e, f]"))
+    raw = []
+    score = trainer.score
+    monkeypatch.setattr(trainer, "score", lambda rows, exp, reward=None: raw.append(score(rows, exp, reward)) or
+                        raw[-1])
+    exp, _ = trainer.make_experience(trainer.rows_for_step(0))
+    ended = exp.ended.tolist()
+    texts = raw[0][0]
+    stopped_by_string = [i for i, text in enumerate(texts) if text and text[-1] in "abcdef"]
+    assert stopped_by_string, texts
+    expected = torch.tensor(raw[0][1].scores) - 5.0 * (~exp.ended).float()
+    assert all(ended[i] for i in stopped_by_string)
+    assert torch.allclose(exp.scores, expected)

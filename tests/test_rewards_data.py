@@ -65,9 +65,10 @@ def test_task_splits_are_disjoint_and_answers_are_right():
 
 def test_prompt_file_other_columns_and_errors(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(12)))
     train, evals = load_prompts(DataConfig(source=str(path), eval_size=3))
-    assert len(train) == 7 and len(evals) == 3 and train[0] == {"prompt": "q0", "answer": "0"}
+    assert len(train) == 9 and len(evals) == 3 and {"prompt": "q0", "answer": "0"} in train + evals
+    assert all(row["answer"] == row["prompt"][1:] for row in train + evals)  # the other columns stay with their row
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

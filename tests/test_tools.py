@@ -50,7 +50,7 @@ def test_plot_draws_the_panels_the_run_logged_on_integer_steps():
     fig = figure(rows, "dpo run")
     drawn = [ax for ax in fig.axes if ax.axison]
     titles = [ax.get_title() for ax in drawn]
-    assert titles == ["reward: shaped (trained on), raw (the reward's own), held-out", "DPO: loss",
+    assert titles == ["reward", "DPO: loss",
                       "DPO: preference accuracy", "DPO: margin (beta x log-ratio difference)", "seconds per phase"]
     assert len(fig.axes) == 6  # two rows of three, the last one blank
     for ax in drawn:
@@ -59,7 +59,7 @@ def test_plot_draws_the_panels_the_run_logged_on_integer_steps():
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
     online = figure([{"step": 1, "reward/mean": -0.4, "reward/raw_mean": 0.2, "objective/kl": 0.1}], "online")
     lines = [line.get_label() for line in online.axes[0].get_lines()]
-    assert lines == ["reward/mean", "reward/raw_mean"]  # the shaped reward beside the reward's own
+    assert lines == ["reward/mean (shaped: trained on)", "reward/raw_mean (the reward's own)"]  # side by side
     assert figure([{"step": 1, "something/else": 1.0}], "none") is None
 
 

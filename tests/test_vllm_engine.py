@@ -120,11 +120,25 @@ def test_sampling_arguments_keep_llmrl_meaning():
     sampled = sampling_arguments(Sampling(temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
     # ignore_eos: only llmrl's EOS stops, not other end tokens in the model's generation config
     assert sampled == dict(n=1, max_tokens=12, ignore_eos=True, stop_token_ids=[3], temperature=0.7, top_k=5,
-                           top_p=0.9)
-    greedy = sampling_arguments(Sampling(greedy=True, temperature=0.7, top_k=5, top_p=0.9), 12, eos_token_id=3)
-    assert (greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (0.0, 0, 1.0)  # vLLM's greedy
+                           top_p=0.9, min_p=0.0, repetition_penalty=1.0)
+    greedy = sampling_arguments(Sampling(greedy=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.2), 12,
+                                eos_token_id=3)
+    assert (greedy["temperature"], greedy["top_k"], greedy["top_p"], greedy["min_p"]) == (0.0, 0, 1.0, 0.0)
     no_stop = sampling_arguments(Sampling(greedy=True), 12, eos_token_id=-1)  # RolloutEngine's sentinel
-    assert no_stop["ignore_eos"] is True and "stop_token_ids" not in no_stop
+    assert no_stop["ignore_eos"] is True and "stop_token_ids" not in no_stop and "stop" not in no_stop
+
+
+def test_sampling_arguments_map_stop_strings_repetition_penalty_and_min_p():
+    """generation.stop, repetition_penalty and min_p as vLLM's SamplingParams name them: stop strings kept in the
+    output (llmrl keeps them, as generate does); the repetition penalty also when greedy (generate applies it
+    there too); min_p only when sampling (a warper, as in generate)."""
+    sampled = sampling_arguments(Sampling(temperature=0.7, min_p=0.1, repetition_penalty=1.3), 12, eos_token_id=3,
+                                 stop=["\n\n", "###"])
+    assert (sampled["stop"], sampled["include_stop_str_in_output"]) == (["\n\n", "###"], True)
+    assert (sampled["min_p"], sampled["repetition_penalty"], sampled["stop_token_ids"]) == (0.1, 1.3, [3])
+    greedy = sampling_arguments(Sampling(greedy=True, min_p=0.1, repetition_penalty=1.3), 12, eos_token_id=3,
+                                stop=["###"])
+    assert (greedy["min_p"], greedy["repetition_penalty"], greedy["stop"]) == (0.0, 1.3, ["###"])
 
 
 def test_vllm_with_a_quantized_base_is_refused_at_start(tiny_model_dir, tmp_path):
@@ -135,7 +149,7 @@ def test_vllm_with_a_quantized_base_is_refused_at_start(tiny_model_dir, tmp_path
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_missing_vllm_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, "generation.engine=vllm")
-    with pytest.raises(ConfigError, match=r"vllm cannot be imported .*pip install vllm.*engine: fast"):
+    with pytest.raises(ConfigError, match=r"generation.engine is 'vllm' but vllm is not installed: pip install vllm"):
         make_trainer(cfg)
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_rl_math.py", "tests/test_estimators.py",
               "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
-              "tests/test_config.py", "tests/test_policy.py"]
+              "tests/test_config.py", "tests/test_policy.py",
+              "tests/test_algorithm_wording.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -125,6 +126,13 @@ MUTANTS = [
      "pass", "a separate critic is not loaded on resume"),
     ("llmrl/models/policy.py", "            with self.critic():\n                _, values = self.outputs(",
      "            if True:\n                _, values = self.outputs(", "a separate critic's values from the policy's adapter"),
+    (f"{A}/base.py", 'return "objective/kl", "k3", self.loss_kl_coef', 'return "objective/kl", self.ppo.kl_estimator, '
+     'self.loss_kl_coef', "GRPO's logged KL with PPO's estimator, not the k3 its loss uses"),
+    (O, "penalised = ~eos & valid", "penalised = ~eos", "the missing-EOS share counts unscored completions"),
+    (O, "clipped = (scores.abs() > cfg.reward.clip) & valid", "clipped = scores.abs() > cfg.reward.clip",
+     "the clipped share counts unscored completions"),
+    ("llmrl/rollout/engine.py", "logits = MinPLogitsWarper(min_p)(None, logits)", "logits = logits",
+     "the fast engine ignores min_p"),
 ]
 
 

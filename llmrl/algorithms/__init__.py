@@ -42,4 +42,27 @@ def make_estimator(cfg, all_reduce_sum=lambda x: x):
     return None if cfg.algorithm in OFFLINE else estimator_class(cfg.algorithm)(cfg, all_reduce_sum)
 
 
-__all__ = ["ESTIMATORS", "Estimator", "GroupEstimator", "SequenceEstimator", "estimator_class", "make_estimator", "register"]
+def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
+    """(label, text) rows naming the settings of the algorithm ``cfg`` runs, and only its own, with their config
+    keys: its loss and advantages (``Estimator.settings``; the loss aggregation; the entropy bonus when on), then
+    how the KL to the reference enters it. The model card and the start-up line show these.
+
+    ``load=False``: an estimator named by a path is not imported (a checkpoint's config is not trusted code) unless
+    this process has loaded it already; its row then only names it."""
+    def listed(settings: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+    if cfg.algorithm in OFFLINE:
+        d = cfg.dpo
+        return [("dpo", listed({"dpo.loss": d.loss, "dpo.beta": d.beta, "dpo.batch_size": d.batch_size})),
+                ("KL", f"DPO's implicit KL to the reference (the adapter disabled), dpo.beta={d.beta}")]
+    if not load and cfg.algorithm not in ESTIMATORS and cfg.algorithm not in _LOADED:
+        return [(cfg.algorithm, "a custom estimator: its settings are in its code")]
+    est = make_estimator(cfg)
+    settings = {**est.settings(), "train.loss_aggregation": est.aggregation}
+    if cfg.ppo.ent_coef:
+        settings["ppo.ent_coef"] = cfg.ppo.ent_coef
+    return [(est.name or cfg.algorithm, listed(settings)), ("KL", est.kl_description())]
+
+
+__all__ = ["describe", "ESTIMATORS", "Estimator", "GroupEstimator", "SequenceEstimator", "estimator_class", "make_estimator", "register"]

@@ -86,6 +86,35 @@ class Estimator:
         return {"aggregation": self.aggregation, "num_sequences": num_sequences,
                 "constant": num_sequences * self.max_tokens}
 
+    def logged_kl(self, beta: float) -> tuple[str, str, float | None]:
+        """(metric name, per-token estimator, coefficient or None) of the KL to the reference that the trainer
+        logs: the KL this estimator trains with, as it uses it. In the reward (PPO, RLOO, REINFORCE):
+        ``objective/kl`` with ``ppo.kl_estimator`` and the controller's beta; a loss term (GRPO's way):
+        ``objective/kl`` with k3 and its weight; no KL anywhere (DAPO, or GRPO with critic_free.kl_coef 0):
+        ``info/kl_ref``, k3, for information, with no coefficient."""
+        if self.kl_in_reward:
+            return "objective/kl", self.ppo.kl_estimator, beta
+        if self.loss_kl_coef:
+            return "objective/kl", "k3", self.loss_kl_coef
+        return "info/kl_ref", "k3", None
+
+    def settings(self) -> dict:
+        """The config keys this estimator's advantages and loss read, with their values: what the model card and
+        the start-up line show. The default loss clips the token ratio to 1 +- ppo.clip_range."""
+        return {"ppo.clip_range": self.ppo.clip_range}
+
+    def kl_description(self) -> str:
+        """How the KL to the reference enters this estimator's training, in words with its config keys."""
+        p = self.ppo
+        if self.kl_in_reward:
+            how = (f"adaptive towards ppo.kl_target={p.kl_target} over ppo.kl_horizon={p.kl_horizon:g}"
+                   if p.adaptive_kl else "fixed (ppo.adaptive_kl=False)")
+            return (f"in the reward: -beta x {p.kl_estimator} per token, beta from "
+                    f"ppo.init_kl_coef={p.init_kl_coef}, {how}")
+        if self.loss_kl_coef:
+            return f"a loss term: critic_free.kl_coef={self.loss_kl_coef} x k3 to the reference"
+        return "none in the loss (the k3 KL to the reference is logged as info/kl_ref, for information)"
+
     def state_dict(self) -> dict:
         return {}
 
@@ -105,6 +134,9 @@ class SequenceEstimator(Estimator):
     def config_checks(cls, cfg):
         n = cfg.critic_free.num_generations
         return [(n >= 1, "critic_free.num_generations", f"is {n}: must be >= 1")]
+
+    def settings(self) -> dict:
+        return {"critic_free.num_generations": self.group_size, **super().settings()}
 
     def batch_stats(self, scores, valid) -> tuple[int, float, float]:
         """(count, mean, Bessel-corrected std) of the scored samples of every rank."""

@@ -23,6 +23,9 @@ class CISPOEstimator(GroupEstimator):
         return [*super().config_checks(cfg),
                 (high > 0, "critic_free.clip_range_high", f"is {high}: CISPO caps the weight at 1 + this; must be > 0")]
 
+    def settings(self) -> dict:  # the weight capped at 1 + clip_range_high; ppo.clip_range is not read
+        return {"critic_free.num_generations": self.group_size, "critic_free.clip_range_high": self.clip_high}
+
     def sequence_advantages(self, scores, valid):
         return rl.grpo_advantages(scores, self.group_size, "group", valid=valid)
 

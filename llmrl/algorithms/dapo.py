@@ -29,6 +29,9 @@ class DAPOEstimator(GroupEstimator):
                 (high >= cfg.ppo.clip_range, "critic_free.clip_range_high",
                  f"is {high}: DAPO's upper clip must be >= ppo.clip_range = {cfg.ppo.clip_range} (0.28 in the paper)")]
 
+    def settings(self) -> dict:  # the token ratio clipped to [1 - ppo.clip_range, 1 + clip_range_high]
+        return {**super().settings(), "critic_free.clip_range_high": self.clip_high}
+
     def keep(self, scores, valid):
         return rl.informative_groups(scores, self.group_size, valid)
 

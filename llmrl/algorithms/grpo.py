@@ -15,6 +15,9 @@ class GRPOEstimator(GroupEstimator):
         super().__init__(cfg, all_reduce_sum)
         self.scale = cfg.critic_free.scale
 
+    def settings(self) -> dict:
+        return {**super().settings(), "critic_free.scale": self.scale}
+
     def sequence_advantages(self, scores, valid):
         batch_std = self.batch_stats(scores, valid)[2] if self.scale == "batch" else None
         return rl.grpo_advantages(scores, self.group_size, self.scale, valid=valid, batch_std=batch_std)

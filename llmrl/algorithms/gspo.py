@@ -26,6 +26,10 @@ class GSPOEstimator(GroupEstimator):
                 (c.sequence_clip_high > 0, "critic_free.sequence_clip_high",
                  f"is {c.sequence_clip_high}: must be > 0 (4e-4 in the paper)")]
 
+    def settings(self) -> dict:  # one clip per sequence, none per token: ppo.clip_range is not read
+        return {"critic_free.num_generations": self.group_size, "critic_free.sequence_clip_low": self.clip_low,
+                "critic_free.sequence_clip_high": self.clip_high}
+
     def sequence_advantages(self, scores, valid):
         return rl.grpo_advantages(scores, self.group_size, "group", valid=valid)
 

@@ -11,6 +11,11 @@ class PPOEstimator(Estimator):
 
     name, uses_critic = "ppo", True
 
+    def settings(self) -> dict:
+        p = self.ppo
+        return {"ppo.clip_range": p.clip_range, "ppo.clip_range_value": p.clip_range_value, "ppo.vf_coef": p.vf_coef,
+                "ppo.gamma": p.gamma, "ppo.lam": p.lam, "ppo.critic": p.critic, "ppo.whiten_rewards": p.whiten_rewards}
+
     def advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_coef, valid, step_rewards=None):
         # A skipped sample (``valid`` False) has an all-zero ``mask``: no reward, no advantage, no return. In a
         # multi-turn episode each turn's reward stays on its turn (``step_rewards``) and GAE skips the environment.

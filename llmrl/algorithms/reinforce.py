@@ -17,6 +17,9 @@ class ReinforceEstimator(SequenceEstimator):
         super().__init__(cfg, all_reduce_sum)
         self.baseline = rl.RunningBaseline(cfg.critic_free.baseline_momentum)
 
+    def settings(self) -> dict:
+        return {**super().settings(), "critic_free.baseline_momentum": self.cfg.critic_free.baseline_momentum}
+
     def sequence_advantages(self, scores, valid):
         n, mean, _ = self.batch_stats(scores, valid)
         return self.baseline.advantages(scores, valid, mean) if n else torch.zeros_like(scores)

@@ -26,6 +26,10 @@ class SAPOEstimator(GroupEstimator):
                 (c.sapo_tau_neg >= c.sapo_tau_pos, "critic_free.sapo_tau_neg",
                  f"is {c.sapo_tau_neg}: must be >= critic_free.sapo_tau_pos = {c.sapo_tau_pos} (1.05 in the paper)")]
 
+    def settings(self) -> dict:  # a soft gate instead of a clip: ppo.clip_range is not read
+        return {"critic_free.num_generations": self.group_size, "critic_free.sapo_tau_pos": self.tau_pos,
+                "critic_free.sapo_tau_neg": self.tau_neg}
+
     def sequence_advantages(self, scores, valid):
         return rl.grpo_advantages(scores, self.group_size, "group", valid=valid)
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from typing import Callable
 
 # Warnings that say nothing actionable to an llmrl user (bitsandbytes' optional CPU kernel package).
 NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# Seconds a rank other than 0 waits before exiting quietly on a ConfigError: the launchers (deepspeed, torchrun) stop
+# every rank as soon as one exits with an error, which must not cut rank 0 off before it printed the line.
+QUIET_RANK_GRACE = 3.0
 
 
 def config_parser(description: str, config_help: str, required: bool = True,
@@ -29,9 +34,19 @@ def run_cli(body: Callable[[], object]) -> int:
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    from llmrl.errors import ConfigError
+
     try:
         body()
     except UserError as e:
+        if isinstance(e, ConfigError) and launched_rank() != 0:
+            # A bad setting fails alike on every rank: rank 0 says so, once, instead of one line per rank. (A
+            # ConfigError only a later rank raises goes unprinted: every config check runs on every rank.)
+            try:
+                time.sleep(QUIET_RANK_GRACE)
+            except KeyboardInterrupt:
+                return 130
+            return e.exit_code
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -43,6 +58,14 @@ def run_cli(body: Callable[[], object]) -> int:
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
+
+
+def launched_rank() -> int:
+    """This process's global rank as the launcher (deepspeed, torchrun) set it; 0 in a plain process."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def one_line(text: str) -> str:

@@ -5,8 +5,10 @@ import argparse
 from pathlib import Path
 
 PANELS = [  # (title, keys): a panel is drawn when the run logged one of its keys
-    ("reward: shaped (trained on), raw (the reward's own), held-out", ["reward/mean", "reward/raw_mean", "eval/reward"]),
-    ("KL to the reference", ["objective/kl"]),
+    ("reward", ["reward/mean", "reward/raw_mean", "reward/normalized_mean", "eval/reward"]),
+    ("reward shaping", ["reward/eos_penalty", "reward/eos_penalized", "reward/clipped"]),
+    ("KL to the reference", ["objective/kl", "info/kl_ref"]),
+    ("KL coefficient", ["objective/kl_coef"]),
     ("entropy", ["objective/entropy"]),
     ("response length (tokens)", ["response/length"]),
     ("clip fraction", ["policy/clipfrac", "value/clipfrac"]),
@@ -22,6 +24,18 @@ PANELS = [  # (title, keys): a panel is drawn when the run logged one of its key
     ("importance weights (train.importance_sampling)", ["sampling/is_weight_mean", "sampling/is_clipped"]),
 ]
 
+LABELS = {  # what a line is, in its legend, where the key alone does not say (docs/runs.md lists every metric)
+    "reward/mean": "reward/mean (shaped: trained on)",
+    "reward/raw_mean": "reward/raw_mean (the reward's own)",
+    "reward/normalized_mean": "reward/normalized_mean (after reward.normalize)",
+    "eval/reward": "eval/reward (held-out)",
+    "reward/eos_penalty": "reward/eos_penalty (mean subtracted for no EOS)",
+    "reward/eos_penalized": "reward/eos_penalized (share without EOS)",
+    "reward/clipped": "reward/clipped (share past reward.clip)",
+    "objective/kl": "objective/kl (the algorithm's, as trained with)",
+    "info/kl_ref": "info/kl_ref (k3, not in the loss: information)",
+}
+
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Writes ``figure``'s PNG of the run's log.jsonl (default: RUN_DIR/curves.png); returns its path."""
@@ -36,7 +50,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = [r for r in read_log(run_dir) if "samples" not in r]
     if not rows:
         raise ConfigError(f"{run_dir / 'log.jsonl'} has no metrics yet")
-    fig = figure(rows, str(run_dir))
+    algorithm = run_algorithm(run_dir)
+    fig = figure(rows, f"{run_dir} ({algorithm})" if algorithm else str(run_dir))
     if fig is None:
         raise ConfigError(f"{run_dir / 'log.jsonl'} holds none of the metrics llmrl plots")
     out = Path(out) if out else run_dir / "curves.png"
@@ -44,6 +59,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def run_algorithm(run_dir: Path) -> str | None:
+    """The algorithm a run trained with, from its newest checkpoint's config.yaml; None without one."""
+    import yaml
+
+    configs = sorted(run_dir.glob("step-*/config.yaml")) + sorted(run_dir.glob("final/config.yaml"))
+    for path in reversed(configs):
+        try:
+            return str(yaml.safe_load(path.read_text()).get("algorithm", "ppo"))  # "ppo": the key's default
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return None
 
 
 def figure(rows: list[dict], title: str):
@@ -68,7 +96,7 @@ def figure(rows: list[dict], title: str):
     for ax, (name, lines) in zip(axes.flat, curves):
         for key, points in lines:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, label=key)
+            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, label=LABELS.get(key, key))
         ax.set_title(name)
         ax.set_xlabel("step")
         steps = {x for _, points in lines for x, _ in points}
@@ -85,9 +113,10 @@ def figure(rows: list[dict], title: str):
 def main(argv: list[str] | None = None) -> int:
     from llmrl.cli.console import run_cli
 
-    parser = argparse.ArgumentParser(description="Plot the metrics a run logged (reward, KL, entropy, length, "
-                                                 "clip fraction, losses, DPO's accuracy, episodes, time per phase) "
-                                                 "as PNG curves.")
+    parser = argparse.ArgumentParser(description="Plot the metrics a run logged (reward, raw and shaped, and each "
+                                                 "shaping step; the KL and its coefficient as the algorithm uses "
+                                                 "them; entropy, length, clip fraction, losses, DPO's accuracy, "
+                                                 "episodes, time per phase) as PNG curves.")
     parser.add_argument("run_dir", help="a run directory holding log.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)

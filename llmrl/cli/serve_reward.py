@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmrl.cli.console import config_parser, run_cli
 
     parser = config_parser("Serve a config's reward over HTTP (POST /score, GET /health).",
-                           "a PPO config; its reward section is served")
+                           "a training config (any algorithm); its reward section is served")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token to require")

@@ -8,32 +8,42 @@ import sys
 
 from llmrl.api import RLTrainer
 from llmrl.cli.console import config_parser, run_cli
-from llmrl.config import Config, load_config
+from llmrl.config import Config
 from llmrl.trainers.base import Interrupted  # noqa: F401 (imported from here before it moved)
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = config_parser(description, "YAML recipe, e.g. configs/tiny.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser = config_parser(description, "YAML recipe, e.g. configs/tiny.yaml (with --resume: optional, the run's "
+                                        "own settings are used; name the run with run.output_dir=RUN)", required=False)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in run.output_dir, with the run's own saved settings: "
+                             "give only what changes (e.g. train.total_steps=200)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in run.output_dir (only what a run wrote there is deleted)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.config is None and not args.resume:
+        parser.error("--config is required (or --resume run.output_dir=RUN to continue a run with its own settings)")
+    if args.config is None and not any(o.split("=", 1)[0].strip() == "run.output_dir" for o in args.overrides):
+        parser.error("--resume without --config: name the run to continue, e.g. run.output_dir=runs/tiny")
+    return args
 
 
-def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train as ``cfg`` says (``llmrl.RLTrainer``); prints and returns the summary written to run_dir/summary.json."""
-    result = RLTrainer(cfg, resume=resume, overwrite=overwrite).train()
+def run(cfg: Config | str, resume: bool = False, overwrite: bool = False, overrides: list[str] = ()) -> dict:
+    """Train as ``cfg`` (a Config or a YAML path, with ``overrides``) says (``llmrl.RLTrainer``); prints and returns
+    the summary written to run_dir/summary.json."""
+    result = RLTrainer(cfg, overrides=overrides, resume=resume, overwrite=overwrite).train()
     if result.metrics:  # the main rank: the others read no log
         print(json.dumps({k: v for k, v in result.summary.items() if k != "eval_samples"}, indent=2), flush=True)
     return result.summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, "Fine-tune a causal LM with reinforcement learning (PPO, GRPO, RLOO, REINFORCE, DPO, ...: "
-                            "the config's algorithm) on a LoRA adapter.")
-    return run_cli(lambda: run(load_config(args.config, args.overrides), resume=args.resume,
-                               overwrite=args.overwrite))
+    from llmrl.algorithms import ESTIMATORS, OFFLINE
+
+    args = parse_args(argv, f"Fine-tune a causal LM on a LoRA adapter with the config's algorithm "
+                            f"({', '.join([*ESTIMATORS, *OFFLINE])}; default ppo).")
+    return run_cli(lambda: run(args.config, resume=args.resume, overwrite=args.overwrite, overrides=args.overrides))
 
 
 if __name__ == "__main__":

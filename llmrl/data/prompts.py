@@ -5,7 +5,10 @@ keyword argument (e.g. a reference answer).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from llmrl.config import ConfigError, DataConfig, EnvConfig
@@ -63,7 +66,8 @@ def read_table(source: str, key: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def episode_rows(cfg: DataConfig, env: EnvConfig) -> tuple[list[dict], list[dict]]:
+def episode_rows(cfg: DataConfig, env: EnvConfig,
+                 say: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """The rows of episodes against ``env.name``: seeds alone when there is no data.source (training seeds
     0 .. train_seeds - 1, held-out ones from eval_seed_offset on); else the data's rows, each given to the
     environment's ``reset`` as ``options`` (with a ``seed`` column, or its row number as the seed)."""
@@ -76,36 +80,70 @@ def episode_rows(cfg: DataConfig, env: EnvConfig) -> tuple[list[dict], list[dict
     train = read_table(cfg.source, "data.source")
     if cfg.eval_source is not None:
         evals = read_table(cfg.eval_source, "data.eval_source")
-    elif len(train) <= cfg.eval_size:
-        raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than data.eval_size = "
-                          f"{cfg.eval_size}: lower eval_size or set data.eval_source")
     else:
-        train, evals = train[:-cfg.eval_size], train[-cfg.eval_size:]
+        train, evals = hold_out(train, cfg.eval_size, cfg.source, cfg.prompt_column, say)
     for rows, offset in ((train, 0), (evals, env.eval_seed_offset)):
         for i, row in enumerate(rows):
             row.setdefault("seed", offset + i)
     return train, evals[:cfg.eval_size]
 
 
-def load_prompts(cfg: DataConfig, env: EnvConfig | None = None) -> tuple[list[dict], list[dict]]:
+def load_prompts(cfg: DataConfig, env: EnvConfig | None = None,
+                 say: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), each a list of dicts holding at least ``cfg.prompt_column`` (with ``env``
-    naming an environment: the episodes' rows, see ``episode_rows``)."""
+    naming an environment: the episodes' rows, see ``episode_rows``). No eval rows with ``cfg.eval_size`` 0.
+    ``say`` gets the one line about a held-out split smaller than ``eval_size`` (see ``hold_out``)."""
     if env is not None and env.name:
-        return episode_rows(cfg, env)
+        return episode_rows(cfg, env, say)
     train = _checked_rows(cfg.source, cfg, "train", "data.source")
     if cfg.eval_source is not None:
         evals = _checked_rows(cfg.eval_source, cfg, "eval", "data.eval_source")
     elif cfg.source.startswith("task:"):
         evals = _checked_rows(cfg.source, cfg, "eval", "data.source")
-    else:  # hold out the last rows of the file
-        if len(train) <= cfg.eval_size:
-            raise ConfigError(f"data.source = {cfg.source!r} has {len(train)} rows, not more than "
-                              f"data.eval_size = {cfg.eval_size}: lower eval_size or set data.eval_source")
-        train, evals = train[: -cfg.eval_size], train[-cfg.eval_size:]
+    else:  # hold out rows chosen by a hash of their prompt, from the whole file
+        train, evals = hold_out(train, cfg.eval_size, cfg.source, cfg.prompt_column, say)
     if len(evals) > cfg.eval_size:  # a fixed random subset, not the first rows of a sorted file
         pick = random.Random(0).sample(range(len(evals)), cfg.eval_size)
         evals = [evals[i] for i in sorted(pick)]
     return train, evals
+
+
+def prompt_hash(prompt) -> bytes:
+    """A digest of a prompt (text or messages) that is the same in every process, run and Python version."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def hold_out(rows: list[dict], eval_size: int, source: str, column: str,
+             say: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of one source that has no data.eval_source: the held-out prompts are those
+    whose hash (``prompt_hash``) is smallest, so they are spread over the whole file whatever its order, the
+    same on every rank and in every run; no copy of a held-out prompt is trained on. Both keep the file's
+    order. ``eval_size`` 0: nothing is held out. More than a quarter of the rows is never taken: a small file
+    holds out a quarter (at least one row) and ``say`` is told so; a single row is refused (nothing would be
+    left to train on)."""
+    if eval_size == 0:
+        return rows, []
+    n = len(rows)
+    nothing_left = (f"data.source = {source!r} has {n} row{'s' if n != 1 else ''}: holding {{}} out for evaluation "
+                    f"leaves nothing to train on; add rows, set data.eval_source, or set data.eval_size: 0 to skip "
+                    f"evaluation")
+    if n < 2:
+        raise ConfigError(nothing_left.format("one"))
+    size = min(eval_size, max(1, n // 4))
+    if size < eval_size and say is not None:
+        say(f"data.source has {n} rows: holding out {size} for evaluation (data.eval_size {eval_size} is more "
+            f"than a quarter)")
+    keys = [prompt_hash(row[column] if column in row else row) for row in rows]
+    order = sorted(range(n), key=lambda i: (keys[i], i))  # smallest hash first; equal prompts side by side
+    held = set(order[:size])
+    # the other copies of the last held-out prompt are not trained on either (dropped: they would leak)
+    last = keys[order[size - 1]]
+    dropped = {i for i in order[size:] if keys[i] == last}
+    train = [row for i, row in enumerate(rows) if i not in held and i not in dropped]
+    if not train:  # every row is the same prompt
+        raise ConfigError(nothing_left.format(f"{size} (every row has the same prompt)"))
+    return train, [rows[i] for i in sorted(held)]
 
 
 def _checked_rows(source: str, cfg: DataConfig, split: str, key: str) -> list[dict]:

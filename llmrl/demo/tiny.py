@@ -54,6 +54,9 @@ def tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    # transformers picks the loss from the class name, which GPT2LMHeadModel does not match: it would log that
+    # it falls back to the causal-LM loss at every step of the warm start
+    model.loss_type = "ForCausalLM"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

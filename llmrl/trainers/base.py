@@ -174,6 +174,11 @@ class Trainer:
         self.hooks = Hooks()  # the Python API's callbacks (llmrl.api); none from the command line
         self.stop_requested = False  # set by a callback (RLTrainer.stop()): the run ends at the next step boundary
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether there is a held-out set to evaluate on (none with data.eval_size 0)."""
+        return bool(self.eval_rows)
+
     def accumulation(self) -> tuple[int, int]:
         """(microbatches per optimizer step on one rank, sequences per microbatch)."""
         raise NotImplementedError
@@ -200,7 +205,8 @@ class Trainer:
             while self.step < total:
                 stats = self.train_step()
                 step = self.step
-                evaluated = step == total or bool(cfg.run.eval_every and step % cfg.run.eval_every == 0)
+                evaluated = self.evaluates and (step == total or bool(cfg.run.eval_every and
+                                                                      step % cfg.run.eval_every == 0))
                 if evaluated:
                     after = self.evaluate()
                     stats.update({k: v for k, v in after.items() if k.startswith("eval/") and k != "eval/skipped"})
@@ -229,7 +235,14 @@ class Trainer:
         from llmrl.tracking import read_log
 
         cfg, main = self.cfg, self.strategy.is_main
-        if self.eval_reward_before is None:
+        if main:  # the algorithm run and its own settings, as the model card will list them
+            from llmrl.algorithms import describe
+
+            print("; ".join(f"{label}: {text}" for label, text in describe(cfg)), flush=True)
+        if not self.evaluates:
+            if main and self.step == 0:
+                print("evaluation off (data.eval_size is 0): no held-out set, no eval/* metrics", flush=True)
+        elif self.eval_reward_before is None:
             before = self.evaluate()
             self.eval_reward_before = before["eval/reward"]
             logger.log(0, eval_metrics(before))
@@ -250,8 +263,9 @@ class Trainer:
         finally:
             bar.close()
         if after is None:  # resumed from the last step, or stopped by a callback: evaluate what is there
-            after = self.evaluate()
-            self.hooks.call("on_evaluate", self.step, eval_metrics(after))
+            if self.evaluates:
+                after = self.evaluate()
+                self.hooks.call("on_evaluate", self.step, eval_metrics(after))
             if not stats:  # the last training step's metrics, from the log
                 rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r] if main else []
                 stats = rows[-1] if rows else {}
@@ -259,19 +273,21 @@ class Trainer:
         final = self.save_checkpoint(self.run_dir / "final")
         summary = {
             "eval_reward_before": self.eval_reward_before,
-            "eval_reward_after": after["eval/reward"],
+            "eval_reward_after": after["eval/reward"] if after is not None else None,  # None: evaluation off
             "steps": self.step,
             "wall_seconds": round(self.wall_seconds(), 2),  # over every process of the run (resumes included)
             "train_reward_last": stats.get("reward/mean"),
-            "kl_last": stats.get("objective/kl"),
+            "kl_last": stats.get("objective/kl", stats.get("info/kl_ref")),
             "run_dir": str(self.run_dir),
             "final_checkpoint": str(final),
-            "eval_samples": [{"prompt": p, "completion": c, "reward": r} for p, c, r in after["samples"]],
+            "eval_samples": [{"prompt": p, "completion": c, "reward": r}
+                             for p, c, r in (after["samples"] if after is not None else [])],
         }
         if main:
             write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-            print(f"done: {self.step} steps, eval reward {summary['eval_reward_before']:.4f} -> "
-                  f"{summary['eval_reward_after']:.4f}; final checkpoint {final}", flush=True)
+            rewards = (f"eval reward {summary['eval_reward_before']:.4f} -> {summary['eval_reward_after']:.4f}"
+                       if self.evaluates else "no evaluation (data.eval_size 0)")
+            print(f"done: {self.step} steps, {rewards}; final checkpoint {final}", flush=True)
         return summary
 
     def stop_if_terminated(self, received_at: float | None, saved: bool) -> None:

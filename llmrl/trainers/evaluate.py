@@ -28,6 +28,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     cfg = load_config(config or checkpoint / "config.yaml", list(overrides), saved=config is None)
     if config is None:
         check_checkpoint_config(cfg, checkpoint, trust_checkpoint_code)
+    if cfg.data.eval_size == 0:  # the run trained with evaluation off: it set aside no held-out prompts
+        raise ConfigError("data.eval_size is 0: the run had evaluation off, so it has no held-out prompts (a file "
+                          "source was trained on in full); pass data.eval_source=FILE data.eval_size=N (prompts "
+                          "it never saw; a task:NAME source needs only data.eval_size=N) to evaluate")
     trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
     trainer.load_weights(checkpoint)
     policy, eval_rows = trainer.policy, trainer.eval_rows

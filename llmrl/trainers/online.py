@@ -221,15 +221,24 @@ class OnlineTrainer(Trainer):
         raw = torch.tensor(result.scores, dtype=torch.float32, device=self.device)
         valid = torch.tensor(result.valid, device=self.device)
         scores = raw
+        # Each shaping step between the reward's own scores and the trained ones is logged as what it is (docs/runs.md)
+        n_valid = max(valid.float().sum().item(), 1.0)
+        shaping = {}
         if cfg.reward.normalize == "running":  # statistics of every rank's scores: the same on every rank
             self.reward_norm.update_moments(self.strategy.all_reduce_sum(rl.masked_moments(raw, valid.double())))
         if cfg.reward.normalize != "none":
             scores = self.reward_norm.normalize(scores).float()
+            shaping["reward/normalized_mean"] = scores[valid].mean().item() if valid.any() else math.nan
         eos = exp.ended
         if cfg.generation.missing_eos_penalty is not None and not self.plays_episodes:
+            penalised = ~eos & valid
             scores = torch.where(eos, scores, scores - cfg.generation.missing_eos_penalty)
+            shaping["reward/eos_penalized"] = penalised.float().sum().item() / n_valid
+            shaping["reward/eos_penalty"] = cfg.generation.missing_eos_penalty * shaping["reward/eos_penalized"]
         if cfg.reward.clip is not None:
+            clipped = (scores.abs() > cfg.reward.clip) & valid
             scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+            shaping["reward/clipped"] = clipped.float().sum().item() / n_valid
         scores = torch.where(valid, scores, torch.zeros_like(scores))
 
         entropy = self.fill_logprobs(exp)
@@ -240,7 +249,10 @@ class OnlineTrainer(Trainer):
         trained = self.estimator.keep(scores, valid)
         exp.action_mask = mask = exp.loss_mask * trained.unsqueeze(1).float()
 
-        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator) * scored
+        # the KL the estimator trains with, as it uses it: PPO's in the reward, GRPO's k3 loss term, or for
+        # information only (Estimator.logged_kl)
+        kl_key, kl_estimator, kl_coef = self.estimator.logged_kl(self.kl_ctl.value)
+        kl = rl.kl_penalty(exp.logprobs, exp.ref_logprobs, kl_estimator) * scored
         extra = {} if exp.step_rewards is None else {"step_rewards": self.step_rewards(exp, raw, scores, mask)}
         advantages, exp.returns = self.estimator.advantages(scores, exp.logprobs, exp.ref_logprobs, exp.values,
                                                             mask, self.kl_ctl.value, trained, **extra)
@@ -257,14 +269,17 @@ class OnlineTrainer(Trainer):
             "reward/mean": kept.mean().item() if len(kept) else math.nan,
             "reward/std": kept.std().item() if len(kept) > 1 else 0.0,
             "reward/raw_mean": raw[valid].mean().item() if len(kept) else math.nan,
+            "reward/raw_std": raw[valid].std().item() if len(kept) > 1 else 0.0,
+            **shaping,
             **result.metrics,
-            "objective/kl": seq_kl.mean().item() if len(kept) else 0.0,
-            "objective/kl_coef": self.kl_ctl.value,
+            kl_key: seq_kl.mean().item() if len(kept) else 0.0,
+            **({} if kl_coef is None else {"objective/kl_coef": kl_coef}),
             "objective/entropy": rl.masked_mean(entropy, scored).item(),
-            "objective/non_score_reward": (-self.kl_ctl.value * seq_kl).mean().item() if len(kept) else 0.0,
+            **({"objective/non_score_reward": (-kl_coef * seq_kl).mean().item() if len(kept) else 0.0}
+               if self.estimator.kl_in_reward else {}),  # -beta * KL, only where it is in the reward
             "response/length": scored.sum(1)[valid].mean().item() if len(kept) else 0.0,
             "response/eos_rate": eos.float().mean().item(),
-            "value/mean": rl.masked_mean(exp.values, mask).item(),
+            **({"value/mean": rl.masked_mean(exp.values, mask).item()} if self.estimator.uses_critic else {}),
             "train/kept": trained.float().sum().item() / max(valid.float().sum().item(), 1.0),
             **sampling,
             "time/generate": t1 - t0,
@@ -389,7 +404,8 @@ class OnlineTrainer(Trainer):
         return stats
 
     def progress(self, stats: dict) -> dict:
-        return {"reward": f"{stats['reward/mean']:.3f}", "kl": f"{stats['objective/kl']:.3f}"}
+        kl = stats.get("objective/kl", stats.get("info/kl_ref"))
+        return {"reward": f"{stats['reward/mean']:.3f}", **({} if kl is None else {"kl": f"{kl:.3f}"})}
 
     def extra_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "reward_norm": self.reward_norm.state_dict(),
@@ -419,15 +435,17 @@ def importance_sampling_cap(cfg: Config) -> float | None:
 
 
 def build_trainer(cfg: Config, strategy, run_dir: Path | None = None) -> OnlineTrainer:
-    """A PPO trainer on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
+    """An online trainer (``cfg.algorithm``'s estimator: PPO, GRPO, ...) on ``strategy`` as ``cfg`` says: seeded, policy and rewards built, prompts loaded.
 
     ``run_dir`` defaults to ``run.output_dir``. ``llmrl.api.run`` does more in between (run directory,
     warm start, prompt-length checks, DPO); evaluation, tests and benchmarks build one with this.
     """
     from llmrl.data.prompts import load_prompts
     from llmrl.models.policy import build_policy
+    from llmrl.packages import check_packages
     from llmrl.rewards.base import build_eval_reward, build_reward
 
+    check_packages(cfg)  # before the model loads
     strategy.seed_everything(cfg.run.seed)
     policy, tokenizer = build_policy(cfg.model, cfg.lora, strategy.device, cfg.ppo.critic == "separate")
     train_rows, eval_rows = load_prompts(cfg.data, cfg.env)

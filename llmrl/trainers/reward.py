@@ -3,7 +3,7 @@
 Loss: -log sigmoid(r(chosen) - r(rejected)) (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1). Pairs are
 split by a hash of the prompt, so that no held-out prompt is trained on; pairwise accuracy on the held-out
 pairs is reported before and after training. The saved folder is a plain sequence-classification model
-(LoRA merged) plus ``llmrl_reward.json`` (how it reads text), ready for a PPO config's ``reward``.
+(LoRA merged) plus ``llmrl_reward.json`` (how it reads text), ready for a training config's ``reward``.
 """
 from __future__ import annotations
 
