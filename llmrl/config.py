@@ -289,7 +289,8 @@ class SFTConfig:
     data: str = opt("", "Supervised data in TRL's SFT formats: prompt and completion columns (texts, or "
                         "conversational message lists), or a messages column (a conversation): a "
                         ".jsonl/.json/.csv/.parquet file or a datasets name.")
-    eval_data: str | None = opt(None, "Held-out rows (same forms); null: the last eval_size rows of data.")
+    eval_data: str | None = opt(None, "Held-out rows (same forms); null: eval_size rows of data chosen by a "
+                                           "hash of the prompt (at most a quarter of the file).")
     eval_size: int = opt(64, "Held-out rows whose loss and token accuracy are logged as eval/loss, "
                              "eval/token_accuracy.")
     prompt_column: str = opt("prompt", "Column of the prompts (prompt-completion format).")

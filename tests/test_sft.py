@@ -151,9 +151,11 @@ def test_llmrl_sft_command_trains_on_a_jsonl_file(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("rows, fragment", [
-    ([{"prompt": "abc>", "answer": "cba"}] * 20, "has neither a 'completion' column"),
-    ([{"prompt": "abc>", "completion": "  "}] * 20, "completion is empty: nothing to learn from"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}] * 20, "has no assistant turn with text"),
+    ([{"prompt": f"{p}>", "answer": "cba"} for p in ("abc", "bca", "cab", "acb") * 5],
+     "has neither a 'completion' column"),
+    ([{"prompt": f"{p}>", "completion": "  "} for p in ("abc", "bca", "cab", "acb") * 5],
+     "completion is empty: nothing to learn from"),
+    ([{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(20)], "has no assistant turn with text"),
 ])
 def test_sft_rows_without_completions_are_one_line(tiny_model_dir, tmp_path, rows, fragment, monkeypatch):
     import llmrl
@@ -294,3 +296,25 @@ def test_an_rl_run_from_an_sft_adapter_trains_it_further_and_exports(tiny_model_
     assert start.keys() == trained.keys() and all(start[k].shape == trained[k].shape for k in start)
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # trained further
     llmrl.export(result.final_checkpoint, tmp_path / "exported")  # merged into the base it was trained on
+
+
+def test_without_eval_data_the_held_out_rows_are_drawn_by_hash_over_the_whole_file(tmp_path, capsys):
+    """As data.source (issue 31): not the last rows of a sorted file; every completion of a held-out prompt is kept
+    out of training; a small file holds out a quarter, with a line naming sft.eval_size."""
+    from llmrl.config import Config
+    from llmrl.trainers.sft import split_rows
+
+    rows = [{"prompt": f"p{i:03d}", "completion": f"c{i}{k}"} for i in range(40) for k in range(2)]  # sorted by prompt
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config(algorithm="sft", sft=SFTConfig(data=str(data), eval_size=10))
+    train, held = split_rows(cfg)
+    held_prompts = {r["prompt"] for r in held}
+    assert len(held) == 10 and not held_prompts & {r["prompt"] for r in train}
+    assert held_prompts != {f"p{i:03d}" for i in range(35, 40)}  # not the file's tail
+    assert min(int(p[1:]) for p in held_prompts) < 20 < max(int(p[1:]) for p in held_prompts)  # spread over it
+    assert split_rows(cfg) == (train, held)  # the same every time
+    cfg = Config(algorithm="sft", sft=SFTConfig(data=str(data), eval_size=64))
+    train, held = split_rows(cfg)
+    assert len(held) == 20 and "sft.data has 80 rows: holding out 20 for evaluation (sft.eval_size 64" in \
+        capsys.readouterr().out

@@ -115,24 +115,29 @@ def prompt_hash(prompt) -> bytes:
 
 
 def hold_out(rows: list[dict], eval_size: int, source: str, column: str,
-             say: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
+             say: Callable[[str], None] | None = None,
+             keys: tuple[str, str, str] = ("data.source", "data.eval_source", "data.eval_size")
+             ) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) of one source that has no data.eval_source: the held-out prompts are those
     whose hash (``prompt_hash``) is smallest, so they are spread over the whole file whatever its order, the
     same on every rank and in every run; no copy of a held-out prompt is trained on. Both keep the file's
     order. ``eval_size`` 0: nothing is held out. More than a quarter of the rows is never taken: a small file
     holds out a quarter (at least one row) and ``say`` is told so; a single row is refused (nothing would be
-    left to train on)."""
+    left to train on). ``keys``: the config keys of the source, its eval source and the eval size, for messages
+    (SFT's are sft.data, sft.eval_data, sft.eval_size)."""
+    source_key, eval_source_key, size_key = keys
+    fix = (f"add rows, set {eval_source_key}, or set {size_key}: 0 to skip evaluation" if size_key == "data.eval_size"
+           else f"add rows or set {eval_source_key}")
     if eval_size == 0:
         return rows, []
     n = len(rows)
-    nothing_left = (f"data.source = {source!r} has {n} row{'s' if n != 1 else ''}: holding {{}} out for evaluation "
-                    f"leaves nothing to train on; add rows, set data.eval_source, or set data.eval_size: 0 to skip "
-                    f"evaluation")
+    nothing_left = (f"{source_key} = {source!r} has {n} row{'s' if n != 1 else ''}: holding {{}} out for "
+                    f"evaluation leaves nothing to train on; {fix}")
     if n < 2:
         raise ConfigError(nothing_left.format("one"))
     size = min(eval_size, max(1, n // 4))
     if size < eval_size and say is not None:
-        say(f"data.source has {n} rows: holding out {size} for evaluation (data.eval_size {eval_size} is more "
+        say(f"{source_key} has {n} rows: holding out {size} for evaluation ({size_key} {eval_size} is more "
             f"than a quarter)")
     keys = [prompt_hash(row[column] if column in row else row) for row in rows]
     order = sorted(range(n), key=lambda i: (keys[i], i))  # smallest hash first; equal prompts side by side

@@ -238,14 +238,18 @@ def load_sft_rows(source: str, key: str) -> list[dict]:
 
 
 def split_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): sft.eval_data's first eval_size rows, or rows of sft.data chosen by a hash of
+    their prompt (or conversation) over the whole file, as data.source is split (``llmrl.data.prompts.hold_out``):
+    no completion of a held-out prompt is trained on, and a small file holds out a quarter, with a line."""
+    from llmrl.data.prompts import hold_out
+
     s = cfg.sft
     train = load_sft_rows(s.data, "sft.data")
     if s.eval_data is not None:
         return train, load_sft_rows(s.eval_data, "sft.eval_data")[:s.eval_size]
-    if len(train) <= s.eval_size:
-        raise ConfigError(f"sft.data = {s.data!r} has {len(train)} rows, not more than sft.eval_size = {s.eval_size} "
-                          f"(the last rows are held out): lower sft.eval_size or set sft.eval_data")
-    return train[:-s.eval_size], train[-s.eval_size:]
+    column = s.prompt_column if any(s.prompt_column in row for row in train) else s.messages_column
+    return hold_out(train, s.eval_size, s.data, column, say=lambda line: print(line, flush=True),
+                    keys=("sft.data", "sft.eval_data", "sft.eval_size"))
 
 
 def build_sft_model(cfg: Config, tokenizer, device: torch.device):
