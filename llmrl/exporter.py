@@ -157,8 +157,10 @@ def reward_description(cfg: Config) -> str:
 
 
 def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, tolerance: float,
-               adapter_only: bool = False, merge_diff: float | None = None, base: str | None = None) -> str:
-    """The export's README.md. ``max_diff``: the reloaded export's max logit difference to base + adapter;
+               adapter_only: bool = False, merge_diff: float | None = None, base: str | None = None,
+               full: bool = False) -> str:
+    """The export's README.md. ``full``: a fully fine-tuned checkpoint (lora: null), exported as it is.
+    ``max_diff``: the reloaded export's max logit difference to base + adapter;
     ``merge_diff``: the fp32 merge's, before rounding to a ``dtype`` other than fp32 (see ``verify``); ``base``:
     the base as export was given it (--base), else the run's."""
     from llmrl.tracking import read_log
@@ -176,19 +178,30 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
     in_reward = getattr(ESTIMATORS.get(cfg.algorithm), "kl_in_reward", False)
     beta = f"; final beta={state['kl_ctl']['value']:.4g}" if in_reward and "kl_ctl" in state else ""
     how = ("the LoRA adapter alone (peft format): `AutoPeftModelForCausalLM.from_pretrained(this_folder)`"
-           if adapter_only else "merged into the base here. Loads with `transformers` alone: "
+           if adapter_only else "all weights trained (lora: null), so nothing was merged. Loads with `transformers` "
+           "alone: `AutoModelForCausalLM.from_pretrained(this_folder)`" if full else
+           "merged into the base here. Loads with `transformers` alone: "
            "`AutoModelForCausalLM.from_pretrained(this_folder)`")
+    if full:
+        weights = "| weights | all trained (lora: null); the reference was a frozen copy of the base |"
+    elif cfg.model.adapter:
+        weights = (f"| LoRA | started from the adapter `{cfg.model.adapter}` (its own r, alpha and targets) and "
+                   f"trained further |")
+    else:
+        weights = (f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+                   f"targets={cfg.lora.target_modules or 'all-linear'} |")
     from huggingface_hub import ModelCardData
 
     # the hub's metadata block, written (and quoted) by huggingface_hub; the body is llmrl's own table
     spec = base or cfg.model.name_or_path
     origin, loaded_here = base_description(spec)
     metadata = ModelCardData(library_name="peft" if adapter_only else "transformers", base_model=origin,
-                             tags=["llmrl", "rlhf", cfg.algorithm, "lora" if adapter_only else "lora-merged"])
+                             tags=["llmrl", "rlhf", cfg.algorithm,
+                                   "full-fine-tune" if full else "lora" if adapter_only else "lora-merged"])
     lines = [
         "---", metadata.to_yaml(), "---", "",
         f"# {algorithm} fine-tune of `{origin or spec}`", "",
-        f"Trained with llmrl ({algorithm} on a LoRA adapter); {how}.", "",
+        f"Trained with llmrl ({algorithm} on {'all weights' if full else 'a LoRA adapter'}); {how}.", "",
         "| | |", "|---|---|",
         f"| base model | `{origin or spec}`{loaded_here} (trained with quantization: {cfg.model.quantization}) |",
         f"| algorithm | {cfg.algorithm} |",
@@ -196,7 +209,7 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
            f"from the environment |", f"| episodes | `{cfg.data.source or 'seeds'}` |"] if cfg.env.name else
           [f"| reward | {reward_description(cfg)} |", f"| prompts | `{cfg.data.source}` |"]),
         f"| steps | {state['step']} |",
-        f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'all-linear'} |",
+        weights,
         f"| optimisation | lr={t.lr}" + ("" if cfg.algorithm in OFFLINE else f", rollout={t.rollout_batch_size}, "
                                          f"minibatch={t.mini_batch_size}, epochs={t.epochs}") + " |",
         # the algorithm's own settings (llmrl.algorithms.describe): none of PPO's for a run of another algorithm
@@ -204,7 +217,9 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
           for label, text in describe(cfg, load=False)),
         f"| generation | max_new_tokens={cfg.generation.max_new_tokens}, temperature={cfg.generation.temperature} |",
     ]
-    if not adapter_only and dtype == "fp32":
+    if full:
+        lines.append(f"| exported dtype | {dtype}: the checkpoint's weights, cast |")
+    elif not adapter_only and dtype == "fp32":
         lines.append(f"| exported dtype | {dtype}; max logit difference to base + adapter {max_diff:.3g} "
                      f"(tolerance {tolerance:g}) |")
     elif not adapter_only:
@@ -310,12 +325,14 @@ def export_full_model(checkpoint: Path, out: Path, dtype: str, adapter_only: boo
     if adapter_only:
         raise ConfigError(f"--adapter-only: {checkpoint} was trained with lora: null (all weights), so it has no "
                           f"adapter; export without --adapter-only")
+    cfg = from_dict(Config, upgrade_saved_config(yaml.safe_load((checkpoint / "config.yaml").read_text())))
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg, checkpoint, dtype, 0.0, 0.0, full=True))
         write_checksums(tmp)  # --verify and --overwrite read them, as for a merged export
 
     write_atomically(out, write)

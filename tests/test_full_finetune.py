@@ -105,6 +105,9 @@ def test_full_fine_tuning_from_the_command_line_resumes_exports_and_evaluates(ti
     llmrl("train", *common, "train.total_steps=2")
     assert "resumed from" in llmrl("train", *common, "train.total_steps=3", "--resume").stdout
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
-    llmrl("export", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "exported"))
+    out = llmrl("export", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "exported")).stdout
     assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert "nothing to merge" in out and "merged model" not in out  # not a merge's difference to base + adapter
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "on all weights" in card and "| weights | all trained (lora: null)" in card and "| LoRA |" not in card
     assert "KL to base" in llmrl("eval", "--checkpoint", str(run / "final")).stdout

@@ -296,6 +296,8 @@ def test_an_rl_run_from_an_sft_adapter_trains_it_further_and_exports(tiny_model_
     assert start.keys() == trained.keys() and all(start[k].shape == trained[k].shape for k in start)
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # trained further
     llmrl.export(result.final_checkpoint, tmp_path / "exported")  # merged into the base it was trained on
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert f"started from the adapter `{adapter}`" in card and "r=16" not in card  # not the lora section's r
 
 
 def test_without_eval_data_the_held_out_rows_are_drawn_by_hash_over_the_whole_file(tmp_path, capsys):

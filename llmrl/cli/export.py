@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from llmrl.cli.console import run_cli
 from llmrl.exporter import CHECKSUMS, DTYPES, TOLERANCE, export, verify_export
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
                       args.tolerance, args.trust_checkpoint_code)
+        if (Path(args.checkpoint) / "model" / "config.json").is_file():
+            return  # all weights trained (lora: null): export said what it wrote; there was nothing to merge
         what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
         rounding = ("" if args.adapter_only or args.dtype == "fp32" else
                     f" (the rounding to {args.dtype}; README.md there says what was checked)")

@@ -41,7 +41,8 @@ def run(cfg: Config | str, resume: bool = False, overwrite: bool = False, overri
 def main(argv: list[str] | None = None) -> int:
     from llmrl.algorithms import ESTIMATORS, OFFLINE
 
-    args = parse_args(argv, f"Fine-tune a causal LM on a LoRA adapter with the config's algorithm "
+    args = parse_args(argv, f"Fine-tune a causal LM (a LoRA adapter, or all weights with lora: null) with the "
+                            f"config's algorithm "
                             f"({', '.join([*ESTIMATORS, *OFFLINE])}; default ppo).")
     return run_cli(lambda: run(args.config, resume=args.resume, overwrite=args.overwrite, overrides=args.overrides))
 
