@@ -23,7 +23,7 @@ def sft_config(model_dir, run_dir, **sft):
 def test_prompt_completion_rows_train_on_the_completion_and_eos_only(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from llmrl.demo.warm_start import padded_segments
+    from llmrl.data.supervised import padded_segments
     from llmrl.trainers.sft import encode_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -216,10 +216,9 @@ def test_an_adapter_whose_shapes_do_not_fit_is_one_line(tiny_model_dir, tmp_path
 
 def test_full_fine_tuning_too_large_for_memory_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
     import llmrl
-    from llmrl.models import policy
-    from llmrl.trainers import sft
+    from llmrl.models import memory, policy
 
-    monkeypatch.setattr(sft, "available_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 1000)
     monkeypatch.setattr(policy, "load_base_model", lambda *a: pytest.fail("loaded the model before the check"))
     cfg = sft_config(tiny_model_dir, tmp_path / "run")
     cfg["lora"] = None
@@ -227,7 +226,7 @@ def test_full_fine_tuning_too_large_for_memory_is_refused_before_loading(tiny_mo
         llmrl.SFTTrainer(cfg, train_dataset=ROWS).train()
     n = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         tiny_model_dir).parameters())
-    assert sft.parameter_count(llmrl.load_config(REPO / "configs" / "tiny.yaml", [
+    assert memory.parameter_count(llmrl.load_config(REPO / "configs" / "tiny.yaml", [
         f"model.name_or_path={tiny_model_dir}"]).model) == n  # counted from config.json, on the meta device
 
 

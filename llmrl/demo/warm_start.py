@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmrl.config import Config, ConfigError
+from llmrl.data.supervised import padded_segments
 from llmrl.data.tasks import SEPARATOR, task_rows, teacher_demonstrations
 from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
 from llmrl.distributed.checkpoint import write_atomically
@@ -22,23 +23,6 @@ def supervised_batch(tokenizer, pairs: list[tuple[str, str]]):
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     return padded_segments(tokenizer, [[(encode(prompt), False), (encode(completion) + [tokenizer.eos_token_id], True)]
                                        for prompt, completion in pairs])
-
-
-def padded_segments(tokenizer, episodes: list[list[tuple[list[int], bool]]]):
-    """(input_ids, attention_mask, labels) of token segments, each (ids, trained): the loss is on trained ones."""
-    L = max(sum(len(ids) for ids, _ in ep) for ep in episodes)
-    ids = torch.full((len(episodes), L), tokenizer.pad_token_id)
-    mask = torch.zeros((len(episodes), L), dtype=torch.long)
-    labels = torch.full((len(episodes), L), -100)
-    for row, ep in enumerate(episodes):
-        at = 0
-        for segment, trained in ep:
-            ids[row, at:at + len(segment)] = torch.tensor(segment)
-            if trained:
-                labels[row, at:at + len(segment)] = torch.tensor(segment)
-            at += len(segment)
-        mask[row, :at] = 1
-    return ids, mask, labels
 
 
 class GuessTeacher:

@@ -351,7 +351,7 @@ def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, device: to
     weight is trained and the reference is a frozen copy of the starting model."""
     tokenizer = load_tokenizer(model_cfg)
     if lora_cfg is None:
-        from llmrl.trainers.sft import check_full_fine_tuning_fits
+        from llmrl.models.memory import check_full_fine_tuning_fits
 
         check_full_fine_tuning_fits(model_cfg, device, copies=5, why="the frozen reference copy, ")
     base = load_base_model(model_cfg, tokenizer, device)
