@@ -111,3 +111,23 @@ def test_full_fine_tuning_from_the_command_line_resumes_exports_and_evaluates(ti
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "on all weights" in card and "| weights | all trained (lora: null)" in card and "| LoRA |" not in card
     assert "KL to base" in llmrl("eval", "--checkpoint", str(run / "final")).stdout
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_on_two_zero3_ranks_saves_a_whole_trained_model(tiny_model_dir, tmp_path):
+    """lora: null under DeepSpeed ZeRO-3, whose weights are partitioned over the ranks: the run trains, and the
+    checkpoint's model/ holds every weight whole (gathered), each moved from the start."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import launch_ppo
+
+    out = launch_ppo([f"model.name_or_path={tiny_model_dir}", "warm_start=null", "lora=null",
+                      "deepspeed.zero_stage=3", "train.total_steps=1", "train.rollout_batch_size=8",
+                      "train.mini_batch_size=8", "train.micro_batch_size=4", "train.epochs=1", "data.eval_size=8",
+                      "run.progress=false", "run.eval_every=0", "train.lr=1e-3", f"run.output_dir={tmp_path / 'run'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "strategy: DeepSpeed ZeRO-3, 2 ranks" in out.stdout
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model").named_parameters())
+    assert trained.keys() == start.keys()
+    assert all(trained[n].shape == start[n].shape and not torch.equal(trained[n], start[n]) for n in start)
