@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv, f"Fine-tune a causal LM (a LoRA adapter, or all weights with lora: null) with the "
                             f"config's algorithm "
-                            f"({', '.join([*ESTIMATORS, *OFFLINE])}; default ppo).")
+                            f"({', '.join([*ESTIMATORS, *(a for a in OFFLINE if a != 'sft')])}; default ppo; "
+                            f"supervised fine-tuning: llmrl sft).")
     return run_cli(lambda: run(args.config, resume=args.resume, overwrite=args.overwrite, overrides=args.overrides))
 
 
