@@ -319,3 +319,41 @@ def test_without_eval_data_the_held_out_rows_are_drawn_by_hash_over_the_whole_fi
     train, held = split_rows(cfg)
     assert len(held) == 20 and "sft.data has 80 rows: holding out 20 for evaluation (sft.eval_size 64" in \
         capsys.readouterr().out
+
+
+def test_a_resumed_sft_run_ends_where_an_uninterrupted_one_does(tiny_model_dir, tmp_path):
+    """run.save_every writes step-N checkpoints (weights, optimizer, schedule, RNG); --resume continues from the
+    newest with the same data order: 4 steps, then resumed to 6, gives the weights of 6 steps run at once, and
+    log.jsonl holds each step once."""
+    from safetensors.torch import load_file
+
+    import llmrl
+
+    def run(name, steps, resume=False):
+        cfg = sft_config(tiny_model_dir, tmp_path / name, max_steps=steps, batch_size=8)
+        cfg["run"]["save_every"] = 3
+        return llmrl.SFTTrainer(cfg, train_dataset=ROWS, resume=resume).train()
+
+    whole = run("whole", 6)
+    assert (tmp_path / "whole" / "step-000003" / "trainer_state.pt").is_file()
+    run("cut", 4)  # stands for a run killed after its step-3 checkpoint: step 4 is redone on resume
+    resumed = run("cut", 6, resume=True)
+    assert resumed.summary["steps"] == 6
+    a = load_file(whole.output / "adapter_model.safetensors")
+    b = load_file(resumed.output / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in resumed.metrics if "loss/sft" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert resumed.summary["eval_loss_before"] == whole.summary["eval_loss_before"]
+
+
+def test_resuming_an_sft_run_with_other_data_is_one_line(tiny_model_dir, tmp_path):
+    import llmrl
+
+    cfg = sft_config(tiny_model_dir, tmp_path / "run", max_steps=3, batch_size=8)
+    cfg["run"]["save_every"] = 2
+    llmrl.SFTTrainer(cfg, train_dataset=ROWS).train()
+    with pytest.raises(ConfigError, match=r"--resume: sft.data is .* but the run in .* was started with"):
+        llmrl.SFTTrainer(cfg, train_dataset=ROWS[:100], resume=True).train()
+    with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
+        llmrl.SFTTrainer(cfg, train_dataset=ROWS).train()

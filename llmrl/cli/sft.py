@@ -7,13 +7,16 @@ from llmrl.demo.warm_start import run_warm_start
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmrl.config import load_config
+    from llmrl.config import ConfigError, load_config
     from llmrl.cli.console import config_parser, run_cli
 
     parser = config_parser("Supervised fine-tuning (algorithm: sft, an sft section), or the supervised warm start "
                            "of a recipe's tiny model (a warm_start section).",
                            "YAML with algorithm: sft and an sft section, or a recipe with a warm_start section")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in run.output_dir (algorithm sft)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest step-N checkpoint in run.output_dir (algorithm sft; written "
+                             "every run.save_every steps)")
     args = parser.parse_intermixed_args(argv)
 
     def body():
@@ -21,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.algorithm == "sft":
             from llmrl.trainers.sft import run_sft
 
-            run_sft(cfg, overwrite=args.overwrite)
+            run_sft(cfg, overwrite=args.overwrite, resume=args.resume)
+        elif args.resume:
+            raise ConfigError("--resume continues an SFT run (algorithm: sft); the warm start of a recipe's tiny "
+                              "model is run again whole")
         else:
             run_warm_start(cfg, progress=cfg.run.progress)
 

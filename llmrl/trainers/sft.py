@@ -217,30 +217,96 @@ def build_sft_model(cfg: Config, tokenizer, device: torch.device):
     return model
 
 
+def write_sft_model(model, tokenizer, cfg: Config, folder: Path) -> None:
+    """adapter/ (peft, with the base's fingerprint) or model/ (plain), tokenizer/ and config.yaml, into ``folder``."""
+    from llmrl.models.policy import ADAPTER_FINGERPRINT
+
+    if cfg.lora is None:
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+    else:
+        model.save_pretrained(folder / "adapter")
+        (folder / "adapter" / ADAPTER_FINGERPRINT).write_text(json.dumps(model.llmrl_base_fingerprint))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    save_config(cfg, folder / "config.yaml")
+
+
 def save_sft_model(model, tokenizer, cfg: Config, target: Path) -> Path:
     """RUN/final: adapter/ (peft, with the base's fingerprint) or model/ (plain), tokenizer/, config.yaml. Returns
     the folder an RL run starts from."""
     from llmrl.distributed.checkpoint import write_atomically
-    from llmrl.models.policy import ADAPTER_FINGERPRINT
 
-    def write(tmp: Path) -> None:
-        if cfg.lora is None:
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
-        else:
-            model.save_pretrained(tmp / "adapter")
-            (tmp / "adapter" / ADAPTER_FINGERPRINT).write_text(json.dumps(model.llmrl_base_fingerprint))
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        save_config(cfg, tmp / "config.yaml")
-
-    write_atomically(target, write)
+    write_atomically(target, lambda tmp: write_sft_model(model, tokenizer, cfg, tmp))
     return target / ("model" if cfg.lora is None else "adapter")
 
 
-def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
-    """Supervised fine-tuning as ``cfg`` says (``algorithm: sft``); see the module docstring."""
+def save_sft_checkpoint(model, tokenizer, cfg: Config, target: Path, optimizer, scheduler, strategy,
+                        state: dict) -> None:
+    """RUN/step-N (run.save_every): the weights as final/ holds them, the RNG state and, written last (its presence
+    marks a complete checkpoint), trainer_state.pt: the step, the eval figures before training, the seconds so far
+    and the optimizer's and the schedule's state. Renamed into place whole, so a kill leaves only complete ones;
+    older ones beyond run.keep_last are removed."""
+    from llmrl.distributed.checkpoint import COMPLETE_MARK, prune_checkpoints, write_atomically
+
+    def write(tmp: Path) -> None:
+        write_sft_model(model, tokenizer, cfg, tmp)
+        torch.save(strategy.rng_state(), tmp / "rng_rank0.pt")
+        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / COMPLETE_MARK)
+
+    write_atomically(target, write)
+    prune_checkpoints(target.parent, cfg.run.keep_last)
+
+
+# what a resumed SFT run must share with the run it continues (the rest, e.g. sft.max_steps or sft.lr, may change)
+SFT_FIXED = ("model.name_or_path", "model.adapter", "model.dtype", "model.quantization", "lora", "sft.data",
+             "sft.eval_data", "sft.eval_size", "sft.prompt_column", "sft.completion_column", "sft.messages_column",
+             "sft.max_length", "sft.batch_size", "run.seed")
+
+
+def load_sft_checkpoint(checkpoint: Path, cfg: Config, model, optimizer, scheduler, strategy) -> dict:
+    """Continue from ``checkpoint`` (a step-N folder): refuses a config that changed what the run is (SFT_FIXED),
+    loads the weights, the optimizer's and the schedule's state and the RNG state; returns trainer_state.pt."""
+    import yaml
+
+    from llmrl.config import from_dict, upgrade_saved_config
+    from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file
+    from llmrl.trainers.base import read_weights
+
+    saved = to_dict(from_dict(Config, upgrade_saved_config(yaml.safe_load((checkpoint / "config.yaml").read_text()))))
+    given = to_dict(cfg)
+    for key in SFT_FIXED:
+        old, new = saved, given
+        for part in key.split("."):
+            old, new = (old or {}).get(part), (new or {}).get(part)
+        if old != new:
+            raise ConfigError(f"--resume: {key} is {new!r} but the run in {checkpoint.parent} was started with "
+                              f"{old!r}: a resumed SFT run keeps it; set it back, or start a new run (another "
+                              f"run.output_dir)")
+    state = load_state_file(checkpoint / COMPLETE_MARK)
+    device = next(model.parameters()).device
+    if cfg.lora is None:
+        weights = read_weights(checkpoint / "model" / "model.safetensors", device)
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ConfigError(f"checkpoint {checkpoint}: model/ holds weights this model has not ({unexpected[0]}): "
+                              f"it is another model's; move the folder away to resume from the one before it")
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, read_weights(checkpoint / "adapter" / "adapter_model.safetensors", device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    strategy.set_rng_state(load_state_file(checkpoint / "rng_rank0.pt"))
+    return state
+
+
+def run_sft(cfg: Config, overwrite: bool = False, resume: bool = False) -> SFTResult:
+    """Supervised fine-tuning as ``cfg`` says (``algorithm: sft``); see the module docstring. ``resume``: continue
+    from the newest step-N checkpoint (``run.save_every``), with the same data order from there on."""
     from tqdm.auto import tqdm
 
+    from llmrl.distributed.checkpoint import step_dir_name
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir
     from llmrl.distributed.strategy import SingleProcess
     from llmrl.models.policy import load_tokenizer
@@ -260,7 +326,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
     train_rows, eval_rows = split_rows(cfg)  # a missing file or column fails before any model is loaded
     strategy = SingleProcess(cfg.run.device, cfg.run.threads)
     run_dir = Path(cfg.run.output_dir)
-    _, lock = claim_run_dir(run_dir, False, overwrite, strategy)
+    checkpoint, lock = claim_run_dir(run_dir, resume, overwrite, strategy)
     try:
         strategy.seed_everything(cfg.run.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -276,20 +342,33 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
         total = per_epoch * s.epochs if s.max_steps is None else s.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, total))
-        logger = MetricsLogger(run_dir, report_to=cfg.run.report_to, config=to_dict(cfg))
-        before = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
-        logger.log(0, before)
-        print(f"sft: {len(train)} training rows ({cut} cut to sft.max_length = {s.max_length}), {len(evals)} held "
-              f"out; eval loss before training {before['eval/loss']:.4f}", flush=True)
+        start_step, seconds_before = 0, 0.0
+        if checkpoint is not None:
+            state = load_sft_checkpoint(checkpoint, cfg, model, optimizer, scheduler, strategy)
+            start_step, before, seconds_before = state["step"], state["eval_before"], state["wall_seconds"]
+        r = cfg.run
+        logger = MetricsLogger(run_dir, resume_step=start_step if checkpoint is not None else None,
+                               report_to=r.report_to, config=to_dict(cfg), wandb_project=r.wandb_project,
+                               wandb_entity=r.wandb_entity, wandb_run_name=r.wandb_run_name)
+        if checkpoint is None:
+            before = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
+            logger.log(0, before)
+            print(f"sft: {len(train)} training rows ({cut} cut to sft.max_length = {s.max_length}), {len(evals)} "
+                  f"held out; eval loss before training {before['eval/loss']:.4f}", flush=True)
+        else:
+            print(f"sft: resumed from {checkpoint} (step {start_step} of {total})", flush=True)
         rng = random.Random(cfg.run.seed)
-        bar = tqdm(total=total, desc="sft", disable=not cfg.run.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start_step, desc="sft", disable=not cfg.run.progress, dynamic_ncols=True)
         step, after = 0, before
-        while step < total:
+        while step < total:  # a resumed run replays the same shuffles and skips the batches already trained on
             order = list(range(len(train)))
             rng.shuffle(order)
             for chunk in batches([train[i] for i in order], s.batch_size):
                 if step >= total:
                     break
+                if step < start_step:
+                    step += 1
+                    continue
                 model.train()
                 ids, mask, labels = (t.to(device) for t in padded_segments(tokenizer, chunk))
                 loss, n, correct = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
@@ -308,9 +387,16 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
                     after = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
                     stats.update(after)
                 logger.log(step, stats)
+                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
+                    save_sft_checkpoint(model, tokenizer, cfg, run_dir / step_dir_name(step), optimizer, scheduler,
+                                        strategy, {"step": step, "eval_before": before, "wall_seconds":
+                                                   seconds_before + time.perf_counter() - started})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
+        if after is before:  # resumed at the last step: nothing trained here, nothing evaluated yet
+            after = evaluate_loss(model, tokenizer, evals, s.batch_size, device)
+            logger.log(step, after)
         logger.close()
         model.eval()
         output = save_sft_model(model, tokenizer, cfg, run_dir / "final")
@@ -323,7 +409,7 @@ def run_sft(cfg: Config, overwrite: bool = False) -> SFTResult:
                    "eval_token_accuracy_after": after["eval/token_accuracy"], "steps": step,
                    "train_rows": len(train), "eval_rows": len(evals), "truncated_rows": cut,
                    "full_fine_tuning": cfg.lora is None, "output": str(output), "rl_start": start,
-                   "run_dir": str(run_dir), "wall_seconds": round(time.perf_counter() - started, 2)}
+                   "run_dir": str(run_dir), "wall_seconds": round(seconds_before + time.perf_counter() - started, 2)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: {step} steps, eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f}; saved {output}. "
               f"Start an RL run from it with {start}", flush=True)
@@ -339,10 +425,12 @@ class SFTTrainer:
     ``config``: a ``Config``, a dict or a YAML path (``algorithm`` is set to sft); ``overrides``: ``section.key=value``
     strings. ``model``: a name or folder (replaces model.name_or_path); ``train_dataset`` / ``eval_dataset``: a
     ``datasets.Dataset`` or a list of dicts in TRL's SFT formats (replace sft.data / sft.eval_data).
-    ``train()`` returns an ``SFTResult``; its ``summary["rl_start"]`` says how an RL config starts from it."""
+    ``train()`` returns an ``SFTResult``; its ``summary["rl_start"]`` says how an RL config starts from it.
+    ``resume=True`` continues from the newest step-N checkpoint (``run.save_every``)."""
 
     def __init__(self, config: Config | dict | str | Path | None = None, *, overrides: Iterable[str] = (),
-                 model: str | Path | None = None, train_dataset=None, eval_dataset=None, overwrite: bool = False):
+                 model: str | Path | None = None, train_dataset=None, eval_dataset=None, overwrite: bool = False,
+                 resume: bool = False):
         from llmrl.config import _read_yaml, apply_override, from_dict
 
         if isinstance(config, (str, Path)):
@@ -366,10 +454,10 @@ class SFTTrainer:
                 data["sft"][key] = _register_rows(rows, "train_dataset" if key == "data" else "eval_dataset")
         self.cfg = from_dict(Config, data)
         self.cfg.validate()
-        self.overwrite = overwrite
+        self.overwrite, self.resume = overwrite, resume
 
     def train(self) -> SFTResult:
-        return run_sft(self.cfg, self.overwrite)
+        return run_sft(self.cfg, self.overwrite, self.resume)
 
 
 def _register_rows(rows, what: str) -> str:
