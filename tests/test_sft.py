@@ -4,6 +4,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,17 +169,22 @@ def test_sft_rows_without_completions_are_one_line(tiny_model_dir, tmp_path, row
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
-def test_an_adapter_of_another_base_is_refused_at_start_up(tiny_model_dir, tmp_path):
+def sft_adapter_of_another_base(tmp_path, name: str, n_embd: int, seed: int) -> Path:
+    """An adapter trained for one SFT step on a tiny GPT-2 of its own (saved in tmp_path / name)."""
+    import llmrl
     from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
+
+    base = tmp_path / name
+    tok = char_tokenizer("abcdef>")
+    tiny_gpt2(tok, n_layer=2, n_embd=n_embd, n_head=4, n_positions=32, seed=seed).save_pretrained(base)
+    tok.save_pretrained(base)
+    return llmrl.SFTTrainer(sft_config(base, tmp_path / "sft", max_steps=1), train_dataset=ROWS).train().output
+
+
+def test_an_adapter_of_another_base_is_refused_at_start_up(tiny_model_dir, tmp_path):
     from llmrl.models.policy import build_policy
 
-    other = tmp_path / "other-base"
-    tok = char_tokenizer("abcdef>")
-    tiny_gpt2(tok, n_layer=2, n_embd=64, n_head=4, n_positions=32, seed=1).save_pretrained(other)
-    tok.save_pretrained(other)
-    import llmrl
-
-    adapter = llmrl.SFTTrainer(sft_config(other, tmp_path / "sft", max_steps=1), train_dataset=ROWS).train().output
+    adapter = sft_adapter_of_another_base(tmp_path, "other-base", n_embd=64, seed=1)
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.name_or_path={tiny_model_dir}",
                                                        f"model.adapter={adapter}", "warm_start=null"])
     with pytest.raises(ConfigError, match="was trained on another base than model.name_or_path"):
@@ -194,16 +200,9 @@ def test_an_adapter_of_another_base_is_refused_at_start_up(tiny_model_dir, tmp_p
 
 
 def test_an_adapter_whose_shapes_do_not_fit_is_one_line(tiny_model_dir, tmp_path):
-    from llmrl.demo.tiny import char_tokenizer, tiny_gpt2
     from llmrl.models.policy import build_policy
 
-    wide = tmp_path / "tiny-model-wide"
-    tok = char_tokenizer("abcdef>")
-    tiny_gpt2(tok, n_layer=2, n_embd=128, n_head=4, n_positions=32, seed=0).save_pretrained(wide)
-    tok.save_pretrained(wide)
-    import llmrl
-
-    adapter = llmrl.SFTTrainer(sft_config(wide, tmp_path / "sft", max_steps=1), train_dataset=ROWS).train().output
+    adapter = sft_adapter_of_another_base(tmp_path, "tiny-model-wide", n_embd=128, seed=0)
     (adapter / "llmrl_base_fingerprint.json").unlink()
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
