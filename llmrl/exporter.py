@@ -244,7 +244,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
                           f"run's final/ or step-N/ folder")
     check_out(checkpoint, out, overwrite)
-    if (checkpoint / "model" / "config.json").is_file():  # full fine-tuning (lora: null): the model is plain already
+    if holds_full_model(checkpoint):  # full fine-tuning (lora: null): the model is plain already
         return export_full_model(checkpoint, out, dtype, adapter_only)
     tolerance = TOLERANCE if tolerance is None else tolerance
     if not math.isfinite(tolerance) or tolerance < 0:
@@ -313,6 +313,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter
     finally:
         bar.close()
     return result["max_diff"]
+
+
+def holds_full_model(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` is of a fully fine-tuned run (lora: null): a plain model/ folder, no adapter."""
+    return (Path(checkpoint) / "model" / "config.json").is_file()
 
 
 def export_full_model(checkpoint: Path, out: Path, dtype: str, adapter_only: bool) -> float:

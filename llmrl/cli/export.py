@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from llmrl.cli.console import run_cli
-from llmrl.exporter import CHECKSUMS, DTYPES, TOLERANCE, export, verify_export
+from llmrl.exporter import CHECKSUMS, DTYPES, TOLERANCE, export, holds_full_model, verify_export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
                       args.tolerance, args.trust_checkpoint_code)
-        if (Path(args.checkpoint) / "model" / "config.json").is_file():
+        if holds_full_model(args.checkpoint):
             return  # all weights trained (lora: null): export said what it wrote; there was nothing to merge
         what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"
         rounding = ("" if args.adapter_only or args.dtype == "fp32" else
