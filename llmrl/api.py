@@ -353,6 +353,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     from llmrl.data.prompts import check_prompt_lengths, load_prompts
     from llmrl.demo.warm_start import run_warm_start
     from llmrl.distributed.checkpoint import COMPLETE_MARK, load_state_file
+    from llmrl.config import SCHEDULABLE
     from llmrl.distributed.run_dir import claim_run_dir, make_run_dir, resume_changes
     from llmrl.distributed.strategy import accumulation, make_strategy
     from llmrl.models.policy import build_policy, context_length
@@ -433,8 +434,7 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
         trainer.stop_requested = owner._stop
     if resume_from is not None:
         trainer.load_checkpoint(resume_from, resume_state)
-        if "train.lr" in changed:
-            trainer.set_learning_rate(cfg.train.lr)
+        trainer.apply_settings({k: new for k, (_, new) in changed.items() if k in SCHEDULABLE})
         say(main, f"resumed from {resume_from} at step {trainer.step}" +
             (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())}" if changed else ""))
         for note in owner.resume_notes if owner is not None else ():

@@ -347,6 +347,27 @@ class RunConfig:
     wandb_run_name: str | None = opt(None, "W&B run name (with report_to: [wandb]); null: the run directory's name.")
 
 
+# Hyper-parameters a run may change part-way: a ``schedule:`` entry, a resumed run (``--resume``) and population-based
+# training (``llmrl pbt``) set them from a step on, all through ``Trainer.apply_settings``. Each only steers how the
+# rest of the run trains; what the saved state means stays the same.
+SCHEDULABLE = {
+    "train.lr": "the learning rate from that step on (the lr_schedule's factor stays where the run is)",
+    "ppo.init_kl_coef": "PPO, RLOO, REINFORCE: the KL penalty's beta from that step on (the adaptive controller, when "
+                        "on, replaces its current beta with it and adapts from there)",
+    "critic_free.kl_coef": "GRPO, Dr. GRPO, GSPO, CISPO, SAPO: the KL loss term's weight from that step on",
+    "generation.temperature": "the sampling temperature (and the log-probs' logits / temperature) of later rollouts",
+    "ppo.clip_range": "the policy ratio's clip epsilon of later updates",
+}
+
+
+@dataclass
+class ScheduleEntry:
+    step: int = opt(0, "After this many training steps (0: from the start), the values below apply to every later "
+                       "step.")
+    set: dict = opt({}, "Dotted keys and their new values, e.g. {train.lr: 3.0e-4, ppo.init_kl_coef: 0.1}; only "
+                        + ", ".join(SCHEDULABLE) + ".")
+
+
 @dataclass
 class RewardTrainConfig:
     """launch/train_reward.py: a Bradley-Terry reward model from preference pairs."""
@@ -422,6 +443,11 @@ class Config:
     env: EnvConfig = opt(EnvConfig(), "Multi-turn episodes against an environment (the reward is the environment's).")
     warm_start: WarmStartConfig | None = opt(None, "Optional: when model.name_or_path does not exist yet, build "
                                                    "it there by supervised training of a tiny GPT-2 on the task.")
+    schedule: list[ScheduleEntry] = opt(
+        [], "Hyper-parameters changed during the run: a list of {step: N, set: {KEY: VALUE, ...}}, applied after "
+        "step N (N = 0: before the first), as a --resume at step N with those values would (the same code). KEY is "
+        "one of " + ", ".join(SCHEDULABLE) + ". Checkpoints save the values in effect; llmrl pbt writes each "
+        "member's schedule so (replay.yaml).")
 
     @property
     def group_size(self) -> int:
@@ -633,6 +659,38 @@ class Config:
             if getattr(self.train, name) <= 0:
                 raise ConfigError(f"train.{name} is {getattr(self.train, name)}: must be a positive integer")
         self.sizes(1)
+        self.check_schedule()
+
+    def check_schedule(self) -> None:
+        """Each ``schedule`` entry names keys a run may change part-way (SCHEDULABLE), at increasing steps before
+        the last, with values the config accepts there (their types converted in place: 1 becomes 1.0)."""
+        if self.schedule and self.algorithm == "sft":
+            raise ConfigError("schedule is set but algorithm is sft: supervised fine-tuning (llmrl sft) does not "
+                              "apply a schedule; remove it (the RL runs that start from this SFT may have one)")
+        last = -1
+        for i, entry in enumerate(self.schedule):
+            where = f"schedule[{i}]"
+            if entry.step <= last or entry.step >= self.train.total_steps:
+                why = (f"comes after step {last}: list the entries by increasing step" if entry.step <= last else
+                       f"is not before train.total_steps = {self.train.total_steps}: it would never apply")
+                raise ConfigError(f"{where}.step is {entry.step}: " + (why if entry.step >= 0 else "must be >= 0"))
+            last = entry.step
+            if not entry.set:
+                raise ConfigError(f"{where}.set is empty: name the keys to change, e.g. {{train.lr: 3.0e-4}}")
+            trial = copy.deepcopy(self)
+            trial.schedule = []
+            for key, value in entry.set.items():
+                if key not in SCHEDULABLE:
+                    raise ConfigError(f"{where}.set names {key!r}: a schedule may change only "
+                                      f"{', '.join(SCHEDULABLE)} (the others fix what the run is)")
+                section, name = key.split(".")
+                entry.set[key] = _convert(value, typing.get_type_hints(type(getattr(trial, section)))[name],
+                                          f"{where}.set.{key}")
+                setattr(getattr(trial, section), name, entry.set[key])
+            try:
+                trial.validate()
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
 
 
 def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from llmrl.config import Config, ConfigError, to_dict, upgrade_saved_config
+from llmrl.config import SCHEDULABLE, Config, ConfigError, to_dict, upgrade_saved_config
 from llmrl.distributed.checkpoint import (COMPLETE_MARK, OWNED_MARK, STEP_DIR, is_own_temporary, latest_checkpoint,
                                           step_checkpoints)
 from llmrl.distributed.lock import LOCK_FILE, RunLock, lock_run_dir
@@ -22,7 +22,9 @@ from llmrl.distributed.lock import LOCK_FILE, RunLock, lock_run_dir
 RUN_MARK = ".llmrl-run"
 # What a run writes in run.output_dir, and inside each of its checkpoints. Temporary folders (.tmp-*, .old-*)
 # are llmrl's only when they hold its mark (checkpoint.OWNED_MARK), whatever their name.
+# (llmrl pbt adds a member's schedule.yaml and replay.yaml.)
 RUN_ENTRY = re.compile(rf"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|base|"
+                       rf"schedule\.yaml|replay\.yaml|"
                        rf"{re.escape(RUN_MARK)}|{re.escape(LOCK_FILE)})$")
 CHECKPOINT_ENTRY = re.compile(rf"^(adapter|model|value_head\.safetensors|{re.escape(COMPLETE_MARK)}|config\.yaml|tokenizer|"
                               rf"base_fingerprint\.json|rng_rank\d+\.pt|deepspeed|eval|{re.escape(OWNED_MARK)})$")
@@ -36,6 +38,7 @@ LEFTOVER = re.compile(r"^\.(tmp|old)-")
 RESUMABLE = {
     "train.total_steps": "train longer (or shorter); a linear or cosine schedule stretches to the new end",
     "train.lr": "the learning rate from now on (e.g. lower, after a divergence)",
+    **{k: v for k, v in SCHEDULABLE.items() if k != "train.lr"},  # applied from the resumed step on, as a schedule's
     "reward.timeout": "how long the reward may take",
     "run.progress": "", "run.eval_every": "", "run.save_every": "", "run.keep_last": "", "run.log_samples": "",
     "run.report_to": "", "run.threads": "", "run.device": "", "run.output_dir": "the run folder moved",

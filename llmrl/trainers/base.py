@@ -202,6 +202,8 @@ class Trainer:
         total = cfg.train.total_steps
         stats, after = {}, None
         with sigterm_recorded() as received:
+            if self.step == 0:
+                self.apply_schedule()
             while self.step < total:
                 stats = self.train_step()
                 step = self.step
@@ -218,6 +220,7 @@ class Trainer:
                 self.hooks.call("on_step_end", step, stats)
                 if evaluated:
                     self.hooks.call("on_evaluate", step, eval_metrics(after))
+                self.apply_schedule()  # before this step's checkpoint: a resume from it goes on with the new values
                 saved = bool(cfg.run.save_every and step % cfg.run.save_every == 0 and step < total)
                 if saved:
                     self.save_checkpoint(self.checkpoint_path(step))  # collective: every rank takes part
@@ -482,6 +485,26 @@ class Trainer:
     def wall_seconds(self) -> float:
         """Wall time of the whole run: earlier processes (saved in checkpoints) plus this one."""
         return self.wall_seconds_before + time.perf_counter() - self.process_started
+
+    def apply_settings(self, values: dict) -> None:
+        """New values of hyper-parameters (``config.SCHEDULABLE``: a ``schedule:`` entry, or a resumed run's changes)
+        from the current step on: written into the run's config (saved with later checkpoints, read where they are
+        used), and where the trainer holds its own copy (the optimizer's learning rate), set there too."""
+        for key, value in values.items():
+            section, name = key.split(".")
+            setattr(getattr(self.cfg, section), name, value)
+            if key == "train.lr":
+                self.set_learning_rate(value)
+
+    def apply_schedule(self) -> None:
+        """The ``schedule:`` entry of the step just finished (or of step 0, before the first), if any: applied
+        before that step's checkpoint is saved, so that a run resumed from it goes on with these values."""
+        for entry in self.cfg.schedule:
+            if entry.step == self.step:
+                self.apply_settings(dict(entry.set))
+                if self.strategy.is_main:
+                    print(f"schedule: from step {self.step}: " +
+                          ", ".join(f"{k} = {v!r}" for k, v in entry.set.items()), flush=True)
 
     def set_learning_rate(self, lr: float) -> None:
         """A new base learning rate from the current step on (``train.lr`` changed on resume): the schedule's factor

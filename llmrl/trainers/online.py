@@ -407,6 +407,15 @@ class OnlineTrainer(Trainer):
         kl = stats.get("objective/kl", stats.get("info/kl_ref"))
         return {"reward": f"{stats['reward/mean']:.3f}", **({} if kl is None else {"kl": f"{kl:.3f}"})}
 
+    def apply_settings(self, values: dict) -> None:
+        """Also where the online trainer holds its own copy: ppo.init_kl_coef replaces the KL controller's current
+        beta (the adaptive controller adapts on from it), critic_free.kl_coef the KL loss term's weight."""
+        super().apply_settings(values)
+        if "ppo.init_kl_coef" in values:
+            self.kl_ctl.value = float(values["ppo.init_kl_coef"])
+        if "critic_free.kl_coef" in values and getattr(self.estimator, "loss_kl", False):
+            self.estimator.loss_kl_coef = float(values["critic_free.kl_coef"])
+
     def extra_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "reward_norm": self.reward_norm.state_dict(),
                 "estimator": self.estimator.state_dict()}
