@@ -24,6 +24,9 @@ _LAZY = {
     "load_config": ("llmrl.config", "load_config"),
     "export": ("llmrl.exporter", "export"),
     "evaluate": ("llmrl.trainers.evaluate", "evaluate_checkpoint"),
+    "pbt": ("llmrl.tune.pbt", "pbt"),
+    "tune": ("llmrl.tune.search", "tune"),
+    "TuneResult": ("llmrl.tune.search", "TuneResult"),
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -105,19 +105,22 @@ def test_llmrl_has_no_import_circles():
 
 def part_of(module: str) -> str:
     """'cli' (commands and console helpers), 'api' (``llmrl.api``: the run a Python program or a command starts),
-    'demo' (the embedded default's tiny model and warm start) or 'library' (the parts a run is built from)."""
+    'tune' (search and population-based training, which start runs), 'demo' (the embedded default's tiny model and
+    warm start) or 'library' (the parts a run is built from)."""
     if module == "llmrl.__main__" or module == "llmrl.cli" or module.startswith("llmrl.cli."):
         return "cli"
     if module == "llmrl.api":
         return "api"
+    if module == "llmrl.tune" or module.startswith("llmrl.tune."):
+        return "tune"  # search and population-based training: they start runs (llmrl.api) as a program would
     if module == "llmrl.demo" or module.startswith("llmrl.demo."):
         return "demo"
     return "library"
 
 
-# library < demo < api < cli: a part imports only those below it (and itself)
-ALLOWED = {"cli": {"cli", "api", "demo", "library"}, "api": {"api", "demo", "library"}, "demo": {"demo", "library"},
-           "library": {"library"}}
+# library < demo < api < tune < cli: a part imports only those below it (and itself)
+ALLOWED = {"cli": {"cli", "tune", "api", "demo", "library"}, "tune": {"tune", "api", "demo", "library"},
+           "api": {"api", "demo", "library"}, "demo": {"demo", "library"}, "library": {"library"}}
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -136,7 +139,7 @@ def test_the_layer_check_on_a_hand_built_graph():
 
 def test_the_library_imports_no_command_and_no_demo_module():
     graph = import_graph(PACKAGE)
-    assert {part_of(m) for m in graph} == {"cli", "api", "demo", "library"}
+    assert {part_of(m) for m in graph} == {"cli", "tune", "api", "demo", "library"}
     assert layer_violations(graph) == []
 
 
@@ -144,7 +147,8 @@ def test_the_library_imports_no_command_and_no_demo_module():
 # needs only torch; algorithms combine it; config names the algorithms; the parts a run is built from (data,
 # models, rollout, rewards, environments, checkpoints and run folders, logging, trust rules) sit on config;
 # trainers and the exporter assemble parts; the embedded default's demo uses parts; the Python API (api) runs a
-# run from them; the command line (cli) parses arguments and calls the API.
+# run from them; a search or a population (tune) runs its trials through the API; the command line (cli) parses
+# arguments and calls the API.
 LAYERS = [
     {"llmrl", "llmrl.errors", "llmrl.user_functions"},
     {"llmrl.rl"},
@@ -155,6 +159,7 @@ LAYERS = [
     {"llmrl.trainers", "llmrl.exporter"},
     {"llmrl.demo"},
     {"llmrl.api"},
+    {"llmrl.tune"},
     {"llmrl.cli", "llmrl.__main__"},
 ]
 # Within a layer, what may not import what: the decode loop uses the model helpers, never the other way round.

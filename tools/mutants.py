@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_rl_math.py", "tests/test_estimators.py",
               "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
               "tests/test_config.py", "tests/test_policy.py",
-              "tests/test_algorithm_wording.py"]
+              "tests/test_algorithm_wording.py", "tests/test_tune_space.py", "tests/test_tune_search.py",
+              "tests/test_tune_report.py", "tests/test_tune_pbt.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -129,6 +130,14 @@ MUTANTS = [
     (f"{A}/base.py", 'return "objective/kl", "k3", self.loss_kl_coef', 'return "objective/kl", self.ppo.kl_estimator, '
      'self.loss_kl_coef', "GRPO's logged KL with PPO's estimator, not the k3 its loss uses"),
     (O, "penalised = ~eos & valid", "penalised = ~eos", "the missing-EOS share counts unscored completions"),
+    (O, 'self.kl_ctl.value = float(values["ppo.init_kl_coef"])', "pass",
+     "a resumed or scheduled ppo.init_kl_coef never reaches the KL controller"),
+    ("llmrl/trainers/base.py", "if entry.step == self.step:", "if entry.step == self.step + 1:",
+     "a schedule entry applied one step early"),
+    ("llmrl/tune/pbt.py", 'score = metrics[metric] if setup["direction"] == "maximize" else -metrics[metric]',
+     "score = metrics[metric]", "PBT ranks members as if every metric were to maximise"),
+    ("llmrl/tune/search.py", "value = float(rows[-1][metric])", "value = float(rows[0][metric])",
+     "a trial's objective read at its first logged value, not its last"),
     (O, "clipped = (scores.abs() > cfg.reward.clip) & valid", "clipped = scores.abs() > cfg.reward.clip",
      "the clipped share counts unscored completions"),
     ("llmrl/rollout/engine.py", "logits = MinPLogitsWarper(min_p)(None, logits)", "logits = logits",

@@ -11,6 +11,8 @@ COMMANDS = {
     "serve-reward": ("llmrl.cli.serve_reward", "a config's reward over HTTP (same as launch/serve_reward.py)"),
     "eval": ("llmrl.cli.evaluate", "reward and KL to the base on held-out prompts, samples before and after"),
     "plot": ("llmrl.cli.plot", "PNG curves of a run's metrics"),
+    "tune": ("llmrl.cli.tune", "search a recipe's hyper-parameters (Optuna trials, each an ordinary run)"),
+    "pbt": ("llmrl.cli.pbt", "population-based training: members copy better ones and perturb (Ray Tune)"),
 }
 
 
