@@ -252,6 +252,37 @@ class DPOConfig:
 
 
 @dataclass
+class KTOConfig:
+    data: str = opt("", "Logged answers with a thumbs up or down, TRL's unpaired preference format: prompt (text or "
+                        "messages), completion (text or one assistant message) and label (true/false): "
+                        ".jsonl/.json/.csv/.parquet or a datasets name.")
+    beta: float = opt(0.1, "Strength of the implicit KL to the reference (the adapter disabled), as TRL's beta.")
+    desirable_weight: float = opt(1.0, "Weight of the losses of label-true answers (TRL's desirable_weight).")
+    undesirable_weight: float = opt(1.0, "Weight of the losses of label-false answers (TRL's undesirable_weight).")
+    batch_size: int = opt(32, "Logged answers per optimizer step (train.total_steps of them).")
+
+
+@dataclass
+class ILQLConfig:
+    data: str = opt("", "Logged answers with a reward: prompt (text or messages), completion (text or one assistant "
+                        "message; or a conversation with several assistant turns, the reward at its end) and reward "
+                        "(a number): .jsonl/.json/.csv/.parquet or a datasets name.")
+    tau: float = opt(0.7, "Expectile of V's regression onto Q (0.5: the mean; towards 1: the best logged action).")
+    gamma: float = opt(0.99, "Discount per token.")
+    cql_scale: float = opt(0.1, "Weight of the conservative (CQL) term that keeps Q low on tokens the log never took.")
+    awac_scale: float = opt(1.0, "Weight of the policy term: the LM's log-likelihood of the logged tokens (as trlX).")
+    alpha: float = opt(0.001, "Polyak rate of the target Q heads: target <- alpha * Q + (1 - alpha) * target.")
+    steps_for_target_q_sync: int = opt(5, "Optimizer steps between target updates.")
+    two_qs: bool = opt(True, "Two Q heads (and targets), their minimum read as Q: less over-estimation.")
+    beta: float = opt(4.0, "Sampling from the learned policy: logits + beta * (Q - V); 0 is the LM alone. Used by "
+                           "evaluation (greedy on the shifted logits) and sampling; set it at evaluation time "
+                           "(llmrl eval ... ilql.beta=B).")
+    top_k: int = opt(20, "Sampling from the learned policy: the top_k tokens of the shifted logits (the paper's and "
+                         "trlX's 20); 0 keeps all.")
+    batch_size: int = opt(32, "Logged answers per optimizer step (train.total_steps of them).")
+
+
+@dataclass
 class EnvConfig:
     name: str = opt("", "An environment the model acts in, turn by turn (a Gymnasium Env with text observations "
                         "and actions): a built-in name (guess_number, calculator, python_tool), "
@@ -437,6 +468,8 @@ class Config:
                                       "penalty and its controller to RLOO and REINFORCE).")
     critic_free: CriticFreeConfig = opt(CriticFreeConfig(), "Settings of the critic-free estimators.")
     dpo: DPOConfig = opt(DPOConfig(), "DPO settings (algorithm: dpo).")
+    kto: KTOConfig = opt(KTOConfig(), "KTO settings (algorithm: kto).")
+    ilql: ILQLConfig = opt(ILQLConfig(), "ILQL settings (algorithm: ilql).")
     sft: SFTConfig = opt(SFTConfig(), "Supervised fine-tuning settings (algorithm: sft).")
     run: RunConfig = opt(RunConfig(), "Output, seeds, checkpoints.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO settings, used under the deepspeed launcher.")
