@@ -425,6 +425,12 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
 
         trainer = DPOTrainer(cfg, policy, tokenizer, load_pairs(cfg.dpo.data), eval_rows, strategy, run_dir,
                              eval_reward or reward)
+    elif cfg.algorithm == "kto":
+        from llmrl.data.logged import load_labelled
+        from llmrl.trainers.kto import KTOTrainer
+
+        trainer = KTOTrainer(cfg, policy, tokenizer, load_labelled(cfg.kto.data), eval_rows, strategy, run_dir,
+                             eval_reward or reward)
     else:
         trainer = OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     trainer.process_started = started

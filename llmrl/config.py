@@ -160,7 +160,7 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = opt(100, "Training steps: one rollout and its updates each (online algorithms), or one "
-                                "optimizer step on dpo.batch_size pairs (dpo).")
+                                "optimizer step on dpo.batch_size pairs (dpo) or kto.batch_size answers (kto).")
     rollout_batch_size: int = opt(64, "Sequences per rollout, over all ranks: prompts x completions per prompt "
                                       "(critic_free.num_generations for the group estimators, 1 for ppo).")
     mini_batch_size: int = opt(16, "Sequences per optimizer step, over all ranks.")
@@ -452,7 +452,8 @@ class Sizes:
 @dataclass
 class Config:
     algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
-                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); sft "
+                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); kto (offline, from "
+                                "answers labelled good or bad, see kto); sft "
                                 "(supervised fine-tuning, see sft; run by llmrl sft); or an Estimator "
                                 "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
@@ -523,7 +524,7 @@ class Config:
                               f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
                               f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
         accum = local_mini // t.micro_batch_size
-        optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
+        optimizer_steps = t.total_steps if self.algorithm in ("dpo", "kto") else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
     def validate(self) -> None:
@@ -545,6 +546,8 @@ class Config:
                f"remove run.{key}") for key in ("wandb_project", "wandb_entity", "wandb_run_name")],
             (self.algorithm != "dpo" or self.dpo.data != "", "dpo.data",
              "is empty: algorithm dpo needs preference pairs (prompt, chosen, rejected)"),
+            (self.algorithm != "kto" or self.kto.data != "", "kto.data",
+             "is empty: algorithm kto needs logged answers labelled good or bad (prompt, completion, label)"),
             (self.model.name_or_path != "", "model.name_or_path", "is empty: name a hub model or a local folder"),
             (self.data.source != "" or self.env.name != "" or sft, "data.source",
              "is empty: name a task (task:reverse) or a prompt file (or an env.name to play)"),
@@ -578,6 +581,9 @@ class Config:
              f"reward section (a reward on whole transcripts is not supported yet)"),
             (self.env.name == "" or self.algorithm != "dpo", "algorithm",
              "is dpo with an env.name: DPO trains on fixed pairs and plays no episodes; remove env or pick an "
+             "online algorithm"),
+            (self.env.name == "" or self.algorithm != "kto", "algorithm",
+             "is kto with an env.name: KTO trains on logged answers and plays no episodes; remove env or pick an "
              "online algorithm"),
             (self.env.max_turns >= 1, "env.max_turns", f"is {self.env.max_turns}: must be at least 1"),
             (self.env.max_episode_tokens >= 1, "env.max_episode_tokens",
@@ -618,6 +624,16 @@ class Config:
             (0 <= self.critic_free.baseline_momentum < 1, "critic_free.baseline_momentum",
              f"is {self.critic_free.baseline_momentum}: must be in [0, 1)"),
             (self.dpo.batch_size > 0, "dpo.batch_size", f"is {self.dpo.batch_size}: must be at least 1"),
+            (self.kto.batch_size >= 2, "kto.batch_size",
+             f"is {self.kto.batch_size}: must be at least 2: KTO's reference point pairs each prompt with another "
+             f"row's answer (TRL asks per_device_train_batch_size > 1 for the same reason)"),
+            (self.kto.beta > 0, "kto.beta", f"is {self.kto.beta}: must be > 0 (e.g. 0.1, TRL's default)"),
+            (self.kto.desirable_weight >= 0, "kto.desirable_weight",
+             f"is {self.kto.desirable_weight}: must be >= 0 (1.0: TRL's default)"),
+            (self.kto.undesirable_weight >= 0, "kto.undesirable_weight",
+             f"is {self.kto.undesirable_weight}: must be >= 0 (1.0: TRL's default)"),
+            (self.kto.desirable_weight > 0 or self.kto.undesirable_weight > 0, "kto.desirable_weight",
+             "and kto.undesirable_weight are both 0: nothing would be learned; give one of them a weight"),
             (self.train.importance_sampling_cap >= 1,
              "train.importance_sampling_cap", f"is {self.train.importance_sampling_cap}: must be >= 1 (2 in "
              f"TRL and Yao et al.): a cap below 1 would shrink every token's weight"),
@@ -822,8 +838,10 @@ TRL_NAMES = {
     "max_completion_length": "generation.max_new_tokens",
     "num_iterations": "train.epochs",
     "beta": "critic_free.kl_coef (GRPO family), ppo.init_kl_coef (PPO, RLOO, REINFORCE: KL in the reward) "
-            "or dpo.beta (DPO)",
+            "or dpo.beta (DPO) or kto.beta (KTO)",
     "learning_rate": "train.lr",
+    "desirable_weight": "kto.desirable_weight",
+    "undesirable_weight": "kto.undesirable_weight",
     "max_steps": "train.total_steps",
     "per_device_train_batch_size": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.mini_batch_size (accumulation follows from mini / micro batch sizes)",
@@ -1009,7 +1027,7 @@ def upgrade_saved_config(data: dict) -> dict:
 # folder a warm start builds, so it is taken from the config's folder only when it exists there. run.output_dir
 # (and every folder llmrl writes) stays relative to the working directory, as TRL's output_dir is.
 PATH_KEYS = {
-    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
+    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data", "kto.data",
                "reward.function", "reward.eval_function", "reward.components[].function",
                "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
                "warm_start.base"),

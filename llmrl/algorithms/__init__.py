@@ -2,7 +2,8 @@
 
 Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo (critic-free; see each module's
 docstring). ``algorithm: path/to/file.py:Class`` or ``package.module:Class`` selects an ``Estimator``
-subclass defined anywhere, loaded like a reward function. DPO is offline and lives in ``llmrl.trainers.dpo``.
+subclass defined anywhere, loaded like a reward function. DPO and KTO are offline and live in ``llmrl.trainers.dpo``
+and ``llmrl.trainers.kto``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo, ci
 from llmrl.algorithms.base import ESTIMATORS, Estimator, GroupEstimator, SequenceEstimator, register
 from llmrl.errors import ConfigError
 
-OFFLINE = ("dpo", "sft")  # algorithms without rollouts, hence without an estimator (sft: llmrl.trainers.sft)
+OFFLINE = ("dpo", "kto", "sft")  # algorithms without rollouts, hence without an estimator (sft: llmrl.trainers.sft)
 
 
 _LOADED: dict[str, type[Estimator]] = {}  # classes named by a path, imported once per process
@@ -52,6 +53,12 @@ def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
     def listed(settings: dict) -> str:
         return ", ".join(f"{k}={v}" for k, v in settings.items())
 
+    if cfg.algorithm == "kto":
+        k = cfg.kto
+        return [("kto", listed({"kto.beta": k.beta, "kto.desirable_weight": k.desirable_weight,
+                                "kto.undesirable_weight": k.undesirable_weight, "kto.batch_size": k.batch_size})),
+                ("KL", f"KTO's reference point: the KL to the reference (the adapter disabled) on mismatched pairs, "
+                       f"kto.beta={k.beta}")]
     if cfg.algorithm in OFFLINE:
         d = cfg.dpo
         return [("dpo", listed({"dpo.loss": d.loss, "dpo.beta": d.beta, "dpo.batch_size": d.batch_size})),

@@ -121,6 +121,23 @@ def write_preference_file(path: str, name: str = "reverse", alphabet: str = "abc
             f.write(json.dumps(pair) + "\n")
 
 
+def labelled_answers(pairs: list[dict], seed: int = 0) -> list[dict]:
+    """KTO's unpaired form of preference pairs, as a deployed model's log would hold them: one answer per prompt,
+    the chosen one labelled true or the rejected one labelled false, a coin flip (seeded) deciding which."""
+    rng = random.Random(seed)
+    rows = []
+    for pair in pairs:
+        good = rng.random() < 0.5
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good})
+    return rows
+
+
+def write_labelled_file(path: str) -> None:
+    """The shipped configs/data/reverse_labels.jsonl: reverse_prefs.jsonl's pairs, one labelled answer each."""
+    rows = task_rows("reverse", "abcdef", 3, 5, 0.1, "train", 1000)
+    write_jsonl(path, labelled_answers(preference_pairs("reverse", rows)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Arithmetic for a pretrained chat model (configs/smollm2.yaml): conversations in TRL's format
 
@@ -194,10 +211,13 @@ def write_arithmetic_files(folder: str) -> None:
     write_jsonl(str(Path(folder) / "arithmetic_prefs.jsonl"), arithmetic_preference_pairs(train))
 
 
-if __name__ == "__main__":  # python -m llmrl.data.tasks configs/data/reverse_prefs.jsonl | python -m llmrl.data.tasks arithmetic configs/data
+if __name__ == "__main__":  # python -m llmrl.data.tasks configs/data/reverse_prefs.jsonl | ... arithmetic configs/data
+    # | ... labels configs/data/reverse_labels.jsonl
     import sys
 
     if sys.argv[1] == "arithmetic":
         write_arithmetic_files(sys.argv[2])
+    elif sys.argv[1] == "labels":
+        write_labelled_file(sys.argv[2])
     else:
         write_preference_file(sys.argv[1])

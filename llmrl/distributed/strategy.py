@@ -497,6 +497,14 @@ def accumulation(cfg, world_size: int) -> tuple[int, int]:
                               f"{world_size}: use dpo.batch_size = "
                               f"{nearest_sizes(cfg.dpo.batch_size, lambda n: n % world_size == 0)}")
         return 1, cfg.dpo.batch_size // world_size
+    if cfg.algorithm == "kto":  # one microbatch: the rank's share of kto.batch_size
+        if cfg.kto.batch_size % world_size:
+            from llmrl.config import nearest_sizes
+
+            raise ConfigError(f"kto.batch_size = {cfg.kto.batch_size} is not divisible by the world size = "
+                              f"{world_size}: use kto.batch_size = "
+                              f"{nearest_sizes(cfg.kto.batch_size, lambda n: n % world_size == 0)}")
+        return 1, cfg.kto.batch_size // world_size
     return cfg.sizes(world_size).grad_accum_steps, cfg.train.micro_batch_size
 
 

@@ -28,6 +28,7 @@ from llmrl.rl.aggregate import AGGREGATIONS, aggregate
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
 from llmrl.rl.gated import cispo_loss, sapo_loss
 from llmrl.rl.dpo import dpo_loss
+from llmrl.rl.kto import kto_loss
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from llmrl.rl.sequence import informative_groups, sequence_policy_loss
 from llmrl.rl.ppo import (
@@ -45,6 +46,7 @@ __all__ = [
     "sapo_loss",
     "RunningBaseline",
     "dpo_loss",
+    "kto_loss",
     "grpo_advantages",
     "informative_groups",
     "sequence_policy_loss",

@@ -270,7 +270,8 @@ class Trainer:
                 after = self.evaluate()
                 self.hooks.call("on_evaluate", self.step, eval_metrics(after))
             if not stats:  # the last training step's metrics, from the log
-                rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r] if main else []
+                rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r
+                        or "loss/kto" in r] if main else []
                 stats = rows[-1] if rows else {}
         self.save_checkpoint(self.checkpoint_path(self.step))
         final = self.save_checkpoint(self.run_dir / "final")
@@ -356,7 +357,8 @@ class Trainer:
         if self.strategy.all_reduce_sum(torch.tensor(float(bad), device=self.device)).item() == 0:
             return
         last = latest_checkpoint(self.run_dir)
-        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "optim/grad_norm")
+        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "loss/kto",
+                                                                  "optim/grad_norm")
                           if isinstance(stats.get(k), float))
         raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
                          f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower train.lr (or clip "
