@@ -87,7 +87,7 @@ def test_shaping_metrics_count_only_scored_samples_and_appear_only_when_on(tiny_
 
 
 def config_of(tiny_model_dir, tmp_path, algorithm, *extra):
-    gens = [] if algorithm in ("ppo", "dpo") else ["critic_free.num_generations=4"]
+    gens = [] if algorithm in ("ppo", "dpo", "kto") else ["critic_free.num_generations=4"]
     return tiny_config(tiny_model_dir, tmp_path / "run", f"algorithm={algorithm}", *gens, *extra,
                        *(["dpo.data=pairs.jsonl"] if algorithm == "dpo" else []))
 
@@ -105,6 +105,7 @@ PPO_ONLY = ("vf_coef", "gamma", "lam", "clip_range_value", "init_kl_coef", "adap
     ("cispo", ["critic_free.clip_range_high=0.28", "critic_free.kl_coef=0.04"]),
     ("sapo", ["critic_free.sapo_tau_pos=1.0", "critic_free.sapo_tau_neg=1.05", "critic_free.kl_coef=0.04"]),
     ("dpo", ["dpo.beta=0.1", "dpo.loss=sigmoid", "DPO's implicit KL"]),
+    ("kto", ["kto.beta=0.1", "kto.desirable_weight=1.0", "kto.undesirable_weight=1.0", "KTO's reference point"]),
 ])
 def test_the_model_card_lists_the_algorithms_settings_and_none_of_ppos(tiny_model_dir, tmp_path, algorithm, own):
     """A GRPO card listed vf_coef, gamma, lam, init_kl_coef, adaptive and target, and omitted num_generations and
@@ -174,7 +175,7 @@ def test_train_help_names_every_algorithm_not_ppo_alone(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "with the config's algorithm" in text and "with PPO" not in text
-    for name in [*ESTIMATORS, "dpo"]:
+    for name in [*ESTIMATORS, "dpo", "kto"]:
         assert name in text
 
 
