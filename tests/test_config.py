@@ -367,6 +367,7 @@ def recipe_in_a_subfolder(tmp_path, tiny_model_dir) -> Path:
     shutil.copytree(tiny_model_dir, recipes / "model")
     (recipes / "data" / "p.jsonl").write_text('{"prompt": "abc"}\n{"prompt": "cab"}\n')
     (recipes / "data" / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (recipes / "data" / "labels.jsonl").write_text('{"prompt": "a", "completion": "b", "label": true}\n')
     (recipes / "score.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
     (recipes / "ds.json").write_text("{}\n")
     path = recipes / "r.yaml"
@@ -374,6 +375,7 @@ def recipe_in_a_subfolder(tmp_path, tiny_model_dir) -> Path:
         "model": {"name_or_path": "model", "tokenizer": "gpt2"},
         "data": {"source": "data/p.jsonl", "eval_source": "data/p.jsonl", "eval_size": 1},
         "dpo": {"data": "data/prefs.jsonl"},
+        "kto": {"data": "data/labels.jsonl"},
         "reward": {"components": [{"function": "score.py:score"}, {"function": "exact_match"},
                                   {"function": "reward_models.rules:keywords"}]},
         "deepspeed": {"config_file": "ds.json"},
@@ -394,6 +396,7 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, tiny
     assert Path(cfg.model.name_or_path) == recipes / "model"
     assert Path(cfg.data.source) == Path(cfg.data.eval_source) == recipes / "data" / "p.jsonl"
     assert Path(cfg.dpo.data) == recipes / "data" / "prefs.jsonl"
+    assert Path(cfg.kto.data) == recipes / "data" / "labels.jsonl"
     assert Path(cfg.deepspeed.config_file) == recipes / "ds.json"
     assert cfg.reward.components[0].function == str(recipes / "score.py") + ":score"
     # not paths: a hub name, a built-in rule, a module; and the run folder is the working directory's
@@ -433,7 +436,7 @@ def test_every_shipped_yaml_finds_its_files_from_any_folder(path, tmp_path, monk
     cls = RewardTrainConfig if path.name.startswith("reward_") else Config
     cfg = load_config(path, cls=cls)
     files = [cfg.data] if cls is RewardTrainConfig else \
-        [cfg.data.source, cfg.data.eval_source or "", cfg.dpo.data, cfg.deepspeed.config_file or ""]
+        [cfg.data.source, cfg.data.eval_source or "", cfg.dpo.data, cfg.kto.data, cfg.deepspeed.config_file or ""]
     for f in files:
         if f.endswith(".jsonl") and path.name != "llama7b_8bit_zero2.yaml":  # that one names the user's prompts
             assert Path(f).is_file(), f
