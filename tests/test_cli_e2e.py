@@ -217,3 +217,44 @@ def test_llmrl_command_lists_and_dispatches_its_subcommands():
     assert sub.returncode == 0 and "--adapter-only" in sub.stdout and "llmrl export" in sub.stdout
     bad = subprocess.run([sys.executable, "-m", "llmrl", "trian"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+def test_kto_from_the_command_line_resumes_after_kill_9_and_evaluates(tmp_path, tiny_model_dir):
+    """``llmrl train ... algorithm=kto``: a run killed with -9 after a checkpoint and resumed logs the same steps
+    and ends with the same metrics as the uninterrupted one; ``llmrl eval`` reads its checkpoint."""
+    def train(run_dir, *extra):
+        return [sys.executable, "-m", "llmrl", "train", "--config", str(REPO / "configs" / "tiny.yaml"), *SMALL,
+                "algorithm=kto", "kto.batch_size=8", f"model.name_or_path={tiny_model_dir}", "train.total_steps=40",
+                "run.save_every=4", "run.keep_last=20", "run.seed=3", f"run.output_dir={run_dir}", *extra]
+
+    def loss_rows(run_dir):
+        rows = [r for r in read_log(run_dir) if "loss/kto" in r]
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in rows]
+
+    whole = subprocess.run(train(tmp_path / "whole"), capture_output=True, text=True, timeout=600, cwd=REPO,
+                           env=subprocess_env())
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "kto: kto.beta=0.1, kto.desirable_weight=1.0, kto.undesirable_weight=1.0" in whole.stdout
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train(killed_dir), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 4 for s, _ in step_checkpoints(killed_dir)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(train(killed_dir, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO,
+                             env=subprocess_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    rows = loss_rows(killed_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41)) and rows == loss_rows(tmp_path / "whole")
+
+    out = subprocess.run([sys.executable, "-m", "llmrl", "eval", "--checkpoint", str(killed_dir / "final"), "--out",
+                          str(tmp_path / "eval")], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=subprocess_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["prompts"] == 16 and len(result["samples"]) == 8
