@@ -178,6 +178,8 @@ def test_an_op_build_is_announced_once_before_it_starts_and_not_when_cached(monk
      "(sequences per forward on one rank)"),
     (["algorithm=dpo", "dpo.batch_size=30"], 4, "dpo.batch_size = 30 is not divisible by the world size = 4: use "
                                                 "dpo.batch_size = 28 or 32"),
+    (["algorithm=kto", "kto.batch_size=6"], 4, "kto.batch_size = 6 is not divisible by the world size = 4: use "
+                                               "kto.batch_size = 4 or 8"),
 ])
 def test_sizes_that_do_not_divide_over_the_ranks_name_the_nearest_that_do(overrides, world, message):
     from llmrl.distributed.strategy import accumulation
@@ -278,3 +280,14 @@ def test_every_shipped_deepspeed_json_gives_its_own_stage_without_zero_stage(fil
     path = REPO / "configs" / "deepspeed" / file
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
     assert resolve_zero_stage(load_config(TINY, [f"deepspeed.config_file={path}"]).deepspeed) == stage
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_offline_algorithms_split_their_own_batch_not_the_rollout_sizes(algorithm):
+    """tiny.yaml's train.mini_batch_size 32 = micro_batch_size 32 does not split over 2 ranks; DPO and KTO never
+    read them (they stopped two-rank runs of both before the first step)."""
+    from llmrl.distributed.strategy import accumulation
+
+    cfg = load_config(TINY, [f"algorithm={algorithm}", f"{algorithm}.batch_size=8"])
+    assert accumulation(cfg, 2) == (1, 4)
+    assert cfg.sizes(2).optimizer_steps == cfg.train.total_steps
