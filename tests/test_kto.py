@@ -254,7 +254,10 @@ def test_a_mismatched_answer_is_cut_to_fit_the_context(tiny_model_dir, tmp_path)
             {"prompt": "a>", "completion": long[::-1] * 2, "label": False}] * 4
     trainer = kto_trainer(tiny_model_dir, tmp_path, rows=rows)
     logged, pairs = trainer.encode(trainer.batch_for_step(0))
-    assert logged.input_ids.shape[1] <= 32 + 16 and (pairs.query_mask.sum(1) + pairs.response_mask.sum(1)).max() <= 32
+    lengths = pairs.query_mask.sum(1) + pairs.response_mask.sum(1)
+    assert lengths.max() == 32  # 13 prompt tokens + 24 answer tokens + EOS = 38, cut to the 32 positions
+    with torch.no_grad():
+        assert torch.isfinite(trainer.sequence_logprobs(pairs)).all()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -274,3 +277,22 @@ def test_kto_settings_are_checked(tiny_model_dir, tmp_path, override, message):
 def test_too_few_rows_for_the_batch(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="kto.data has 4 rows, fewer than kto.batch_size = 8"):
         kto_trainer(tiny_model_dir, tmp_path, rows=rows_of(4))
+
+
+def test_conversational_answers_are_encoded_as_a_sampled_turn(chat_model_dir, tmp_path):
+    """TRL's conversational format: the prompt through the chat template with its generation prompt, an answer of
+    one assistant message as its text and EOS (as DPO's answers and as a rollout samples them)."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is 2 + {n}?"}],
+             "completion": [{"role": "assistant", "content": str(2 + n if n % 2 else 9)}], "label": bool(n % 2)}
+            for n in range(8)]
+    trainer = kto_trainer(chat_model_dir, tmp_path, rows=rows)
+    index = trainer.batch_for_step(0)
+    logged, pairs = trainer.encode(index)
+    tok = trainer.tokenizer
+    first = trainer.rows[index[0]]
+    head = tok.apply_chat_template(first["prompt"], tokenize=False, add_generation_prompt=True)
+    assert logged.query[0][logged.query_mask[0].bool()].tolist() == tok(head, add_special_tokens=False)["input_ids"]
+    answer = tok(first["completion"][0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert logged.response[0][logged.response_mask[0].bool()].tolist() == answer
+    assert pairs.response[1][pairs.response_mask[1].bool()].tolist() == answer  # row 1's prompt, row 0's answer
+    assert math.isfinite(trainer.train_step()["loss/kto"])
