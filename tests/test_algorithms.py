@@ -143,8 +143,8 @@ def warm_start(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce", "dpo", "dr_grpo", "dapo", "gspo", "cispo",
-                                       "sapo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce", "dpo", "kto", "dr_grpo", "dapo", "gspo",
+                                       "cispo", "sapo"])
 def test_each_algorithm_raises_held_out_reward_over_the_warm_start(warm_start, tmp_path, algorithm):
     """60 steps each; GSPO 120: its sequence ratio is clipped to [1 - 3e-4, 1 + 4e-4], and at 60 steps it measured
     +0.09 (0.068 -> 0.158), at 150 steps +0.75 (docs/algorithms.md)."""
