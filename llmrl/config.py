@@ -452,10 +452,10 @@ class Sizes:
 @dataclass
 class Config:
     algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
-                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); kto (offline, from "
-                                "answers labelled good or bad, see kto); sft "
-                                "(supervised fine-tuning, see sft; run by llmrl sft); or an Estimator "
-                                "subclass of your own: path/to/file.py:Class or package.module:Class.")
+                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); "
+                                "kto (offline, from answers labelled good or bad, see kto); sft (supervised "
+                                "fine-tuning, see sft; run by llmrl sft); or an Estimator subclass of your own: "
+                                "path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig | None = opt(LoraConfig(), "The trained LoRA adapter; null trains all weights (full "
                                                 "fine-tuning; the RL reference is then a frozen copy of the "
@@ -1029,7 +1029,8 @@ def upgrade_saved_config(data: dict) -> dict:
 # folder a warm start builds, so it is taken from the config's folder only when it exists there. run.output_dir
 # (and every folder llmrl writes) stays relative to the working directory, as TRL's output_dir is.
 PATH_KEYS = {
-    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data", "kto.data",
+    "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
+               "kto.data",
                "reward.function", "reward.eval_function", "reward.components[].function",
                "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
                "warm_start.base"),

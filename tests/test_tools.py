@@ -60,7 +60,8 @@ def test_plot_draws_the_panels_the_run_logged_on_integer_steps():
     kto = figure([{"step": s, "loss/kto": 0.5, "kl": 0.1, "rewards/chosen": 0.2, "rewards/rejected": -0.1,
                    "rewards/margins": 0.3} for s in (1, 2)], "kto run")
     assert [ax.get_title() for ax in kto.axes if ax.axison] == [
-        "KTO: loss", "KTO: beta x log-ratio, desirable and undesirable", "KTO: reference point z0 (KL on mismatched pairs)"]
+        "KTO: loss", "KTO: beta x log-ratio, desirable and undesirable",
+        "KTO: reference point z0 (KL on mismatched pairs)"]
     online = figure([{"step": 1, "reward/mean": -0.4, "reward/raw_mean": 0.2, "objective/kl": 0.1}], "online")
     lines = [line.get_label() for line in online.axes[0].get_lines()]
     assert lines == ["reward/mean (shaped: trained on)", "reward/raw_mean (the reward's own)"]  # side by side
