@@ -267,11 +267,17 @@ def test_a_mismatched_answer_is_cut_to_fit_the_context(tiny_model_dir, tmp_path)
     ("kto.desirable_weight=-1", "kto.desirable_weight is -1.0: must be >= 0"),
     ("kto.undesirable_weight=-0.5", "kto.undesirable_weight is -0.5: must be >= 0"),
     ("env.name=guess_number", "algorithm is kto with an env.name"),
+    ("desirable_weight=2", "'desirable_weight' is TRL's name; llmrl's is kto.desirable_weight"),
 ])
 def test_kto_settings_are_checked(tiny_model_dir, tmp_path, override, message):
     extra = ["reward.function=", "data.source="] if override.startswith("env.") else []
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=kto", *extra, override)
+
+
+def test_both_weights_zero_would_learn_nothing(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="kto.desirable_weight and kto.undesirable_weight are both 0"):
+        tiny_config(tiny_model_dir, tmp_path, "algorithm=kto", "kto.desirable_weight=0", "kto.undesirable_weight=0")
 
 
 def test_too_few_rows_for_the_batch(tiny_model_dir, tmp_path):

@@ -357,8 +357,7 @@ class Trainer:
         if self.strategy.all_reduce_sum(torch.tensor(float(bad), device=self.device)).item() == 0:
             return
         last = latest_checkpoint(self.run_dir)
-        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "loss/kto",
-                                                                  "optim/grad_norm")
+        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "loss/kto", "optim/grad_norm")
                           if isinstance(stats.get(k), float))
         raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
                          f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower train.lr (or clip "
