@@ -24,7 +24,7 @@ FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_r
               "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
               "tests/test_config.py", "tests/test_policy.py",
               "tests/test_algorithm_wording.py", "tests/test_tune_space.py", "tests/test_tune_search.py",
-              "tests/test_tune_report.py", "tests/test_tune_pbt.py"]
+              "tests/test_tune_report.py", "tests/test_tune_pbt.py", "tests/test_kto.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -142,6 +142,15 @@ MUTANTS = [
      "the clipped share counts unscored completions"),
     ("llmrl/rollout/engine.py", "logits = MinPLogitsWarper(min_p)(None, logits)", "logits = logits",
      "the fast engine ignores min_p"),
+    ("llmrl/rl/kto.py", "undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios)))",
+     "undesirable_weight * (1 - torch.sigmoid(beta * (logratios - z0)))", "KTO's undesirable loss with the wrong sign"),
+    ("llmrl/rl/kto.py", "z0 = (kl_sum / rows).clamp(min=0)", "z0 = kl_sum / rows", "KTO's reference point not clamped"),
+    ("llmrl/trainers/kto.py", "k.desirable_weight, k.undesirable_weight", "k.undesirable_weight, k.desirable_weight",
+     "KTO's weights swapped"),
+    ("llmrl/trainers/kto.py", "kl_tails = [tails[j] for j in mismatched(index)[mine]]",
+     "kl_tails = [tails[j] for j in index[mine]]", "KTO's reference point from matched pairs"),
+    ("llmrl/trainers/kto.py", "for j in mismatched(index)[mine]]", "for j in mismatched(index[mine])]",
+     "KTO's mismatched pairs built per rank, not over the batch"),
 ]
 
 
