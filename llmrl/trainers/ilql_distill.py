@@ -16,9 +16,9 @@ ILQL adapter) so that its own logits give that distribution:
    the student's greedy next token is the teacher's along the teacher's greedy completions (accuracy), and how
    often the two greedy completions agree token for token (whole completions).
 
-trlX has no export of an ILQL policy: its heads stay beside the model. TRL's ``GKDTrainer``/distillation trainer is
-the same loss (its ``beta=0``: forward KL) with a separate teacher model; here the teacher is the student's own
-starting point plus the heads.
+trlX has no export of an ILQL policy: its heads stay beside the model. The loss is TRL's ``DistillationTrainer``
+(and ``GKDTrainer``) loss with ``beta=0`` (the forward KL) on teacher-generated sequences, with a separate teacher
+model there; here the teacher is the student's own starting point plus the heads.
 """
 from __future__ import annotations
 
