@@ -229,20 +229,50 @@ def model_card(cfg: Config, checkpoint: Path, dtype: str, max_diff: float, toler
                      f"to {max_diff:.3g} |")
     lines += ["", "## Final metrics", ""]
     lines += [f"- `{k}`: {v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ilql_notes(checkpoint)
+
+
+DISTILL_CARD = "distill.md"  # in a checkpoint distilled from an ILQL policy: its section of the model card
+
+
+def ilql_notes(checkpoint: Path) -> str:
+    """The card's ILQL section: a checkpoint with its Q/V heads was exported without them (the policy at beta 0);
+    a distilled one says how far it is from the ILQL policy (``llmrl.trainers.ilql_distill``)."""
+    from llmrl.models.ilql_heads import HEADS_FILE
+
+    notes = []
+    if (checkpoint / HEADS_FILE).is_file():
+        notes.append("\n## ILQL heads not exported\n\nThis is the language model of an ILQL run without its Q and V "
+                     "heads: the policy at ilql.beta = 0, not the ILQL policy (logits + beta * (Q - V)). "
+                     "`llmrl export --distill-steps N` distils that policy into the model first.\n")
+    card = checkpoint / DISTILL_CARD
+    if card.is_file() and not card.is_symlink():
+        notes.append("\n" + card.read_text(errors="replace"))
+    return "".join(notes)
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", adapter_only: bool = False,
            overwrite: bool = False, base: str | None = None, tolerance: float | None = None,
-           trust_checkpoint_code: bool = False) -> float:
+           trust_checkpoint_code: bool = False, drop_ilql_heads: bool = False) -> float:
     """Write the merged (or adapter-only) model to ``out``; returns the reloaded export's max logit difference to
-    base + adapter (for bf16 and fp16 that is the rounding to the dtype: what is checked is in ``verify``)."""
+    base + adapter (for bf16 and fp16 that is the rounding to the dtype: what is checked is in ``verify``).
+
+    A checkpoint of an ILQL run (with its Q/V heads) is refused unless ``drop_ilql_heads``: the merge holds the
+    language model only, the policy at beta 0 (``llmrl.trainers.ilql_distill.export_distilled`` exports the ILQL
+    policy itself, distilled)."""
+    from llmrl.models.ilql_heads import HEADS_FILE
+
     checkpoint, out = Path(checkpoint), Path(out)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not checkpoint.is_dir() or not (checkpoint / COMPLETE_MARK).is_file():
         raise ConfigError(f"--checkpoint {str(checkpoint)!r} is not a complete llmrl checkpoint folder: pass a "
                           f"run's final/ or step-N/ folder")
+    if (checkpoint / HEADS_FILE).is_file() and not drop_ilql_heads:
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} is of an ILQL run: its policy is the model plus the Q "
+                          f"and V heads in {HEADS_FILE} (logits + beta * (Q - V)), which a plain model cannot hold. "
+                          f"Pass --distill-steps N to distil that policy into the model first (docs/export.md), or "
+                          f"--distill-steps 0 to export the model without the heads (the policy at ilql.beta = 0)")
     check_out(checkpoint, out, overwrite)
     if holds_full_model(checkpoint):  # full fine-tuning (lora: null): the model is plain already
         return export_full_model(checkpoint, out, dtype, adapter_only)

@@ -24,7 +24,8 @@ FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_r
               "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
               "tests/test_config.py", "tests/test_policy.py",
               "tests/test_algorithm_wording.py", "tests/test_tune_space.py", "tests/test_tune_search.py",
-              "tests/test_tune_report.py", "tests/test_tune_pbt.py", "tests/test_kto.py"]
+              "tests/test_tune_report.py", "tests/test_tune_pbt.py", "tests/test_kto.py", "tests/test_ilql_sampling.py",
+              "tests/test_ilql_distill.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -151,6 +152,16 @@ MUTANTS = [
      "kl_tails = [tails[j] for j in index[mine]]", "KTO's reference point from matched pairs"),
     ("llmrl/trainers/kto.py", "for j in mismatched(index)[mine]]", "for j in mismatched(index[mine])]",
      "KTO's mismatched pairs built per rank, not over the batch"),
+    ("llmrl/rollout/engine.py", "            logits, cache = out.logits[:, -1], cache_of(out)\n            hidden = "
+     "out.hidden_states[-1][:, -1] if shift is not None else None\n            next_position",
+     "            logits, cache = out.logits[:, -1], cache_of(out)\n            next_position",
+     "ILQL sampling reads the prompt's hidden state at every step"),
+    ("llmrl/rollout/engine.py", "            scaled = filtered\n", "            scaled = scaled\n",
+     "ILQL sampling records the unfiltered log-probs"),
+    ("llmrl/trainers/ilql_distill.py", "strict=False) if params is not None", "strict=False) if False",
+     "distillation's teacher is the student as it trains"),
+    ("llmrl/trainers/ilql_distill.py", "(s / total).backward()", "(-s / total).backward()",
+     "distillation maximises the KL to the ILQL policy"),
 ]
 
 

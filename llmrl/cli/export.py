@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{TOLERANCE:g})")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace an earlier export at --out (one whose files its {CHECKSUMS} lists)")
+    parser.add_argument("--distill-steps", type=int, default=None, metavar="N",
+                        help="an ILQL checkpoint: first train the adapter N steps to imitate the ILQL policy (logits "
+                             "+ beta * (Q - V)) on the logged prompts, then export it; 0 exports the model without the "
+                             "heads (the policy at beta 0)")
+    parser.add_argument("--distill-lr", type=float, default=1e-3, help="learning rate of --distill-steps")
+    parser.add_argument("--distill-batch-size", type=int, default=16, help="sequences per --distill-steps step")
     parser.add_argument("--trust-checkpoint-code", action="store_true",
                         help="let the checkpoint's config.yaml run model code from the hub (model.trust_remote_code)")
     args = parser.parse_args(argv)
@@ -35,10 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(check)
     if not args.checkpoint or not args.out:
         parser.error("--checkpoint and --out are required (or --verify EXPORT)")
+    if args.distill_steps is not None and args.distill_steps < 0:
+        parser.error(f"--distill-steps {args.distill_steps} must be >= 0 (0: export without the ILQL heads)")
 
     def body():
-        diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
-                      args.tolerance, args.trust_checkpoint_code)
+        if args.distill_steps:
+            import torch
+
+            from llmrl.trainers.ilql_distill import export_distilled
+
+            report, diff = export_distilled(
+                args.checkpoint, args.out, args.distill_steps, args.distill_lr, args.distill_batch_size, args.dtype,
+                args.adapter_only, args.overwrite, args.base, args.tolerance,
+                "cuda" if torch.cuda.is_available() else "cpu", args.trust_checkpoint_code,
+                say=lambda line: print(line, flush=True))
+            print(f"distilled the ILQL policy: KL per token on held-out prompts {report.kl_before:.4g} -> "
+                  f"{report.kl_after:.4g}, greedy accuracy {report.accuracy_before:.3f} -> {report.accuracy_after:.3f}"
+                  f", equal greedy completions {report.agreement_before:.3f} -> {report.agreement_after:.3f}")
+        else:
+            diff = export(args.checkpoint, args.out, args.dtype, args.adapter_only, args.overwrite, args.base,
+                          args.tolerance, args.trust_checkpoint_code, drop_ilql_heads=args.distill_steps == 0)
         if holds_full_model(args.checkpoint):
             return  # all weights trained (lora: null): export said what it wrote; there was nothing to merge
         what = "adapter" if args.adapter_only else f"merged model ({args.dtype})"

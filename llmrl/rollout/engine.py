@@ -49,11 +49,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float =
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
-                penalty: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                penalty: Callable[[torch.Tensor], torch.Tensor] | None = None, sampled_distribution: bool = False):
     """(B, V) last-position logits -> (token ids (B,), their log-probs under logits / temperature (B,), the
     entropy of softmax(logits / temperature) (B,): the trainer's definitions, before the repetition penalty and
     top-k/top-p/min-p filtering, which only choose the token). ``penalty(logits)``: the repetition penalty,
-    applied to the raw logits first, as generate's processor stack does."""
+    applied to the raw logits first, as generate's processor stack does.
+
+    ``sampled_distribution``: when sampling, the log-probs and entropy are those of the distribution the token was
+    actually drawn from (penalised, divided by the temperature, filtered), not the trainer's."""
     logits = logits.float()
     chosen = logits if penalty is None else penalty(logits.clone())
     if sampling.greedy:
@@ -63,6 +66,13 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         scaled = logits / sampling.temperature
         filtered = filter_logits(chosen / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
         tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        if sampled_distribution:
+            scaled = filtered
+            logz = scaled.logsumexp(dim=-1)
+            probs = scaled.softmax(dim=-1)
+            # filtered-out tokens are -inf with probability 0: they add nothing to the entropy (0 * -inf is nan)
+            entropy = logz - torch.where(probs > 0, probs * scaled, torch.zeros_like(probs)).sum(-1)
+            return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - logz, entropy
     logz = scaled.logsumexp(dim=-1)
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - logz
     entropy = logz - (scaled.softmax(dim=-1) * scaled).sum(-1)
@@ -108,7 +118,8 @@ class RolloutEngine:
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  sampling: Sampling, generator: torch.Generator | None = None,
                  all_finished: Callable[[torch.Tensor], bool] | None = None, with_entropy: bool = False,
-                 stopped: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         """(B, P) left-padded prompt -> (tokens (B, N), log-probs (B, N)), N <= max_new_tokens, and with
         ``with_entropy`` the entropy (B, N) of the distribution each token was sampled from.
 
@@ -116,6 +127,13 @@ class RolloutEngine:
         decides when to stop (default: every sequence of this batch has finished); under DeepSpeed without
         gathered weights it must agree across ranks. ``stopped(ids)`` ((B, P + n) prompt and tokens so far ->
         (B,) bool): sequences that end here too (stop strings: transformers' ``StopStringCriteria``).
+
+        ``shift(logits (B, V), hidden (B, H)) -> (B, V)``: the logits each token is chosen from, computed from the
+        model's last-position logits and last-layer hidden state (ILQL's ``logits + beta * (Q - V)``:
+        ``llmrl.rollout.ilql.ILQLShift``); the model is then run with ``output_hidden_states=True``. Greedy takes the
+        argmax of the shifted logits; sampling divides them by the temperature, then filters (top-k, top-p, min-p).
+        With a shift the log-probs and entropies returned are those of the distribution actually sampled from
+        (the shifted logits / temperature, filtered; greedy: softmax of the shifted logits), not the LM's.
         """
         B, P = input_ids.shape
         device = input_ids.device
@@ -124,10 +142,12 @@ class RolloutEngine:
         # shared-prompt passes take one or two forwards depending on the prompts, and ZeRO-3's per-forward
         # collectives need the same count on every rank.
         plan = plan_prompts(input_ids, attention_mask) if self.share_prompts and all_finished is None else None
-        encoded = encode_prompts(model, plan, cache_kw, keeps_logits) if plan is not None else None
+        hidden_kw = {"output_hidden_states": True} if shift is not None else {}
+        encoded = encode_prompts(model, plan, cache_kw, keeps_logits, hidden=shift is not None) \
+            if plan is not None else None
         if encoded is not None:  # the prompts' keys are laid out as prefix + padding + suffix: width K, not P
             prompt_mask, next_position, cache = encoded.key_mask, encoded.lengths, encoded.cache
-            logits = encoded.last_logits
+            logits, hidden = encoded.last_logits, encoded.last_hidden
         else:
             prompt_mask = attention_mask
             next_position = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -1] + 1
@@ -160,13 +180,17 @@ class RolloutEngine:
             keep = {"logits_to_keep": last_positions(1, P, device)} if keeps_logits else {}
             positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                        use_cache=True, **{cache_kw: cache}, **keep,
+                        use_cache=True, **{cache_kw: cache}, **keep, **hidden_kw,
                         **({"cache_position": torch.arange(P, device=device)} if self.static else {}))
             logits, cache = out.logits[:, -1], cache_of(out)
+            hidden = out.hidden_states[-1][:, -1] if shift is not None else None
         step = self._step_fn(model)
         n = 0
         while True:
-            token, logprob, entropy = next_tokens(logits, sampling, generator, penalty)
+            if shift is not None:
+                logits = shift(logits, hidden)
+            token, logprob, entropy = next_tokens(logits, sampling, generator, penalty,
+                                                  sampled_distribution=shift is not None)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens[:, n] = token
             logprobs[:, n] = logprob.masked_fill(finished, 0.0)
@@ -183,8 +207,10 @@ class RolloutEngine:
             extra = {"cache_position": torch.tensor([K + n - 1], device=device)} if self.static else {}
             # A static cache keeps every shape fixed: the whole mask, zeros ahead of the current token.
             out = step(input_ids=token[:, None], attention_mask=mask if self.static else mask[:, :K + n],
-                       position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra)
+                       position_ids=next_position[:, None], use_cache=True, **{cache_kw: cache}, **extra,
+                       **hidden_kw)
             logits, cache = out.logits[:, -1], cache_of(out)
+            hidden = out.hidden_states[-1][:, -1] if shift is not None else None
             next_position = next_position + 1
         if with_entropy:
             return tokens[:, :n], logprobs[:, :n], entropies[:, :n]

@@ -132,7 +132,8 @@ def truncate_at_eos(response: torch.Tensor, eos_token_id: int, pad_token_id: int
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device: torch.device,
              greedy: bool = False, synced_gpus: bool = False, engine: RolloutEngine | None = None,
-             all_finished: Callable[[torch.Tensor], bool] | None = None) -> Experience:
+             all_finished: Callable[[torch.Tensor], bool] | None = None,
+             shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Experience:
     """Sample (or greedily decode) completions of ``prompts`` with ``model`` (the adapter enabled).
 
     ``engine`` (llmrl's decode loop) when given, else ``model.generate``. ``synced_gpus``: every rank keeps
@@ -140,11 +141,12 @@ def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, device
     ``all_finished`` (the strategy's ``all_ranks_finished``) tells the engine. With the engine and
     sampling, ``logprobs`` and ``entropy`` hold log pi(a_t|s_t) of the sampled tokens and the entropy of the
     distribution they were sampled from (logits / temperature; equal to a recomputed forward's within float
-    rounding: tested).
+    rounding: tested). ``shift``: the engine chooses tokens from shifted logits (``RolloutEngine.generate``;
+    ILQL's policy: ``llmrl.rollout.ilql``), and ``logprobs``/``entropy`` are those of the distribution sampled from.
     """
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     tokens, sampled = decode(model, tokenizer, enc["input_ids"], enc["attention_mask"], cfg, cfg.max_new_tokens,
-                             greedy, synced_gpus, engine, all_finished)
+                             greedy, synced_gpus, engine, all_finished, shift)
     response, response_mask, ended = truncate_at_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                      stops_of(tokenizer, cfg, enc["input_ids"], tokens))
     exp = Experience(query=enc["input_ids"], query_mask=enc["attention_mask"], response=response,
@@ -194,12 +196,16 @@ def generate_arguments(cfg: GenerationConfig, greedy: bool, tokenizer) -> dict:
 
 
 def decode(model, tokenizer, input_ids, attention_mask, cfg: GenerationConfig, max_new_tokens: int, greedy: bool,
-           synced_gpus: bool, engine: RolloutEngine | None, all_finished):
+           synced_gpus: bool, engine: RolloutEngine | None, all_finished, shift=None):
     """(sampled tokens (B, N), (log-probs, entropy) the engine recorded or None) of a left-padded batch."""
     greedy = greedy or not cfg.do_sample
     sampled = None  # (log-probs, entropy) the engine recorded while sampling
+    if shift is not None and not isinstance(engine, RolloutEngine):
+        raise ValueError("shifted logits (ILQL) need llmrl's decode loop: pass a RolloutEngine")
     if engine is not None:
         stop = {"stopped": stop_criteria(tokenizer, cfg.stop)} if cfg.stop else {}  # vLLM's takes cfg.stop itself
+        if shift is not None:
+            stop["shift"] = shift
         tokens, *sampled = engine.generate(model, input_ids, attention_mask, max_new_tokens,
                                            sampling_of(cfg, greedy), all_finished=all_finished if synced_gpus else None,
                                            with_entropy=True, **stop)
