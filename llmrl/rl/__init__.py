@@ -28,6 +28,7 @@ from llmrl.rl.aggregate import AGGREGATIONS, aggregate
 from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantages
 from llmrl.rl.gated import cispo_loss, sapo_loss
 from llmrl.rl.dpo import dpo_loss
+from llmrl.rl.ilql import action_states, gather_states, ilql_loss, terminal_rewards
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from llmrl.rl.sequence import informative_groups, sequence_policy_loss
 from llmrl.rl.ppo import (
@@ -45,6 +46,10 @@ __all__ = [
     "sapo_loss",
     "RunningBaseline",
     "dpo_loss",
+    "action_states",
+    "gather_states",
+    "ilql_loss",
+    "terminal_rewards",
     "grpo_advantages",
     "informative_groups",
     "sequence_policy_loss",

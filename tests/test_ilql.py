@@ -1,0 +1,156 @@
+"""ILQL (algorithm: ilql): the per-token losses against a hand-worked case and a plain loop, the heads' Polyak
+targets and shifted logits, the trainer's encoding, wiring, checkpoints and resume, and a tiny run that learns."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmrl.rl.ilql import action_states, expectile_loss, gather_states, ilql_loss, terminal_rewards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the maths
+
+def hand_case():
+    """One sequence of 3 actions a = (0, 2, 1) over a 3-token vocabulary, one Q head, reward 1 at the end.
+
+    gamma 0.5, tau 0.7. V = (0.5, 1.0, 0.2); the Q head's rows (0, 1, 2 below) take Q(s_k, a_k) = 1.0, 0.5, 1.5;
+    the targets' minimum takes Qt(s_k, a_k) = 0.8, 0.6, 0.4 (other tokens' values do not matter for them).
+    Bellman targets: y_0 = 0 + 0.5 * V_1 = 0.5, y_1 = 0 + 0.5 * V_2 = 0.1, y_2 = 1 + 0.5 * 0 (done) = 1.0.
+    Q loss = ((1.0 - 0.5)^2 + (0.5 - 0.1)^2 + (1.5 - 1.0)^2) / 3 = (0.25 + 0.16 + 0.25) / 3 = 0.22.
+    Qt - V = (0.3, -0.4, 0.2): above V weighs tau = 0.7, below 1 - tau = 0.3:
+    V loss = (0.7 * 0.09 + 0.3 * 0.16 + 0.7 * 0.04) / 3 = (0.063 + 0.048 + 0.028) / 3 = 0.139 / 3 = 0.046333...
+    CQL: -log softmax of each Q row at a_k: row 0 (1, 0, 0) at 0: log(e + 2) - 1 = 0.551445; row 1 (0, 0, 0.5) at 2:
+    log(2 + e^0.5) - 0.5 = 0.794377; row 2 (0, 1.5, 0) at 1: log(2 + e^1.5) - 1.5 = 0.368981; mean 0.571601.
+    AWAC: the LM's logits are all 0: -log(1/3) = 1.098612 per token.
+    Total with cql_scale 0.1, awac_scale 1: 0.22 + 0.046333 + 0.0571601 + 1.098612 = 1.422106.
+    """
+    q = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 1.5, 0.0]]], requires_grad=True)
+    target = torch.tensor([[[0.8, 9.0, 9.0], [9.0, 9.0, 0.6], [9.0, 0.4, 9.0]]])
+    values = torch.tensor([[0.5, 1.0, 0.2]], requires_grad=True)
+    logits = torch.zeros(1, 3, 3, requires_grad=True)
+    actions = torch.tensor([[0, 2, 1]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    rewards, dones = terminal_rewards(mask, torch.tensor([1.0]))
+    return q, target, values, logits, actions, mask, rewards, dones
+
+
+def test_ilql_loss_matches_the_hand_worked_case():
+    q, target, values, logits, actions, mask, rewards, dones = hand_case()
+    assert rewards.tolist() == [[0.0, 0.0, 1.0]] and dones.tolist() == [[0.0, 0.0, 1.0]]
+    loss, stats = ilql_loss(logits, [q], target, values, actions, mask, rewards, dones, gamma=0.5, tau=0.7,
+                            cql_scale=0.1, awac_scale=1.0)
+    cql = (math.log(math.e + 2) - 1 + math.log(2 + math.exp(0.5)) - 0.5 + math.log(2 + math.exp(1.5)) - 1.5) / 3
+    assert stats["loss/q"].item() == pytest.approx(0.22, abs=1e-6)
+    assert stats["loss/v"].item() == pytest.approx(0.139 / 3, abs=1e-6)
+    assert stats["loss/cql"].item() == pytest.approx(cql, abs=1e-6) and cql == pytest.approx(0.571601, abs=1e-6)
+    assert stats["loss/awac"].item() == pytest.approx(math.log(3), abs=1e-6)
+    assert loss.item() == pytest.approx(0.22 + 0.139 / 3 + 0.1 * cql + math.log(3), abs=1e-6)
+    assert loss.item() == pytest.approx(1.422106, abs=1e-6)
+    assert stats["ilql/advantage_mean"].item() == pytest.approx(0.1 / 3, abs=1e-6)  # (0.3 - 0.4 + 0.2) / 3
+    assert stats["ilql/advantage_min"].item() == pytest.approx(-0.4, abs=1e-6)
+    assert stats["ilql/advantage_max"].item() == pytest.approx(0.3, abs=1e-6)
+    assert stats["ilql/q_mean"].item() == pytest.approx(1.0, abs=1e-6)  # (1.0 + 0.5 + 1.5) / 3
+    assert stats["ilql/v_mean"].item() == pytest.approx(1.7 / 3, abs=1e-6)
+    loss.backward()
+    # V(s_{k+1}) in the Q target is held fixed: V's only gradient is the expectile's, -2 w (Qt - V) / 3:
+    # (-2 * 0.7 * 0.3, -2 * 0.3 * -0.4, -2 * 0.7 * 0.2) / 3 = (-0.14, 0.08, -0.093333)
+    assert torch.allclose(values.grad, torch.tensor([[-0.14, 0.08, -0.28 / 3]]), atol=1e-6)
+    # Q's gradient at the taken tokens: 2 (Q - y) / 3 plus 0.1 x CQL's (softmax - 1) / 3; row 0 at token 0:
+    # 2 * 0.5 / 3 + 0.1 * (e / (e + 2) - 1) / 3
+    assert q.grad[0, 0, 0].item() == pytest.approx(1.0 / 3 + 0.1 * (math.e / (math.e + 2) - 1) / 3, abs=1e-6)
+
+
+def test_expectile_weighs_both_sides():
+    # tau 0.7: 0.7 * 2^2 above, 0.3 * 2^2 below; 0.5 is half the squared error on both
+    assert expectile_loss(torch.tensor([2.0, -2.0, 0.0]), 0.7).tolist() == pytest.approx([2.8, 1.2, 0.0], abs=1e-6)
+    assert expectile_loss(torch.tensor([2.0, -2.0]), 0.5).tolist() == pytest.approx([2.0, 2.0], abs=1e-6)
+
+
+def loop_ilql(logits, qs, target, values, ids, action_mask, lengths, reward, gamma, tau, cql_scale, awac_scale):
+    """Plain loops over sequences and tokens on per-position tensors ((B, L, ...): position j - 1 chooses token j)."""
+    terms = {"q": 0.0, "v": 0.0, "cql": 0.0, "awac": 0.0}
+    n = 0
+    for b in range(ids.shape[0]):
+        js = [j for j in range(1, int(lengths[b])) if action_mask[b, j]]
+        for k, j in enumerate(js):
+            s, a = j - 1, int(ids[b, j])
+            last = k == len(js) - 1
+            y = (float(reward[b]) if last else 0.0) + gamma * (0.0 if last else float(values[b, js[k + 1] - 1]))
+            for q in qs:
+                terms["q"] += (float(q[b, s, a]) - y) ** 2
+                terms["cql"] += -math.log(math.exp(float(q[b, s, a])) / sum(math.exp(float(x)) for x in q[b, s]))
+            diff = float(target[b, s, a]) - float(values[b, s])
+            terms["v"] += (tau if diff >= 0 else 1 - tau) * diff ** 2
+            terms["awac"] += -math.log(math.exp(float(logits[b, s, a])) / sum(math.exp(float(x))
+                                                                               for x in logits[b, s]))
+            n += 1
+    terms = {k: v / n for k, v in terms.items()}
+    return terms["q"] + terms["v"] + cql_scale * terms["cql"] + awac_scale * terms["awac"], terms
+
+
+def test_ilql_loss_matches_a_plain_loop_with_padding_and_several_action_spans():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 10, 5
+    lengths = torch.tensor([10, 7, 5])  # right padding after these
+    ids = torch.randint(0, V, (B, L), generator=g)
+    action_mask = torch.zeros(B, L, dtype=torch.bool)
+    action_mask[0, 3:5] = action_mask[0, 7:10] = True  # two assistant turns with a user turn between
+    action_mask[1, 2:7] = True
+    action_mask[2, 1:3] = action_mask[2, 4] = True
+    qs = [torch.randn(B, L, V, generator=g) for _ in range(2)]
+    target = torch.randn(B, L, V, generator=g)
+    values = torch.randn(B, L, generator=g)
+    logits = torch.randn(B, L, V, generator=g)
+    reward = torch.tensor([1.0, -0.5, 2.0])
+    expected, terms = loop_ilql(logits, qs, target, values, ids, action_mask, lengths, reward, gamma=0.9, tau=0.7,
+                                cql_scale=0.3, awac_scale=0.5)
+
+    positions, mask = action_states(action_mask)
+    assert positions.tolist() == [[2, 3, 6, 7, 8], [1, 2, 3, 4, 5], [0, 1, 3, 0, 0]]
+    assert mask.sum(1).tolist() == [5, 5, 3]
+    actions = ids.gather(1, positions + 1)
+    rewards, dones = terminal_rewards(mask, reward)
+    loss, stats = ilql_loss(gather_states(logits, positions), [gather_states(q, positions) for q in qs],
+                            gather_states(target, positions), gather_states(values, positions), actions, mask,
+                            rewards, dones, gamma=0.9, tau=0.7, cql_scale=0.3, awac_scale=0.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    for k in terms:
+        assert stats[f"loss/{k}"].item() == pytest.approx(terms[k], abs=1e-5)
+    assert stats["ilql/actions"].item() == 13
+
+
+def test_action_states_refuses_token_zero():
+    with pytest.raises(ValueError, match="token 0"):
+        action_states(torch.tensor([[True, False]]))
+
+
+def test_polyak_targets_and_shifted_logits():
+    from llmrl.models.ilql_heads import ILQLHeads, shifted_logits
+
+    torch.manual_seed(0)
+    heads = ILQLHeads(4, 6, two_qs=True)
+    for p in heads.q_heads.parameters():  # the online heads move away from their targets
+        p.data.add_(1.0)
+    before = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    online = [p.detach().clone() for p in heads.q_heads.parameters()]
+    heads.sync_targets(0.25)
+    for t, b, p in zip(heads.target_q_heads.parameters(), before, online):
+        assert torch.allclose(t, 0.25 * p + 0.75 * b, atol=1e-6)
+    heads.sync_targets(1.0)
+    assert all(torch.equal(t, p) for t, p in zip(heads.target_q_heads.parameters(), heads.q_heads.parameters()))
+
+    hidden = torch.randn(2, 3, 4)
+    qs, target, v = heads(hidden)
+    assert torch.allclose(target, torch.minimum(qs[0], qs[1]))  # synced: the targets are the online heads
+    logits = torch.randn(2, 3, 6)
+    advantage = heads.advantage(hidden)
+    assert torch.allclose(advantage, target - v[..., None])
+    assert torch.equal(shifted_logits(logits, advantage, 0.0), logits)  # beta 0 is the LM
+    assert torch.allclose(shifted_logits(logits, advantage, 2.0), logits + 2.0 * advantage)
