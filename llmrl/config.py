@@ -160,7 +160,8 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = opt(100, "Training steps: one rollout and its updates each (online algorithms), or one "
-                                "optimizer step on dpo.batch_size pairs (dpo).")
+                                "optimizer step on dpo.batch_size pairs (dpo) or ilql.batch_size logged answers "
+                                "(ilql).")
     rollout_batch_size: int = opt(64, "Sequences per rollout, over all ranks: prompts x completions per prompt "
                                       "(critic_free.num_generations for the group estimators, 1 for ppo).")
     mini_batch_size: int = opt(16, "Sequences per optimizer step, over all ranks.")
@@ -452,7 +453,8 @@ class Sizes:
 @dataclass
 class Config:
     algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
-                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); sft "
+                                "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); ilql "
+                                "(offline, from logged answers with a reward, see ilql); sft "
                                 "(supervised fine-tuning, see sft; run by llmrl sft); or an Estimator "
                                 "subclass of your own: path/to/file.py:Class or package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
@@ -523,7 +525,7 @@ class Config:
                               f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
                               f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
         accum = local_mini // t.micro_batch_size
-        optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
+        optimizer_steps = t.total_steps if self.algorithm in ("dpo", "ilql") else t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
     def validate(self) -> None:
@@ -631,6 +633,23 @@ class Config:
         t = self.data.task
         strings = sum(len(t.alphabet) ** n for n in range(max(t.min_len, 1), max(t.max_len, 0) + 1)) \
             if self.data.source.startswith("task:") and t.max_len <= 64 else 0
+        q = self.ilql
+        checks += [  # ILQL (algorithm: ilql)
+            (self.algorithm != "ilql" or q.data != "", "ilql.data",
+             "is empty: algorithm ilql needs logged answers with a reward (prompt, completion, reward)"),
+            (self.env.name == "" or self.algorithm != "ilql", "algorithm",
+             "is ilql with an env.name: ILQL learns from logged answers (ilql.data) and plays no episodes; remove "
+             "env or pick an online algorithm"),
+            (0 < q.tau < 1, "ilql.tau", f"is {q.tau}: must be in (0, 1) (0.5: V is the mean of Q; 0.7 the paper's)"),
+            (0 <= q.gamma <= 1, "ilql.gamma", f"is {q.gamma}: must be in [0, 1] (a discount per token, e.g. 0.99)"),
+            (q.cql_scale >= 0, "ilql.cql_scale", f"is {q.cql_scale}: must be >= 0 (0: no CQL term)"),
+            (q.awac_scale >= 0, "ilql.awac_scale", f"is {q.awac_scale}: must be >= 0 (0: the LM is not trained)"),
+            (0 < q.alpha <= 1, "ilql.alpha", f"is {q.alpha}: must be in (0, 1] (1 copies the Q heads into the targets)"),
+            (q.steps_for_target_q_sync >= 1, "ilql.steps_for_target_q_sync",
+             f"is {q.steps_for_target_q_sync}: must be at least 1 (optimizer steps between target updates)"),
+            (q.batch_size >= 1, "ilql.batch_size", f"is {q.batch_size}: must be at least 1"),
+            (q.top_k >= 0, "ilql.top_k", f"is {q.top_k}: must be >= 0 (0 keeps every token)"),
+        ]
         checks += [
             (self.ppo.kl_horizon > 0, "ppo.kl_horizon", f"is {self.ppo.kl_horizon}: must be > 0 (sequences; e.g. 10000)"),
             (self.ppo.kl_target > 0, "ppo.kl_target", f"is {self.ppo.kl_target}: must be > 0 (e.g. 6)"),
@@ -1010,6 +1029,7 @@ def upgrade_saved_config(data: dict) -> dict:
 # (and every folder llmrl writes) stays relative to the working directory, as TRL's output_dir is.
 PATH_KEYS = {
     "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
+               "ilql.data",
                "reward.function", "reward.eval_function", "reward.components[].function",
                "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
                "warm_start.base"),

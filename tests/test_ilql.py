@@ -154,3 +154,185 @@ def test_polyak_targets_and_shifted_logits():
     assert torch.allclose(advantage, target - v[..., None])
     assert torch.equal(shifted_logits(logits, advantage, 0.0), logits)  # beta 0 is the LM
     assert torch.allclose(shifted_logits(logits, advantage, 2.0), logits + 2.0 * advantage)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the trainer
+
+def logged_file(path: Path, n: int = 16, chosen_reward: float = 1.0, rejected_reward: float = 0.0) -> Path:
+    """Logged answers from the project's reverse-the-letters pairs: each prompt's right answer and its wrong one."""
+    pairs = [json.loads(line) for line in (REPO / "configs/data/reverse_prefs.jsonl").read_text().splitlines()][:n]
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps({"prompt": p["prompt"], "completion": p["chosen"], "reward": chosen_reward}) + "\n")
+            f.write(json.dumps({"prompt": p["prompt"], "completion": p["rejected"], "reward": rejected_reward}) + "\n")
+    return path
+
+
+def ilql_trainer(model_dir, tmp_path, *overrides, data=None, strategy=None):
+    from helpers import make_trainer, tiny_config
+
+    from llmrl.distributed.strategy import SingleProcess
+    from llmrl.trainers.ilql import ILQLTrainer, load_logged_rows
+
+    data = data or logged_file(tmp_path / "logged.jsonl")
+    cfg = tiny_config(model_dir, tmp_path / "run", "algorithm=ilql", f"ilql.data={data}", "ilql.batch_size=8",
+                      *overrides)
+    base = make_trainer(cfg)  # its policy and held-out rows
+    rows = load_logged_rows(cfg, base.tokenizer, 32)
+    return ILQLTrainer(cfg, base.policy, base.tokenizer, rows, base.eval_rows, strategy or SingleProcess("cpu"),
+                       tmp_path / "run", None)
+
+
+def summed_advantages(trainer, indices) -> torch.Tensor:
+    """(len(indices),) each logged answer's summed advantage Qt(s, a) - V(s) over its tokens: about its reward minus
+    V(prompt) once learned (the advantages telescope)."""
+    from llmrl import rl
+
+    with torch.no_grad():
+        b = trainer.batch(indices)
+        _, hidden = trainer.policy.logits_and_hidden(b["input_ids"], b["attention_mask"])
+        states = rl.gather_states(hidden, b["positions"])
+        advantage = trainer.heads.advantage(states).gather(-1, b["actions"][..., None]).squeeze(-1)
+        qs, _, values = trainer.heads(states)
+        assert all(torch.isfinite(q).all() for q in qs) and torch.isfinite(values).all()
+        return (advantage * b["mask"]).sum(1)
+
+
+def test_encoding_marks_the_answer_and_eos_as_actions(tiny_model_dir, tmp_path):
+    trainer = ilql_trainer(tiny_model_dir, tmp_path)
+    tok = trainer.tokenizer
+    ids, actions = trainer.encoded[0]  # "aab>" -> "baa"
+    assert ids == tok("aab>", add_special_tokens=False)["input_ids"] + tok("baa", add_special_tokens=False)[
+        "input_ids"] + [tok.eos_token_id]
+    assert actions == [False] * 4 + [True] * 4
+    b = trainer.batch([0, 1])  # "baa" (reward 1) and the wrong "baaa" (reward 0), padded to 5 actions
+    assert b["positions"][0].tolist() == [3, 4, 5, 6, 0] and b["mask"].sum(1).tolist() == [4, 5]
+    assert b["actions"][0, :4].tolist() == ids[4:]
+    assert b["rewards"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+    assert b["dones"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+
+
+def test_a_multi_turn_answer_trains_only_the_assistants_tokens(chat_model_dir):
+    from llmrl.models.policy import load_tokenizer
+    from llmrl.config import ModelConfig
+    from llmrl.trainers.ilql import encode_logged
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(chat_model_dir)))
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    completion = [{"role": "assistant", "content": "5"}, {"role": "user", "content": "be brief"},
+                  {"role": "assistant", "content": "yes"}]
+    ids, actions = encode_logged(tok, prompt, completion, "row 0")
+    spans, start = [], None  # the action spans, decoded
+    for i, a in enumerate(actions + [False]):
+        if a and start is None:
+            start = i
+        elif not a and start is not None:
+            spans.append(tok.decode(ids[start:i]))
+            start = None
+    # the template's "assistant: " opening and the user's turn are the environment's; EOS closes the last turn
+    assert spans == ["5\n", "yes\n" + tok.eos_token]
+    assert tok.decode(ids[:actions.index(True)]) == "user: What is 2 + 3?\nassistant: "
+    assert tok.decode([t for t, a in zip(ids, actions) if not a]) == \
+        "user: What is 2 + 3?\nassistant: user: be brief\nassistant: "
+
+
+@pytest.mark.parametrize("rewarded", ["right", "wrong"])
+def test_ilql_learns_which_logged_answer_is_rewarded(tiny_model_dir, tmp_path, rewarded):
+    # Each prompt has its right answer and a wrong one; only one of them earns reward 1. The summed advantage of the
+    # rewarded answers must end above the others' by a clear margin, whichever is rewarded (at initialisation the
+    # right answers happen to lead: the "wrong" case must overturn that).
+    data = logged_file(tmp_path / "logged.jsonl", chosen_reward=float(rewarded == "right"),
+                       rejected_reward=float(rewarded == "wrong"))
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "train.lr=1e-2", "ilql.alpha=0.1", "ilql.batch_size=16",
+                           "ilql.steps_for_target_q_sync=1", data=data)
+    right, wrong = list(range(0, 32, 2)), list(range(1, 32, 2))
+    for _ in range(60):
+        stats = trainer.train_step()
+    gap = summed_advantages(trainer, right).mean() - summed_advantages(trainer, wrong).mean()
+    assert (gap if rewarded == "right" else -gap) > 0.25
+    for key in ("ilql/q_mean", "ilql/v_mean", "ilql/advantage_mean", "loss/ilql", "loss/q", "loss/v", "loss/cql",
+                "loss/awac"):
+        assert math.isfinite(stats[key]), key
+
+
+def test_the_trainer_computes_the_loss_of_its_batch_as_the_loop_says(tiny_model_dir, tmp_path):
+    """The wiring: the trainer's loss on a real batch equals the plain loop's on the same per-position tensors, with
+    gamma, tau and both scales away from their defaults (a swapped or dropped setting, a shifted state, a reward in
+    the wrong place or the online Q in V's regression changes it)."""
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.gamma=0.8", "ilql.tau=0.6", "ilql.cql_scale=0.3",
+                           "ilql.awac_scale=0.7")
+    for p in trainer.heads.q_heads.parameters():  # targets != online heads
+        p.data.mul_(1.5).add_(0.01)
+    indices = [0, 1, 2, 5]
+    b = trainer.batch(indices)
+    with torch.no_grad():
+        loss, stats = trainer.loss(b)
+        logits, hidden = trainer.policy.logits_and_hidden(b["input_ids"], b["attention_mask"])
+        qs, target, values = trainer.heads(hidden)
+    ids, attention = b["input_ids"], b["attention_mask"]
+    action_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, i in enumerate(indices):
+        action_mask[row, :len(trainer.encoded[i][1])] = torch.tensor(trainer.encoded[i][1])
+    reward = torch.tensor([trainer.rows[i]["reward"] for i in indices])
+    expected, terms = loop_ilql(logits, qs, target, values, ids, action_mask, attention.sum(1), reward, gamma=0.8,
+                                tau=0.6, cql_scale=0.3, awac_scale=0.7)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    for k in terms:
+        assert stats[f"loss/{k}"].item() == pytest.approx(terms[k], abs=1e-5)
+
+
+def test_targets_follow_every_sync_steps_and_only_heads_and_adapter_train(tiny_model_dir, tmp_path):
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.alpha=0.5", "ilql.steps_for_target_q_sync=2",
+                           "train.lr=1e-2")
+    heads = trainer.heads
+    target0 = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    assert {id(p) for p in heads.q_heads.parameters()} | {id(p) for p in heads.v_head.parameters()} <= \
+        {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not {id(p) for p in heads.target_q_heads.parameters()} & \
+        {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    base = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if not p.requires_grad}
+    trainer.train_step()
+    assert all(torch.equal(t, t0) for t, t0 in zip(heads.target_q_heads.parameters(), target0))  # step 1: no sync
+    trainer.train_step()
+    for t, t0, q in zip(heads.target_q_heads.parameters(), target0, heads.q_heads.parameters()):
+        assert torch.allclose(t, 0.5 * q + 0.5 * t0, atol=1e-7) and not torch.equal(t, t0)
+    assert all(torch.equal(p, base[n]) for n, p in trainer.policy.model.named_parameters() if not p.requires_grad)
+    lora = [p for n, p in trainer.policy.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora)  # the adapter moved (lora_B starts at zero)
+
+
+def test_resumed_equals_straight_heads_and_adapter(tiny_model_dir, tmp_path):
+    common = ("ilql.alpha=0.5", "ilql.steps_for_target_q_sync=2", "train.lr=1e-2", "data.eval_size=0")
+    data = logged_file(tmp_path / "logged.jsonl")
+    straight = ilql_trainer(tiny_model_dir, tmp_path / "a", *common, data=data)
+    for _ in range(5):
+        straight.train_step()
+
+    first = ilql_trainer(tiny_model_dir, tmp_path / "b", *common, data=data)
+    for _ in range(3):
+        first.train_step()
+    checkpoint = first.save_checkpoint(tmp_path / "b" / "run" / "step-3")
+    assert (checkpoint / "ilql_heads.safetensors").is_file()
+    from llmrl.distributed.run_dir import foreign_entries
+
+    assert foreign_entries(tmp_path / "b" / "run") == []
+    resumed = ilql_trainer(tiny_model_dir, tmp_path / "c", *common, data=data)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.step == 3
+    for _ in range(2):
+        resumed.train_step()
+    a, b = straight.heads.state_dict(), resumed.heads.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    adapter = lambda t: {n: p for n, p in t.policy.model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert all(torch.equal(p, adapter(resumed)[n]) for n, p in adapter(straight).items())
+
+
+def test_a_checkpoint_without_its_heads_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    from llmrl.config import ConfigError
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "data.eval_size=0")
+    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "step-0")
+    (checkpoint / "ilql_heads.safetensors").unlink()
+    with pytest.raises(ConfigError, match="ilql_heads.safetensors is missing"):
+        trainer.load_weights(checkpoint)

@@ -497,6 +497,14 @@ def accumulation(cfg, world_size: int) -> tuple[int, int]:
                               f"{world_size}: use dpo.batch_size = "
                               f"{nearest_sizes(cfg.dpo.batch_size, lambda n: n % world_size == 0)}")
         return 1, cfg.dpo.batch_size // world_size
+    if cfg.algorithm == "ilql":  # one microbatch: the rank's share of ilql.batch_size
+        if cfg.ilql.batch_size % world_size:
+            from llmrl.config import nearest_sizes
+
+            raise ConfigError(f"ilql.batch_size = {cfg.ilql.batch_size} is not divisible by the world size = "
+                              f"{world_size}: use ilql.batch_size = "
+                              f"{nearest_sizes(cfg.ilql.batch_size, lambda n: n % world_size == 0)}")
+        return 1, cfg.ilql.batch_size // world_size
     return cfg.sizes(world_size).grad_accum_steps, cfg.train.micro_batch_size
 
 
