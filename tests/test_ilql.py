@@ -2,6 +2,7 @@
 targets and shifted logits, the trainer's encoding, wiring, checkpoints and resume, and a tiny run that learns."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmrl.config import ConfigError
 from llmrl.rl.ilql import action_states, expectile_loss, gather_states, ilql_loss, terminal_rewards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -336,3 +338,62 @@ def test_a_checkpoint_without_its_heads_is_refused_in_one_line(tiny_model_dir, t
     (checkpoint / "ilql_heads.safetensors").unlink()
     with pytest.raises(ConfigError, match="ilql_heads.safetensors is missing"):
         trainer.load_weights(checkpoint)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ilql.data=", "ilql.data is empty: algorithm ilql needs logged answers"),
+    ("ilql.tau=1.0", "ilql.tau is 1.0: must be in (0, 1)"),
+    ("ilql.tau=0", "ilql.tau is 0"),
+    ("ilql.gamma=1.5", "ilql.gamma is 1.5: must be in [0, 1]"),
+    ("ilql.cql_scale=-1", "ilql.cql_scale is -1"),
+    ("ilql.awac_scale=-0.5", "ilql.awac_scale is -0.5"),
+    ("ilql.alpha=0", "ilql.alpha is 0"),
+    ("ilql.alpha=1.5", "ilql.alpha is 1.5"),
+    ("ilql.steps_for_target_q_sync=0", "ilql.steps_for_target_q_sync is 0"),
+    ("ilql.batch_size=0", "ilql.batch_size is 0"),
+    ("env.name=guess_number", "algorithm is ilql with an env.name"),
+])
+def test_bad_ilql_settings_are_one_line(tmp_path, override, message):
+    from helpers import tiny_config
+
+    from llmrl.config import ConfigError
+
+    extra = ["reward.function=", "data.source="] if override.startswith("env.") else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_config(tmp_path / "m", tmp_path / "run", "algorithm=ilql", "ilql.data=x.jsonl", *extra, override)
+
+
+def test_ilql_is_an_algorithm_with_its_settings_named(tmp_path):
+    from helpers import tiny_config
+
+    from llmrl.algorithms import describe
+    from llmrl.distributed.strategy import accumulation
+
+    cfg = tiny_config(tmp_path / "m", tmp_path / "run", "algorithm=ilql", "ilql.data=x.jsonl", "ilql.batch_size=6",
+                      "train.total_steps=7")
+    (label, text), (kl, why) = describe(cfg)
+    assert label == "ilql" and all(f"ilql.{k}=" in text for k in ("tau", "gamma", "cql_scale", "awac_scale",
+                                                                   "alpha", "beta"))
+    assert cfg.sizes(1).optimizer_steps == 7 and accumulation(cfg, 2) == (1, 3)
+    with pytest.raises(ConfigError, match="ilql.batch_size = 6 is not divisible by the world size = 4"):
+        accumulation(cfg, 4)
+
+
+def test_a_relative_ilql_data_path_is_read_from_the_recipes_folder(tmp_path):
+    from llmrl.config import load_config
+
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "r.yaml").write_text("algorithm: ilql\nmodel: {name_or_path: m}\ndata: {source: task:reverse}\n"
+                                                "reward: {function: exact_match}\nilql: {data: logs/l.jsonl}\n")
+    cfg = load_config(tmp_path / "recipe" / "r.yaml")
+    assert cfg.ilql.data == str(tmp_path / "recipe" / "logs" / "l.jsonl")
+
+
+def test_a_logged_row_longer_than_the_context_is_refused_before_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "ab>", "completion": "ba", "reward": 1.0}] * 8 + [
+        {"prompt": "abc>", "completion": "a" * 40, "reward": 0.0}]  # 4 + 40 + EOS = 45 characters, one token each
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"ilql.data: row 8 \(counting from 0\) has 45 tokens \(with EOS\), more "
+                                          r"than the model's context of 32 tokens"):
+        ilql_trainer(tiny_model_dir, tmp_path, data=data)
