@@ -3,8 +3,6 @@ targets and shifted logits, the trainer's encoding, wiring, checkpoints and resu
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -397,3 +395,39 @@ def test_a_logged_row_longer_than_the_context_is_refused_before_training(tiny_mo
     with pytest.raises(ConfigError, match=r"ilql.data: row 8 \(counting from 0\) has 45 tokens \(with EOS\), more "
                                           r"than the model's context of 32 tokens"):
         ilql_trainer(tiny_model_dir, tmp_path, data=data)
+
+
+@pytest.mark.slow
+def test_command_line_run_then_resume_longer(tiny_model_dir, tmp_path):
+    """``launch/ppo.py ... algorithm=ilql``: 3 steps with checkpoints holding the heads, then --resume to 5; every
+    step logged once with ILQL's metrics (exactly those llmrl.tune knows), held-out evaluation before and after."""
+    from helpers import launch_ppo
+
+    from llmrl.config import load_config
+    from llmrl.distributed.checkpoint import step_dir_name
+    from llmrl.tracking import read_log
+    from llmrl.tune.search import logged_metrics
+
+    data = logged_file(tmp_path / "logged.jsonl")
+    run_dir = tmp_path / "run"
+    common = [f"model.name_or_path={tiny_model_dir}", f"run.output_dir={run_dir}", "algorithm=ilql",
+              f"ilql.data={data}", "ilql.batch_size=8", "data.eval_size=8", "run.eval_every=0", "run.save_every=2",
+              "run.keep_last=5", "run.progress=false", "run.device=cpu", "run.threads=1"]
+    out = launch_ppo([*common, "train.total_steps=3"], ranks=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ilql: ilql.tau=0.7, ilql.gamma=0.99" in out.stdout
+    for folder in (step_dir_name(2), "final"):
+        assert (run_dir / folder / "ilql_heads.safetensors").is_file(), folder
+    heads_at_3 = (run_dir / "final" / "ilql_heads.safetensors").read_bytes()
+    out = launch_ppo([*common, "train.total_steps=5", "--resume"], ranks=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+    assert (run_dir / "final" / "ilql_heads.safetensors").read_bytes() != heads_at_3
+    rows = [r for r in read_log(run_dir) if "loss/ilql" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss/ilql", "ilql/q_mean", "ilql/v_mean"))
+    keys = set().union(*(r.keys() for r in read_log(run_dir))) - {"step", "samples"}
+    keys -= {k for k in keys if k.startswith("reward/") and k.count("/") == 2}
+    assert keys == logged_metrics(load_config(REPO / "configs" / "tiny.yaml", [*common, "train.total_steps=5"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["eval_reward_after"] is not None
