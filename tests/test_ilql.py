@@ -283,7 +283,7 @@ def test_the_trainer_computes_the_loss_of_its_batch_as_the_loop_says(tiny_model_
 
 
 def test_targets_follow_every_sync_steps_and_only_heads_and_adapter_train(tiny_model_dir, tmp_path):
-    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.alpha=0.5", "ilql.steps_for_target_q_sync=2",
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.alpha=0.25", "ilql.steps_for_target_q_sync=2",
                            "train.lr=1e-2")
     heads = trainer.heads
     target0 = [t.detach().clone() for t in heads.target_q_heads.parameters()]
@@ -296,7 +296,7 @@ def test_targets_follow_every_sync_steps_and_only_heads_and_adapter_train(tiny_m
     assert all(torch.equal(t, t0) for t, t0 in zip(heads.target_q_heads.parameters(), target0))  # step 1: no sync
     trainer.train_step()
     for t, t0, q in zip(heads.target_q_heads.parameters(), target0, heads.q_heads.parameters()):
-        assert torch.allclose(t, 0.5 * q + 0.5 * t0, atol=1e-7) and not torch.equal(t, t0)
+        assert torch.allclose(t, 0.25 * q + 0.75 * t0, atol=1e-7) and not torch.equal(t, t0)
     assert all(torch.equal(p, base[n]) for n, p in trainer.policy.model.named_parameters() if not p.requires_grad)
     lora = [p for n, p in trainer.policy.model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora)  # the adapter moved (lora_B starts at zero)
