@@ -431,3 +431,39 @@ def test_command_line_run_then_resume_longer(tiny_model_dir, tmp_path):
     assert keys == logged_metrics(load_config(REPO / "configs" / "tiny.yaml", [*common, "train.total_steps=5"]))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["eval_reward_after"] is not None
+
+
+def test_evaluation_decodes_greedily_from_the_shifted_logits(tiny_model_dir, tmp_path):
+    """ILQLTrainer.generate (KV cache, one token a step) against full forwards of the shifted logits; and heads whose
+    advantage favours one token make every greedy token that one once beta is large, and none with beta 0."""
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.beta=2.0", "generation.max_new_tokens=6")
+    torch.manual_seed(1)
+    for p in trainer.heads.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))
+    prompts = ["abc>", "fedcba>", "aa>"]
+    exp = trainer.generate(prompts, greedy=True)
+    tok = trainer.tokenizer
+    for row, prompt in enumerate(prompts):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        expected = []
+        for _ in range(6):  # plain: the whole sequence through the model for each token
+            x = torch.tensor([ids + expected])
+            expected.append(int(trainer.shifted_logits(x, torch.ones_like(x))[0, -1].argmax()))
+            if expected[-1] == tok.eos_token_id:
+                break
+        got = exp.response[row][exp.response_mask[row].bool()].tolist()
+        assert got == expected, prompt
+    trainer.cfg.ilql.top_k = 1  # sampling from the single best shifted logit is greedy
+    assert torch.equal(trainer.generate(prompts, greedy=False).response, exp.response)
+
+    c = tok.convert_tokens_to_ids("c")
+    for head in [*trainer.heads.target_q_heads, trainer.heads.v_head]:
+        head[-1].weight.data.zero_()
+        head[-1].bias.data.zero_()
+    for head in trainer.heads.target_q_heads:
+        head[-1].bias.data[c] = 10.0  # Q_target - V = 10 on "c", 0 elsewhere
+    trainer.cfg.ilql.beta = 100.0
+    exp = trainer.generate(prompts, greedy=True)
+    assert exp.response.tolist() == [[c] * 6] * 3 and not exp.ended.any()
+    trainer.cfg.ilql.beta = 0.0  # the LM alone, through the shared decoder
+    assert (trainer.generate(prompts, greedy=True).response != c).any()

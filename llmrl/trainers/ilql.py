@@ -6,8 +6,9 @@ state) together with the LoRA adapter, whose LM keeps the logged answers likely 
 ``llmrl.rl.ilql``'s. ``ILQLTrainer`` is a sibling of ``DPOTrainer`` on ``Trainer``: the run loop, evaluation,
 checkpoints (the heads saved as ``ilql_heads.safetensors`` beside the adapter), resume and logging are shared.
 
-Evaluation decodes with the LM alone (beta = 0: the adapter trained by the AWAC term); sampling from the learned
-policy, logits + ilql.beta * (Q - V), is ``ILQLTrainer.shifted_logits`` for a decoder to call.
+Evaluation decodes from the learned policy, logits + ilql.beta * (Q_target - V) (``ILQLTrainer.generate``, greedy
+on the shifted logits unless run.eval_sampled); ilql.beta = 0 is the LM alone (the adapter the AWAC term trained).
+``llmrl eval --checkpoint`` evaluates the LM alone for now (it builds the online trainer, which has no heads).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from llmrl import rl
 from llmrl.config import ConfigError
 from llmrl.data.chat import render_prompt
 from llmrl.models.ilql_heads import HEADS_FILE, ILQLHeads, shifted_logits
-from llmrl.models.policy import context_length
-from llmrl.rollout.experience import right_padded
+from llmrl.models.policy import context_length, position_ids_from_mask
+from llmrl.rollout.experience import Experience, right_padded, stops_of, truncate_at_eos
 from llmrl.trainers.base import Trainer
 
 
@@ -158,6 +159,52 @@ class ILQLTrainer(Trainer):
         """The learned policy's logits at every position, (B, L, V): the LM's plus ilql.beta * (Q_target - V)."""
         logits, hidden = self.policy.logits_and_hidden(input_ids, attention_mask)
         return shifted_logits(logits, self.heads.advantage(hidden), self.cfg.ilql.beta)
+
+    # ILQL's own decode loop, for evaluation only: RolloutEngine.generate has no place yet to shift the logits
+    # (a hook for it is coming); with that hook this method goes and the engine decodes for ILQL too.
+    @torch.no_grad()
+    def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
+        """Completions of ``prompts`` from the learned policy: each token from logits + ilql.beta * (Q_target - V)
+        (Snell et al. 2022, sec. 4.3), greedy = their argmax, else sampled from their ilql.top_k best (trlX's
+        topk_mask) at generation.temperature. ilql.beta = 0 is the LM alone: the shared decoder then. One forward
+        per token with the KV cache; generation.stop strings end completions as elsewhere; the model must not be
+        partitioned (ZeRO-3 is refused for ILQL)."""
+        beta = self.cfg.ilql.beta
+        if beta == 0:
+            return super().generate(prompts, greedy)
+        g, model, eos = self.cfg.generation, self.policy.model, self.tokenizer.eos_token_id
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        query, mask = enc["input_ids"], enc["attention_mask"]
+        step_ids, past, tokens = query, None, []
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        greedy = greedy or not g.do_sample
+        for _ in range(g.max_new_tokens):
+            positions = position_ids_from_mask(mask)[:, -step_ids.shape[1]:]
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                        use_cache=True, output_hidden_states=True)
+            past = out.past_key_values
+            hidden = out.hidden_states[-1][:, -1]
+            scores = shifted_logits(out.logits[:, -1], self.heads.advantage(hidden), beta)
+            if greedy:
+                token = scores.argmax(-1)
+            else:
+                k = self.cfg.ilql.top_k
+                if 0 < k < scores.shape[-1]:
+                    kth = scores.topk(k, -1).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                token = torch.multinomial(torch.softmax(scores / g.temperature, -1), 1).squeeze(-1)
+            token = torch.where(finished, torch.full_like(token, self.tokenizer.pad_token_id), token)
+            tokens.append(token)
+            finished |= token == eos
+            if bool(finished.all()):
+                break
+            step_ids = token[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        tokens = torch.stack(tokens, 1)
+        response, response_mask, ended = truncate_at_eos(tokens, eos, self.tokenizer.pad_token_id,
+                                                         stops_of(self.tokenizer, g, query, tokens))
+        return Experience(query=query, query_mask=enc["attention_mask"], response=response,
+                          response_mask=response_mask, ended=ended)
 
     # checkpoints: the heads (targets included) beside the adapter
     def save_extra_weights(self, folder) -> None:
