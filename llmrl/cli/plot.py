@@ -16,6 +16,8 @@ PANELS = [  # (title, keys): a panel is drawn when the run logged one of its key
     ("DPO: loss", ["loss/dpo"]),
     ("DPO: preference accuracy", ["rewards/accuracy"]),
     ("DPO: margin (beta x log-ratio difference)", ["rewards/margin"]),
+    ("ILQL: losses", ["loss/q", "loss/v", "loss/cql", "loss/awac"]),
+    ("ILQL: Q, V and the advantage Q - V on the logged tokens", ["ilql/q_mean", "ilql/v_mean", "ilql/advantage_mean"]),
     ("seconds per phase", ["time/generate", "time/reward", "time/forward", "time/update", "time/step"]),
     ("episode success rate", ["env/success", "eval/success"]),
     ("turns per episode", ["env/turns", "eval/turns"]),
