@@ -126,6 +126,27 @@ def test_ilql_loss_matches_a_plain_loop_with_padding_and_several_action_spans():
     assert stats["ilql/actions"].item() == 13
 
 
+def test_two_ranks_halves_average_to_the_whole_batch():
+    """Over data-parallel ranks each divides by all ranks' actions / ranks: the average of the halves' losses (what
+    DeepSpeed's averaged gradients follow) is the whole batch's loss, although the halves hold 3 and 7 actions."""
+    g = torch.Generator().manual_seed(1)
+    B, N, V = 4, 4, 5
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    rewards, dones = terminal_rewards(mask, torch.tensor([1.0, 0.0, -1.0, 2.0]))
+    parts = dict(logits=torch.randn(B, N, V, generator=g), qs=[torch.randn(B, N, V, generator=g)],
+                 target_q=torch.randn(B, N, V, generator=g), values=torch.randn(B, N, generator=g),
+                 actions=torch.randint(0, V, (B, N), generator=g), mask=mask, rewards=rewards, dones=dones)
+    settings = dict(gamma=0.9, tau=0.7, cql_scale=0.1, awac_scale=1.0)
+    whole, _ = ilql_loss(**parts, **settings)
+
+    def half(rows):
+        return {k: ([x[rows] for x in v] if isinstance(v, list) else v[rows]) for k, v in parts.items()}
+
+    halves = [ilql_loss(**half(rows), **settings, num_actions=mask.sum() / 2)[0] for rows in (slice(0, 2), slice(2, 4))]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(whole.item(), abs=1e-6)
+    assert ilql_loss(**half(slice(0, 2)), **settings)[0].item() != pytest.approx(halves[0].item(), abs=1e-3)
+
+
 def test_action_states_refuses_token_zero():
     with pytest.raises(ValueError, match="token 0"):
         action_states(torch.tensor([[True, False]]))

@@ -81,11 +81,15 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.
 
 def ilql_loss(logits: torch.Tensor, qs: list[torch.Tensor], target_q: torch.Tensor, values: torch.Tensor,
               actions: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, *,
-              gamma: float, tau: float, cql_scale: float, awac_scale: float) -> tuple[torch.Tensor, dict]:
+              gamma: float, tau: float, cql_scale: float, awac_scale: float,
+              num_actions: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """(loss, stats) of ILQL on a batch of actions (shapes in the module docstring); stats are detached tensors
-    under ``loss/*`` and ``ilql/*``."""
+    under ``loss/*`` and ``ilql/*``.
+
+    ``num_actions``: what the sums are divided by; None: this batch's actions. Over R data-parallel ranks, the
+    actions of all ranks / R, so that the ranks' average (what their gradients are) is the whole batch's mean."""
     mask = mask.bool()
-    n = mask.sum().clamp(min=1).float()
+    n = mask.sum().clamp(min=1).float() if num_actions is None else torch.as_tensor(num_actions).float()
     index = actions.long().unsqueeze(-1)
     q_taken = [q.float().gather(-1, index).squeeze(-1) for q in qs]
     target_taken = target_q.float().gather(-1, index).squeeze(-1).detach()
@@ -120,5 +124,5 @@ def ilql_loss(logits: torch.Tensor, qs: list[torch.Tensor], target_q: torch.Tens
         for name, x, m in (("q", all_q, q_mask), ("target_q", target_taken, mask), ("v", values, mask),
                            ("advantage", advantage, mask)):
             stats[f"ilql/{name}_mean"], stats[f"ilql/{name}_min"], stats[f"ilql/{name}_max"] = spread(x, m)
-        stats["ilql/actions"] = n
+        stats["ilql/actions"] = mask.sum().float()
     return loss, stats

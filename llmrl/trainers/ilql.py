@@ -132,9 +132,12 @@ class ILQLTrainer(Trainer):
         positions = batch["positions"]
         qs, target_q, values = self.heads(rl.gather_states(hidden, positions))
         c = self.cfg.ilql
+        # the mean over every rank's answer tokens: each rank divides its sums by their count / ranks
+        local = batch["mask"].sum().float()
+        num_actions = self.strategy.all_reduce_sum(local).to(local) / self.strategy.world_size
         return rl.ilql_loss(rl.gather_states(logits, positions), qs, target_q, values, batch["actions"],
                             batch["mask"], batch["rewards"], batch["dones"], gamma=c.gamma, tau=c.tau,
-                            cql_scale=c.cql_scale, awac_scale=c.awac_scale)
+                            cql_scale=c.cql_scale, awac_scale=c.awac_scale, num_actions=num_actions.clamp(min=1))
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss/ilql']:.3f}", "adv": f"{stats['ilql/advantage_mean']:.3f}"}
