@@ -496,6 +496,8 @@ class Config:
         """Every size derived from train: and the world size; a size that does not divide is a ConfigError naming
         the nearest values that do (``world_size`` ranks, ``group_size`` completions per prompt)."""
         t, k, ranks = self.train, self.group_size, f"{world_size} ranks"
+        if self.algorithm in ("dpo", "ilql"):  # one optimizer step per step, on their own batch (dpo.batch_size,
+            return Sizes(world_size, 0, 1, 1, t.total_steps)  # ilql.batch_size): train's rollout sizes do not apply
         if t.rollout_batch_size % (world_size * k):
             what = ("the world size" if k == 1 else "critic_free.num_generations" if world_size == 1 else
                     f"the world size x critic_free.num_generations = {world_size} x {k}")
@@ -525,7 +527,7 @@ class Config:
                               f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
                               f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
         accum = local_mini // t.micro_batch_size
-        optimizer_steps = t.total_steps if self.algorithm in ("dpo", "ilql") else t.total_steps * t.epochs * num_mini
+        optimizer_steps = t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
     def validate(self) -> None:

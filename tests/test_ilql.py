@@ -394,6 +394,8 @@ def test_ilql_is_an_algorithm_with_its_settings_named(tmp_path):
     assert label == "ilql" and all(f"ilql.{k}=" in text for k in ("tau", "gamma", "cql_scale", "awac_scale",
                                                                    "alpha", "beta"))
     assert cfg.sizes(1).optimizer_steps == 7 and accumulation(cfg, 2) == (1, 3)
+    # train's rollout sizes (mini 32, micro 32 in tiny.yaml: 32 / 2 ranks < 32) are not ILQL's: no error on 2 ranks
+    assert cfg.sizes(2).optimizer_steps == 7
     with pytest.raises(ConfigError, match="ilql.batch_size = 6 is not divisible by the world size = 4"):
         accumulation(cfg, 4)
 
@@ -488,3 +490,27 @@ def test_evaluation_decodes_greedily_from_the_shifted_logits(tiny_model_dir, tmp
     assert exp.response.tolist() == [[c] * 6] * 3 and not exp.ended.any()
     trainer.cfg.ilql.beta = 0.0  # the LM alone, through the shared decoder
     assert (trainer.generate(prompts, greedy=True).response != c).any()
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_as_one_process(tmp_path, tiny_model_dir):
+    """deepspeed, 2 CPU ranks, each with half of ilql.batch_size: every step's loss is the one process's (each rank
+    divides by all ranks' answer tokens / 2), and so are the token counts."""
+    from helpers import launch_ppo
+
+    from llmrl.tracking import read_log
+
+    data = logged_file(tmp_path / "logged.jsonl")
+    common = [f"model.name_or_path={tiny_model_dir}", "algorithm=ilql", f"ilql.data={data}", "ilql.batch_size=8",
+              "data.eval_size=0", "run.save_every=0", "run.progress=false", "run.device=cpu", "run.threads=1",
+              "train.total_steps=2"]
+    logs = []
+    for ranks in (0, 2):
+        out = launch_ppo([*common, f"run.output_dir={tmp_path / str(ranks)}"], ranks=ranks)
+        assert out.returncode == 0, out.stderr[-3000:]
+        logs.append([r for r in read_log(tmp_path / str(ranks)) if "loss/ilql" in r])
+    one, two = logs
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["loss/ilql"] == pytest.approx(a["loss/ilql"], abs=1e-5)
+        assert b["ilql/actions"] == a["ilql/actions"]

@@ -155,7 +155,9 @@ class ILQLTrainer(Trainer):
                "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
                "memory/peak_gib": self.strategy.peak_memory_gib()}
         self.check_finite(self.step, out)
-        return self.strategy.all_reduce_mean(out)
+        out = self.strategy.all_reduce_mean(out)
+        out["ilql/actions"] *= self.strategy.world_size  # the step's answer tokens over all ranks
+        return out
 
     @torch.no_grad()
     def shifted_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
