@@ -651,6 +651,9 @@ class Config:
              f"is {q.steps_for_target_q_sync}: must be at least 1 (optimizer steps between target updates)"),
             (q.batch_size >= 1, "ilql.batch_size", f"is {q.batch_size}: must be at least 1"),
             (q.top_k >= 0, "ilql.top_k", f"is {q.top_k}: must be >= 0 (0 keeps every token)"),
+            (self.algorithm != "ilql" or self.reward.normalize == "none", "reward.normalize",
+             f"is {self.reward.normalize!r} with algorithm ilql, which trains on the logged rewards as given (the "
+             f"reward section only scores evaluations): remove reward.normalize, or scale ilql.data's rewards"),
         ]
         checks += [
             (self.ppo.kl_horizon > 0, "ppo.kl_horizon", f"is {self.ppo.kl_horizon}: must be > 0 (sequences; e.g. 10000)"),

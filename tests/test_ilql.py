@@ -371,6 +371,7 @@ def test_a_checkpoint_without_its_heads_is_refused_in_one_line(tiny_model_dir, t
     ("ilql.steps_for_target_q_sync=0", "ilql.steps_for_target_q_sync is 0"),
     ("ilql.batch_size=0", "ilql.batch_size is 0"),
     ("env.name=guess_number", "algorithm is ilql with an env.name"),
+    ("reward.normalize=reference", "reward.normalize is 'reference' with algorithm ilql"),
 ])
 def test_bad_ilql_settings_are_one_line(tmp_path, override, message):
     from helpers import tiny_config
@@ -514,3 +515,17 @@ def test_two_cpu_ranks_train_as_one_process(tmp_path, tiny_model_dir):
     for a, b in zip(one, two):
         assert b["loss/ilql"] == pytest.approx(a["loss/ilql"], abs=1e-5)
         assert b["ilql/actions"] == a["ilql/actions"]
+
+
+@pytest.mark.slow
+def test_a_row_too_long_stops_the_command_in_one_line_before_training(tmp_path, tiny_model_dir):
+    from helpers import assert_one_line, launch_ppo
+
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "ab>", "completion": "ba", "reward": 1.0}] * 8 + [
+        {"prompt": "abc>", "completion": "a" * 40, "reward": 0.0}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = launch_ppo([f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'run'}", "algorithm=ilql",
+                      f"ilql.data={data}", "ilql.batch_size=8", "run.progress=false", "run.device=cpu"], ranks=0)
+    assert_one_line(out, "ilql.data: row 8 (counting from 0) has 45 tokens", "shorten or remove the row")
+    assert not (tmp_path / "run" / "log.jsonl").exists()
