@@ -405,8 +405,9 @@ def test_a_relative_ilql_data_path_is_read_from_the_recipes_folder(tmp_path):
     from llmrl.config import load_config
 
     (tmp_path / "recipe").mkdir()
-    (tmp_path / "recipe" / "r.yaml").write_text("algorithm: ilql\nmodel: {name_or_path: m}\ndata: {source: task:reverse}\n"
-                                                "reward: {function: exact_match}\nilql: {data: logs/l.jsonl}\n")
+    (tmp_path / "recipe" / "r.yaml").write_text("algorithm: ilql\nmodel: {name_or_path: m}\n"
+                                                "data: {source: task:reverse}\nreward: {function: exact_match}\n"
+                                                "ilql: {data: logs/l.jsonl}\n")
     cfg = load_config(tmp_path / "recipe" / "r.yaml")
     assert cfg.ilql.data == str(tmp_path / "recipe" / "logs" / "l.jsonl")
 

@@ -2,7 +2,8 @@
 
 Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo (critic-free; see each module's
 docstring). ``algorithm: path/to/file.py:Class`` or ``package.module:Class`` selects an ``Estimator``
-subclass defined anywhere, loaded like a reward function. DPO and ILQL are offline and live in ``llmrl.trainers.dpo`` and ``llmrl.trainers.ilql``.
+subclass defined anywhere, loaded like a reward function. DPO and ILQL are offline and live in ``llmrl.trainers.dpo``
+and ``llmrl.trainers.ilql``.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
                                  "ilql.awac_scale": q.awac_scale, "ilql.alpha": q.alpha,
                                  "ilql.steps_for_target_q_sync": q.steps_for_target_q_sync, "ilql.beta": q.beta,
                                  "ilql.batch_size": q.batch_size})),
-                ("KL", f"none: the AWAC term (the LM's likelihood of the logged answers, ilql.awac_scale={q.awac_scale}) "
-                       f"keeps the policy near the log")]
+                ("KL", f"none: the AWAC term (the LM's likelihood of the logged answers, "
+                       f"ilql.awac_scale={q.awac_scale}) keeps the policy near the log")]
     if cfg.algorithm in OFFLINE:
         d = cfg.dpo
         return [("dpo", listed({"dpo.loss": d.loss, "dpo.beta": d.beta, "dpo.batch_size": d.batch_size})),

@@ -270,7 +270,8 @@ class Trainer:
                 after = self.evaluate()
                 self.hooks.call("on_evaluate", self.step, eval_metrics(after))
             if not stats:  # the last training step's metrics, from the log
-                rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r or "loss/ilql" in r] if main else []
+                rows = [r for r in read_log(self.run_dir) if {"reward/mean", "loss/dpo", "loss/ilql"} & set(r)
+                        ] if main else []
                 stats = rows[-1] if rows else {}
         self.save_checkpoint(self.checkpoint_path(self.step))
         final = self.save_checkpoint(self.run_dir / "final")
