@@ -147,6 +147,28 @@ def test_two_ranks_halves_average_to_the_whole_batch():
     assert ilql_loss(**half(slice(0, 2)), **settings)[0].item() != pytest.approx(halves[0].item(), abs=1e-3)
 
 
+def test_float32_targets_beside_bf16_heads_follow_a_small_alpha():
+    """DeepSpeed's bf16 casts the heads; the trainer keeps the targets in float32, where a Polyak step of alpha 1e-3
+    is exact, not rounded as in bf16 (8 bits of mantissa: measured off by 40% of the step on average, 0 for 22%)."""
+    from llmrl.models.ilql_heads import ILQLHeads
+
+    torch.manual_seed(0)
+    heads = ILQLHeads(4, 6).bfloat16()
+    for p in heads.q_heads.parameters():
+        p.data.add_(1.0)  # every Q weight 1 above its target: each target should move by 1e-3
+    bf16_before = [t.detach().float() for t in heads.target_q_heads.parameters()]
+    heads.sync_targets(1e-3)
+    moved = torch.cat([(t.float() - b).flatten() for t, b in zip(heads.target_q_heads.parameters(), bf16_before)])
+    assert (moved - 1e-3).abs().mean() > 2.5e-4  # what the float32 targets avoid
+    heads.target_q_heads.float()
+    before = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    heads.sync_targets(1e-3)
+    for t, b, q in zip(heads.target_q_heads.parameters(), before, heads.q_heads.parameters()):
+        assert t.dtype == torch.float32 and torch.allclose(t, 0.999 * b + 1e-3 * q.float(), atol=1e-7)
+    qs, target, v = heads(torch.randn(2, 3, 4))  # every head reads the hidden state in its own dtype
+    assert qs[0].dtype == v.dtype == torch.bfloat16 and target.dtype == torch.float32
+
+
 def test_action_states_refuses_token_zero():
     with pytest.raises(ValueError, match="token 0"):
         action_states(torch.tensor([[True, False]]))
@@ -530,3 +552,17 @@ def test_a_row_too_long_stops_the_command_in_one_line_before_training(tmp_path, 
                       f"ilql.data={data}", "ilql.batch_size=8", "run.progress=false", "run.device=cpu"], ranks=0)
     assert_one_line(out, "ilql.data: row 8 (counting from 0) has 45 tokens", "shorten or remove the row")
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_the_trainer_keeps_the_targets_in_float32_after_a_bf16_cast(tiny_model_dir, tmp_path):
+    from llmrl.distributed.strategy import SingleProcess
+
+    class CastsLikeDeepSpeed(SingleProcess):  # DeepSpeed's bf16 casts the module it is given
+        def prepare(self, model, *args):
+            model.ilql_heads.bfloat16()
+            return super().prepare(model, *args)
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, strategy=CastsLikeDeepSpeed("cpu"))
+    assert {p.dtype for p in trainer.heads.target_q_heads.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.heads.q_heads.parameters()} == {torch.bfloat16}
+    assert math.isfinite(trainer.train_step()["loss/ilql"])

@@ -94,6 +94,9 @@ class ILQLTrainer(Trainer):
         # with them for saving and checked with them for NaN; the targets (requires_grad False) are not trained
         policy.ilql_heads = ILQLHeads(config.hidden_size, config.vocab_size, c.two_qs).to(strategy.device)
         super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward)
+        # DeepSpeed's bf16/fp16 casts the whole module: the targets move by alpha (1e-3) of a difference per sync,
+        # which bf16 rounds away, so they stay in float32 (never trained: no optimizer holds them)
+        self.heads.target_q_heads.float()
 
     @property
     def heads(self) -> ILQLHeads:
