@@ -431,6 +431,11 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
 
         trainer = KTOTrainer(cfg, policy, tokenizer, load_labelled(cfg.kto.data), eval_rows, strategy, run_dir,
                              eval_reward or reward)
+    elif cfg.algorithm == "ilql":
+        from llmrl.trainers.ilql import ILQLTrainer, load_logged_rows
+
+        trainer = ILQLTrainer(cfg, policy, tokenizer, load_logged_rows(cfg, tokenizer, context), eval_rows, strategy,
+                              run_dir, eval_reward or reward)
     else:
         trainer = OnlineTrainer(cfg, policy, tokenizer, reward, train_rows, eval_rows, strategy, run_dir, eval_reward)
     trainer.process_started = started

@@ -160,7 +160,8 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     total_steps: int = opt(100, "Training steps: one rollout and its updates each (online algorithms), or one "
-                                "optimizer step on dpo.batch_size pairs (dpo) or kto.batch_size answers (kto).")
+                                "optimizer step on dpo.batch_size pairs (dpo), kto.batch_size answers (kto) or "
+                                "ilql.batch_size logged answers (ilql).")
     rollout_batch_size: int = opt(64, "Sequences per rollout, over all ranks: prompts x completions per prompt "
                                       "(critic_free.num_generations for the group estimators, 1 for ppo).")
     mini_batch_size: int = opt(16, "Sequences per optimizer step, over all ranks.")
@@ -453,9 +454,10 @@ class Sizes:
 class Config:
     algorithm: str = opt("ppo", "ppo (critic + GAE); grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo "
                                 "(critic-free, see critic_free); dpo (offline, from preference pairs, see dpo); "
-                                "kto (offline, from answers labelled good or bad, see kto); sft (supervised "
-                                "fine-tuning, see sft; run by llmrl sft); or an Estimator subclass of your own: "
-                                "path/to/file.py:Class or package.module:Class.")
+                                "kto (offline, from answers labelled good or bad, see kto); ilql (offline, from "
+                                "logged answers with a reward, see ilql); sft (supervised fine-tuning, see sft; run "
+                                "by llmrl sft); or an Estimator subclass of your own: path/to/file.py:Class or "
+                                "package.module:Class.")
     model: ModelConfig = opt(ModelConfig(), "The policy.")
     lora: LoraConfig | None = opt(LoraConfig(), "The trained LoRA adapter; null trains all weights (full "
                                                 "fine-tuning; the RL reference is then a frozen copy of the "
@@ -495,8 +497,8 @@ class Config:
         """Every size derived from train: and the world size; a size that does not divide is a ConfigError naming
         the nearest values that do (``world_size`` ranks, ``group_size`` completions per prompt)."""
         t, k, ranks = self.train, self.group_size, f"{world_size} ranks"
-        if self.algorithm in ("dpo", "kto"):  # no rollouts: one optimizer step per dpo/kto.batch_size, split over
-            return Sizes(world_size, 0, 1, 1, t.total_steps)  # the ranks (strategy.accumulation checks that)
+        if self.algorithm in ("dpo", "kto", "ilql"):  # one optimizer step per step, on their own batch (dpo, kto,
+            return Sizes(world_size, 0, 1, 1, t.total_steps)  # ilql.batch_size): train's rollout sizes do not apply
         if t.rollout_batch_size % (world_size * k):
             what = ("the world size" if k == 1 else "critic_free.num_generations" if world_size == 1 else
                     f"the world size x critic_free.num_generations = {world_size} x {k}")
@@ -526,7 +528,7 @@ class Config:
                               f"{t.micro_batch_size}: use train.micro_batch_size = {micros} (sequences per forward on "
                               f"one rank)" + (f", or train.mini_batch_size = {minis}" if minis else ""))
         accum = local_mini // t.micro_batch_size
-        optimizer_steps = t.total_steps if self.algorithm == "dpo" else t.total_steps * t.epochs * num_mini
+        optimizer_steps = t.total_steps * t.epochs * num_mini
         return Sizes(world_size, local_rollout, num_mini, accum, optimizer_steps)
 
     def validate(self) -> None:
@@ -649,6 +651,27 @@ class Config:
         t = self.data.task
         strings = sum(len(t.alphabet) ** n for n in range(max(t.min_len, 1), max(t.max_len, 0) + 1)) \
             if self.data.source.startswith("task:") and t.max_len <= 64 else 0
+        q = self.ilql
+        checks += [  # ILQL (algorithm: ilql)
+            (self.algorithm != "ilql" or q.data != "", "ilql.data",
+             "is empty: algorithm ilql needs logged answers with a reward (prompt, completion, reward)"),
+            (self.env.name == "" or self.algorithm != "ilql", "algorithm",
+             "is ilql with an env.name: ILQL learns from logged answers (ilql.data) and plays no episodes; remove "
+             "env or pick an online algorithm"),
+            (0 < q.tau < 1, "ilql.tau", f"is {q.tau}: must be in (0, 1) (0.5: V is the mean of Q; 0.7 the paper's)"),
+            (0 <= q.gamma <= 1, "ilql.gamma", f"is {q.gamma}: must be in [0, 1] (a discount per token, e.g. 0.99)"),
+            (q.cql_scale >= 0, "ilql.cql_scale", f"is {q.cql_scale}: must be >= 0 (0: no CQL term)"),
+            (q.awac_scale >= 0, "ilql.awac_scale", f"is {q.awac_scale}: must be >= 0 (0: the LM is not trained)"),
+            (0 < q.alpha <= 1, "ilql.alpha",
+             f"is {q.alpha}: must be in (0, 1] (1 copies the Q heads into the targets)"),
+            (q.steps_for_target_q_sync >= 1, "ilql.steps_for_target_q_sync",
+             f"is {q.steps_for_target_q_sync}: must be at least 1 (optimizer steps between target updates)"),
+            (q.batch_size >= 1, "ilql.batch_size", f"is {q.batch_size}: must be at least 1"),
+            (q.top_k >= 0, "ilql.top_k", f"is {q.top_k}: must be >= 0 (0 keeps every token)"),
+            (self.algorithm != "ilql" or self.reward.normalize == "none", "reward.normalize",
+             f"is {self.reward.normalize!r} with algorithm ilql, which trains on the logged rewards as given (the "
+             f"reward section only scores evaluations): remove reward.normalize, or scale ilql.data's rewards"),
+        ]
         checks += [
             (self.ppo.kl_horizon > 0, "ppo.kl_horizon", f"is {self.ppo.kl_horizon}: must be > 0 (sequences; e.g. 10000)"),
             (self.ppo.kl_target > 0, "ppo.kl_target", f"is {self.ppo.kl_target}: must be > 0 (e.g. 6)"),
@@ -1031,6 +1054,7 @@ def upgrade_saved_config(data: dict) -> dict:
 PATH_KEYS = {
     "Config": ("algorithm", "model.name_or_path", "model.tokenizer", "data.source", "data.eval_source", "dpo.data",
                "kto.data",
+               "ilql.data",
                "reward.function", "reward.eval_function", "reward.components[].function",
                "reward.components[].text_fn", "reward.components[].model", "env.name", "deepspeed.config_file",
                "warm_start.base"),

@@ -94,7 +94,7 @@ def test_the_registry_holds_every_built_in_and_checks_their_settings(tiny_model_
     with pytest.raises(ConfigError, match="critic_free.clip_range_high is 0.0: CISPO caps the weight"):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=cispo", "critic_free.clip_range_high=0")
     with pytest.raises(ConfigError, match="algorithm is 'grpoo': use ppo, grpo, rloo, reinforce, dr_grpo, dapo, "
-                                          "gspo, cispo, sapo, dpo, kto, sft, or name an Estimator subclass"):
+                                          "gspo, cispo, sapo, dpo, kto, ilql, sft, or name an Estimator subclass"):
         tiny_config(tiny_model_dir, tmp_path, "algorithm=grpoo")
 
 

@@ -24,8 +24,8 @@ FAST_TESTS = ["tests/test_wiring.py", "tests/test_aggregation.py", "tests/test_r
               "tests/test_algorithms.py", "tests/test_rewards_data.py", "tests/test_api.py", "tests/test_engine.py",
               "tests/test_config.py", "tests/test_policy.py",
               "tests/test_algorithm_wording.py", "tests/test_tune_space.py", "tests/test_tune_search.py",
-              "tests/test_tune_report.py", "tests/test_tune_pbt.py", "tests/test_kto.py", "tests/test_ilql_sampling.py",
-              "tests/test_ilql_distill.py"]
+              "tests/test_tune_report.py", "tests/test_tune_pbt.py", "tests/test_kto.py", "tests/test_ilql.py",
+              "tests/test_ilql_sampling.py", "tests/test_ilql_distill.py"]
 
 O, A = "llmrl/trainers/online.py", "llmrl/algorithms"
 # (file, what is there, what replaces it, what the mutant means)
@@ -162,6 +162,19 @@ MUTANTS = [
      "distillation's teacher is the student as it trains"),
     ("llmrl/trainers/ilql_distill.py", "(s / total).backward()", "(-s / total).backward()",
      "distillation maximises the KL to the ILQL policy"),
+    ("llmrl/rl/ilql.py", "loss = loss_q + loss_v + cql_scale * loss_cql",
+     "loss = loss_q + loss_v - cql_scale * loss_cql", "ILQL's CQL term with the wrong sign"),
+    ("llmrl/rl/ilql.py", "q_target = rewards.float() + gamma * next_values", "q_target = rewards.float() + next_values",
+     "ILQL's Q target drops gamma"),
+    ("llmrl/rl/ilql.py", "advantage = target_taken - values", "advantage = torch.stack(q_taken).amin(0) - values",
+     "ILQL's V regresses onto the online Q heads, not the targets"),
+    ("llmrl/rl/ilql.py", "torch.where(dones.bool() | ~mask,", "torch.where(~mask,",
+     "ILQL's Q target reads V after the last action"),
+    ("llmrl/trainers/ilql.py", "gamma=c.gamma, tau=c.tau", "gamma=c.tau, tau=c.tau", "ILQLTrainer passes tau as gamma"),
+    ("llmrl/trainers/ilql.py", "self.heads.sync_targets(self.cfg.ilql.alpha)",
+     "self.heads.sync_targets(1 - self.cfg.ilql.alpha)", "ILQL's Polyak rate is 1 - alpha"),
+    ("llmrl/trainers/ilql.py", "        self.heads.load(path / HEADS_FILE, self.device)", "        pass",
+     "ILQL's heads are not loaded on resume"),
 ]
 
 

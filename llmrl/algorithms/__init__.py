@@ -2,8 +2,8 @@
 
 Built in: ppo (critic + GAE), grpo, rloo, reinforce, dr_grpo, dapo, gspo, cispo, sapo (critic-free; see each module's
 docstring). ``algorithm: path/to/file.py:Class`` or ``package.module:Class`` selects an ``Estimator``
-subclass defined anywhere, loaded like a reward function. DPO and KTO are offline and live in ``llmrl.trainers.dpo``
-and ``llmrl.trainers.kto``.
+subclass defined anywhere, loaded like a reward function. DPO, KTO and ILQL are offline and live in
+``llmrl.trainers.dpo``, ``llmrl.trainers.kto`` and ``llmrl.trainers.ilql``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from llmrl.algorithms import ppo, grpo, rloo, reinforce, dr_grpo, dapo, gspo, ci
 from llmrl.algorithms.base import ESTIMATORS, Estimator, GroupEstimator, SequenceEstimator, register
 from llmrl.errors import ConfigError
 
-OFFLINE = ("dpo", "kto", "sft")  # algorithms without rollouts, hence without an estimator (sft: llmrl.trainers.sft)
+OFFLINE = ("dpo", "kto", "ilql", "sft")  # algorithms without rollouts, hence without an estimator (sft: llmrl.trainers.sft)
 
 
 _LOADED: dict[str, type[Estimator]] = {}  # classes named by a path, imported once per process
@@ -59,6 +59,14 @@ def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
                                 "kto.undesirable_weight": k.undesirable_weight, "kto.batch_size": k.batch_size})),
                 ("KL", f"KTO's reference point: the KL to the reference (the adapter disabled) on mismatched pairs, "
                        f"kto.beta={k.beta}")]
+    if cfg.algorithm == "ilql":
+        q = cfg.ilql
+        return [("ilql", listed({"ilql.tau": q.tau, "ilql.gamma": q.gamma, "ilql.cql_scale": q.cql_scale,
+                                 "ilql.awac_scale": q.awac_scale, "ilql.alpha": q.alpha,
+                                 "ilql.steps_for_target_q_sync": q.steps_for_target_q_sync, "ilql.beta": q.beta,
+                                 "ilql.batch_size": q.batch_size})),
+                ("KL", f"none: the AWAC term (the LM's likelihood of the logged answers, "
+                       f"ilql.awac_scale={q.awac_scale}) keeps the policy near the log")]
     if cfg.algorithm in OFFLINE:
         d = cfg.dpo
         return [("dpo", listed({"dpo.loss": d.loss, "dpo.beta": d.beta, "dpo.batch_size": d.batch_size})),

@@ -19,6 +19,8 @@ PANELS = [  # (title, keys): a panel is drawn when the run logged one of its key
     ("KTO: loss", ["loss/kto"]),
     ("KTO: beta x log-ratio, desirable and undesirable", ["rewards/chosen", "rewards/rejected"]),
     ("KTO: reference point z0 (KL on mismatched pairs)", ["kl"]),
+    ("ILQL: losses", ["loss/q", "loss/v", "loss/cql", "loss/awac"]),
+    ("ILQL: Q, V and the advantage Q - V on the logged tokens", ["ilql/q_mean", "ilql/v_mean", "ilql/advantage_mean"]),
     ("seconds per phase", ["time/generate", "time/reward", "time/forward", "time/update", "time/step"]),
     ("episode success rate", ["env/success", "eval/success"]),
     ("turns per episode", ["env/turns", "eval/turns"]),

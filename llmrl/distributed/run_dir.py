@@ -26,7 +26,8 @@ RUN_MARK = ".llmrl-run"
 RUN_ENTRY = re.compile(rf"^(log\.jsonl|log\.tmp|summary\.json|tensorboard|wandb|final|curves\.png|step-\d+|base|"
                        rf"schedule\.yaml|replay\.yaml|"
                        rf"{re.escape(RUN_MARK)}|{re.escape(LOCK_FILE)})$")
-CHECKPOINT_ENTRY = re.compile(rf"^(adapter|model|value_head\.safetensors|{re.escape(COMPLETE_MARK)}|config\.yaml|tokenizer|"
+CHECKPOINT_ENTRY = re.compile(rf"^(adapter|model|value_head\.safetensors|ilql_heads\.safetensors|"
+                              rf"{re.escape(COMPLETE_MARK)}|config\.yaml|tokenizer|"
                               rf"base_fingerprint\.json|rng_rank\d+\.pt|deepspeed|eval|{re.escape(OWNED_MARK)})$")
 CHECKPOINT_FOLDER = re.compile(r"^(final|step-\d+)$")
 EVAL_ENTRY = re.compile(r"^eval\.(json|md)$")

@@ -489,22 +489,15 @@ def announce_op_build(builder_class: str, purpose: str, main: bool) -> None:
 def accumulation(cfg, world_size: int) -> tuple[int, int]:
     """(microbatches per optimizer step on one rank, sequences per microbatch) of ``cfg`` on ``world_size`` ranks; a
     size that does not divide is a ConfigError naming the nearest values that do."""
-    if cfg.algorithm == "dpo":  # one microbatch: the rank's share of dpo.batch_size
-        if cfg.dpo.batch_size % world_size:
+    if cfg.algorithm in ("dpo", "kto", "ilql"):  # one microbatch: the rank's share of dpo/kto/ilql.batch_size
+        size = getattr(cfg, cfg.algorithm).batch_size
+        if size % world_size:
             from llmrl.config import nearest_sizes
 
-            raise ConfigError(f"dpo.batch_size = {cfg.dpo.batch_size} is not divisible by the world size = "
-                              f"{world_size}: use dpo.batch_size = "
-                              f"{nearest_sizes(cfg.dpo.batch_size, lambda n: n % world_size == 0)}")
-        return 1, cfg.dpo.batch_size // world_size
-    if cfg.algorithm == "kto":  # one microbatch: the rank's share of kto.batch_size
-        if cfg.kto.batch_size % world_size:
-            from llmrl.config import nearest_sizes
-
-            raise ConfigError(f"kto.batch_size = {cfg.kto.batch_size} is not divisible by the world size = "
-                              f"{world_size}: use kto.batch_size = "
-                              f"{nearest_sizes(cfg.kto.batch_size, lambda n: n % world_size == 0)}")
-        return 1, cfg.kto.batch_size // world_size
+            raise ConfigError(f"{cfg.algorithm}.batch_size = {size} is not divisible by the world size = "
+                              f"{world_size}: use {cfg.algorithm}.batch_size = "
+                              f"{nearest_sizes(size, lambda n: n % world_size == 0)}")
+        return 1, size // world_size
     return cfg.sizes(world_size).grad_accum_steps, cfg.train.micro_batch_size
 
 

@@ -23,6 +23,11 @@ def _mlp(hidden_size: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, out))
 
 
+def _run(head: nn.Sequential, hidden: torch.Tensor) -> torch.Tensor:
+    """``head`` on ``hidden`` in the head's own dtype (the targets may be kept in float32 beside bf16 heads)."""
+    return head(hidden.to(head[0].weight.dtype))
+
+
 class ILQLHeads(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True):
         super().__init__()
@@ -34,18 +39,16 @@ class ILQLHeads(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(B, T, H) hidden states -> (the Q heads' values [(B, T, V)], the targets' minimum (B, T, V), no
         gradient, V (B, T))."""
-        hidden = hidden.to(self.v_head[0].weight.dtype)
-        qs = [head(hidden) for head in self.q_heads]
+        qs = [_run(head, hidden) for head in self.q_heads]
         with torch.no_grad():
-            target = torch.stack([head(hidden) for head in self.target_q_heads]).amin(0)
-        return qs, target, self.v_head(hidden).squeeze(-1)
+            target = torch.stack([_run(head, hidden) for head in self.target_q_heads]).amin(0)
+        return qs, target, _run(self.v_head, hidden).squeeze(-1)
 
     @torch.no_grad()
     def advantage(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> Q_target(s, a) - V(s) for every token a: (..., V)."""
-        hidden = hidden.to(self.v_head[0].weight.dtype)
-        target = torch.stack([head(hidden) for head in self.target_q_heads]).amin(0)
-        return target - self.v_head(hidden)
+        target = torch.stack([_run(head, hidden) for head in self.target_q_heads]).amin(0)
+        return target - _run(self.v_head, hidden)
 
     @torch.no_grad()
     def sync_targets(self, alpha: float) -> None:

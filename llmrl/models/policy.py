@@ -259,6 +259,14 @@ class Policy(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
 
+    def logits_and_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(B, L) ids and mask -> logits (B, L, V) and the last hidden state (B, L, H), which heads other than the
+        value head read (ILQL's Q and V heads)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
+                         use_cache=False)
+        return out.logits, out.hidden_states[-1]
+
     def response_outputs(self, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
                          response_mask: torch.Tensor, with_values: bool = True):
         """(B, P) left-padded prompts and (B, T) responses -> logits (B, T, V) of the positions that predict

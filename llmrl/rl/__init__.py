@@ -29,6 +29,7 @@ from llmrl.rl.critic_free import RunningBaseline, grpo_advantages, rloo_advantag
 from llmrl.rl.gated import cispo_loss, sapo_loss
 from llmrl.rl.dpo import dpo_loss
 from llmrl.rl.kto import kto_loss
+from llmrl.rl.ilql import action_states, gather_states, ilql_loss, terminal_rewards
 from llmrl.rl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from llmrl.rl.sequence import informative_groups, sequence_policy_loss
 from llmrl.rl.ppo import (
@@ -47,6 +48,10 @@ __all__ = [
     "RunningBaseline",
     "dpo_loss",
     "kto_loss",
+    "action_states",
+    "gather_states",
+    "ilql_loss",
+    "terminal_rewards",
     "grpo_advantages",
     "informative_groups",
     "sequence_policy_loss",

@@ -270,8 +270,8 @@ class Trainer:
                 after = self.evaluate()
                 self.hooks.call("on_evaluate", self.step, eval_metrics(after))
             if not stats:  # the last training step's metrics, from the log
-                rows = [r for r in read_log(self.run_dir) if "reward/mean" in r or "loss/dpo" in r
-                        or "loss/kto" in r] if main else []
+                rows = [r for r in read_log(self.run_dir)
+                        if {"reward/mean", "loss/dpo", "loss/kto", "loss/ilql"} & set(r)] if main else []
                 stats = rows[-1] if rows else {}
         self.save_checkpoint(self.checkpoint_path(self.step))
         final = self.save_checkpoint(self.run_dir / "final")
@@ -315,6 +315,13 @@ class Trainer:
             done = f"no checkpoint was saved ({why}); {last_checkpoint_text(self.run_dir)}"
         raise Terminated(f"terminated (SIGTERM) at step {self.step}: {done}")
 
+    def save_extra_weights(self, folder: Path) -> None:
+        """Weights this trainer adds beside the adapter and value head (ILQL's heads), written by the main rank with
+        the trainable parameters gathered."""
+
+    def load_extra_weights(self, path: Path) -> None:
+        """Restores what ``save_extra_weights`` wrote into checkpoint ``path``."""
+
     def extra_state(self) -> dict:
         """What this trainer adds to a checkpoint's trainer_state.pt (tensors, numbers, strings only)."""
         return {}
@@ -357,7 +364,8 @@ class Trainer:
         if self.strategy.all_reduce_sum(torch.tensor(float(bad), device=self.device)).item() == 0:
             return
         last = latest_checkpoint(self.run_dir)
-        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "loss/kto", "optim/grad_norm")
+        shown = ", ".join(f"{k} {stats[k]:.3g}" for k in ("loss/policy", "loss/dpo", "loss/kto", "loss/ilql",
+                                                          "optim/grad_norm")
                           if isinstance(stats.get(k), float))
         raise RunStopped(f"step {step}: training diverged: {bad} trainable tensors hold NaN or inf ({shown}); nothing "
                          f"of this step was saved. Last good checkpoint: {last or 'none yet'}. Lower train.lr (or clip "
@@ -423,6 +431,7 @@ class Trainer:
                                               **({"max_shard_size": "10000GB"} if self.policy.full_fine_tuning else {}))
             save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       tmp / "value_head.safetensors")
+            self.save_extra_weights(tmp)
 
         def write_rest() -> None:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -558,6 +567,7 @@ class Trainer:
         except RuntimeError as e:  # wrong shapes
             raise ConfigError(f"checkpoint {path}: value_head.safetensors does not fit this model "
                               f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
+        self.load_extra_weights(path)
 
     def load_full_weights(self, path: Path) -> None:
         """Full fine-tuning: the whole model and the value head of checkpoint ``path`` (tied weights are saved once
@@ -575,6 +585,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {path}: model/model.safetensors does not fit this model "
                               f"({str(e).splitlines()[0][:150]}): use the config it was trained with") from None
         self.policy.value_head.load_state_dict(read_weights(path / "value_head.safetensors", self.device))
+        self.load_extra_weights(path)
 
     def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
         """Continue from checkpoint ``path``; ``state``: its trainer_state.pt, when the caller has read it already."""

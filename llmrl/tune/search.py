@@ -127,6 +127,9 @@ def logged_metrics(cfg) -> set[str]:
 
     names = {"eval/reward"} if cfg.data.eval_size > 0 else set()
     times = {"time/step", "memory/peak_gib", "optim/grad_norm", "optim/lr"}
+    if cfg.algorithm == "ilql":  # ILQLTrainer.train_step, llmrl.rl.ilql.ilql_loss
+        return names | times | {"loss/ilql", "loss/q", "loss/v", "loss/cql", "loss/awac", "ilql/actions"} | {
+            f"ilql/{name}_{stat}" for name in ("q", "target_q", "v", "advantage") for stat in ("mean", "min", "max")}
     if cfg.algorithm in OFFLINE:
         return names | times | {"loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"}
     estimator = make_estimator(cfg)
