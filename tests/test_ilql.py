@@ -283,17 +283,18 @@ def test_a_multi_turn_answer_trains_only_the_assistants_tokens(chat_model_dir):
 @pytest.mark.parametrize("rewarded", ["right", "wrong"])
 def test_ilql_learns_which_logged_answer_is_rewarded(tiny_model_dir, tmp_path, rewarded):
     # Each prompt has its right answer and a wrong one; only one of them earns reward 1. The summed advantage of the
-    # rewarded answers must end above the others' by a clear margin, whichever is rewarded (at initialisation the
-    # right answers happen to lead: the "wrong" case must overturn that).
+    # rewarded answers must end above the others' by a clear margin, whichever is rewarded. The heads start at zero
+    # (the policy is the LM at first), so every answer's advantage starts at exactly 0.
     data = logged_file(tmp_path / "logged.jsonl", chosen_reward=float(rewarded == "right"),
                        rejected_reward=float(rewarded == "wrong"))
     trainer = ilql_trainer(tiny_model_dir, tmp_path, "train.lr=1e-2", "ilql.alpha=0.1", "ilql.batch_size=16",
                            "ilql.steps_for_target_q_sync=1", data=data)
     right, wrong = list(range(0, 32, 2)), list(range(1, 32, 2))
+    assert summed_advantages(trainer, right).abs().max() == summed_advantages(trainer, wrong).abs().max() == 0
     for _ in range(60):
         stats = trainer.train_step()
     gap = summed_advantages(trainer, right).mean() - summed_advantages(trainer, wrong).mean()
-    assert (gap if rewarded == "right" else -gap) > 0.25
+    assert (gap if rewarded == "right" else -gap) > 0.15
     for key in ("ilql/q_mean", "ilql/v_mean", "ilql/advantage_mean", "loss/ilql", "loss/q", "loss/v", "loss/cql",
                 "loss/awac"):
         assert math.isfinite(stats[key]), key
@@ -512,8 +513,27 @@ def test_evaluation_decodes_greedily_from_the_shifted_logits(tiny_model_dir, tmp
     trainer.cfg.ilql.beta = 100.0
     exp = trainer.generate(prompts, greedy=True)
     assert exp.response.tolist() == [[c] * 6] * 3 and not exp.ended.any()
+    with trainer.policy.reference():  # the reference (as evaluation's "before") is the LM alone, heads or not
+        assert (trainer.generate(prompts, greedy=True).response != c).any()
     trainer.cfg.ilql.beta = 0.0  # the LM alone, through the shared decoder
     assert (trainer.generate(prompts, greedy=True).response != c).any()
+
+
+def test_llmrl_eval_of_a_checkpoint_decodes_after_training_through_its_heads(tiny_model_dir, tmp_path):
+    """evaluate_checkpoint (llmrl eval) loads the saved heads: "after" answers come from the shifted logits at the
+    ilql.beta given at evaluation time, "before" (the base) from the LM alone."""
+    from llmrl.trainers.evaluate import evaluate_checkpoint
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "generation.max_new_tokens=4", "data.eval_size=3")
+    c = trainer.tokenizer.convert_tokens_to_ids("c")
+    for head in trainer.heads.target_q_heads:
+        head[-1].bias.data[c] = 10.0  # Q_target - V = 10 on "c", 0 elsewhere (the heads start at zero)
+    trainer.save_checkpoint(tmp_path / "run" / "step-1")
+    result = evaluate_checkpoint(tmp_path / "run" / "step-1", overrides=["ilql.beta=100"], n_samples=3)
+    assert [s["after"] for s in result["samples"]] == ["cccc"] * 3
+    assert all(s["before"] != "cccc" for s in result["samples"])
+    result = evaluate_checkpoint(tmp_path / "run" / "step-1", overrides=["ilql.beta=0"], n_samples=3)
+    assert [s["after"] for s in result["samples"]] == [s["before"] for s in result["samples"]]  # LM alone, untrained
 
 
 @pytest.mark.slow

@@ -36,6 +36,15 @@ class ILQLHeads(nn.Module):
         self.target_q_heads.requires_grad_(False)
         self.v_head = _mlp(hidden_size, 1)
 
+    @torch.no_grad()
+    def start_at_zero(self) -> None:
+        """Every head's output layer to zero (weights and bias): Q = V = 0, so the learned policy starts as the LM
+        itself at any beta (its evaluation before training is the base's), as llmrl's value head starts. The first
+        layers stay random, so the two Q heads still learn apart."""
+        for head in [*self.q_heads, *self.target_q_heads, self.v_head]:
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
     def forward(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(B, T, H) hidden states -> (the Q heads' values [(B, T, V)], the targets' minimum (B, T, V), no
         gradient, V (B, T))."""

@@ -234,6 +234,7 @@ class Policy(nn.Module):
         self.separate_critic = separate_critic
         self.base_fingerprint = base_fingerprint
         self.share_prompts = share_prompts  # encode each distinct prompt and the common prefix once (prompt_cache)
+        self.as_reference = False  # True inside ``reference()``
         self._keeps_logits: bool | None = None  # whether the model's forward takes logits_to_keep
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -331,17 +332,21 @@ class Policy(nn.Module):
     def reference(self):
         """The reference policy: the same base with the adapter disabled (no second copy of the weights); with full
         fine-tuning (``lora: null``), the frozen copy of the starting model that ``build_policy`` made."""
-        frozen = self.__dict__.get("frozen_reference")  # not a submodule: never trained, saved or handed to DeepSpeed
-        if frozen is not None:
-            trained = self._modules["model"]
-            self._modules["model"] = frozen
-            try:
+        self.as_reference = True  # read by what the trained policy adds on top of the LM (ILQL's heads)
+        try:
+            frozen = self.__dict__.get("frozen_reference")  # not a submodule: never trained, saved or given DeepSpeed
+            if frozen is not None:
+                trained = self._modules["model"]
+                self._modules["model"] = frozen
+                try:
+                    yield
+                finally:
+                    self._modules["model"] = trained
+                return
+            with self.keeping_trainable(), self.model.disable_adapter():
                 yield
-            finally:
-                self._modules["model"] = trained
-            return
-        with self.keeping_trainable(), self.model.disable_adapter():
-            yield
+        finally:
+            self.as_reference = False
 
     @property
     def full_fine_tuning(self) -> bool:

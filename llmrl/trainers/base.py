@@ -330,6 +330,18 @@ class Trainer:
         """Restores what ``extra_state`` saved."""
 
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
+        heads = getattr(self.policy, "ilql_heads", None)
+        if heads is not None and self.cfg.ilql.beta != 0 and not self.policy.as_reference:
+            # ILQL's learned policy: logits + ilql.beta * (Q_target - V), greedy on them or sampled from their
+            # ilql.top_k best, in llmrl's decode loop (vLLM cannot read the heads); the reference is the LM alone
+            from llmrl.rollout.engine import RolloutEngine
+            from llmrl.rollout.ilql import ilql_generate
+
+            engine = self.engine if isinstance(self.engine, RolloutEngine) else None
+            with self.strategy.generation_context(self.policy):
+                return ilql_generate(self.policy.model, heads, self.tokenizer, prompts, self.cfg.ilql.beta,
+                                     self.cfg.ilql.top_k, greedy=greedy, cfg=self.cfg.generation,
+                                     device=self.device, engine=engine, **self.strategy.generate_kwargs)
         if isinstance(self.engine, VLLMEngine):  # vLLM decodes: the model is only read, block by block
             context, kwargs = nullcontext(), {}
         else:

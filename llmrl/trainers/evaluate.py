@@ -35,6 +35,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
     trainer.load_weights(checkpoint)
     policy, eval_rows = trainer.policy, trainer.eval_rows
+    if cfg.algorithm == "ilql":  # "after" decodes from the learned policy, logits + ilql.beta * (Q - V)
+        from llmrl.trainers.ilql import attach_heads
+
+        attach_heads(policy, checkpoint, trainer.device, cfg.ilql.two_qs)
 
     with policy.reference():
         before = trainer.evaluate()

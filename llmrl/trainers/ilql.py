@@ -8,7 +8,7 @@ checkpoints (the heads saved as ``ilql_heads.safetensors`` beside the adapter), 
 
 Evaluation decodes from the learned policy, logits + ilql.beta * (Q_target - V) (``ILQLTrainer.generate``, greedy
 on the shifted logits unless run.eval_sampled); ilql.beta = 0 is the LM alone (the adapter the AWAC term trained).
-``llmrl eval --checkpoint`` evaluates the LM alone for now (it builds the online trainer, which has no heads).
+``llmrl eval --checkpoint`` does the same (``attach_heads``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from llmrl import rl
 from llmrl.config import ConfigError
 from llmrl.data.chat import render_prompt
 from llmrl.models.ilql_heads import HEADS_FILE, ILQLHeads, shifted_logits
-from llmrl.models.policy import context_length, position_ids_from_mask
-from llmrl.rollout.experience import Experience, right_padded, stops_of, truncate_at_eos
+from llmrl.models.policy import context_length
+from llmrl.rollout.experience import right_padded
 from llmrl.trainers.base import Trainer
 
 
@@ -93,6 +93,7 @@ class ILQLTrainer(Trainer):
         # a submodule of the policy: its parameters reach the optimizer and DeepSpeed with the adapter's, are gathered
         # with them for saving and checked with them for NaN; the targets (requires_grad False) are not trained
         policy.ilql_heads = ILQLHeads(config.hidden_size, config.vocab_size, c.two_qs).to(strategy.device)
+        policy.ilql_heads.start_at_zero()  # the policy starts as the LM: evaluation at step 0 is the base's
         super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward)
         # DeepSpeed's bf16/fp16 casts the whole module: the targets move by alpha (1e-3) of a difference per sync,
         # which bf16 rounds away, so they stay in float32 (never trained: no optimizer holds them)
@@ -168,52 +169,6 @@ class ILQLTrainer(Trainer):
         logits, hidden = self.policy.logits_and_hidden(input_ids, attention_mask)
         return shifted_logits(logits, self.heads.advantage(hidden), self.cfg.ilql.beta)
 
-    # ILQL's own decode loop, for evaluation only: RolloutEngine.generate has no place yet to shift the logits
-    # (a hook for it is coming); with that hook this method goes and the engine decodes for ILQL too.
-    @torch.no_grad()
-    def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
-        """Completions of ``prompts`` from the learned policy: each token from logits + ilql.beta * (Q_target - V)
-        (Snell et al. 2022, sec. 4.3), greedy = their argmax, else sampled from their ilql.top_k best (trlX's
-        topk_mask) at generation.temperature. ilql.beta = 0 is the LM alone: the shared decoder then. One forward
-        per token with the KV cache; generation.stop strings end completions as elsewhere; the model must not be
-        partitioned (ZeRO-3 is refused for ILQL)."""
-        beta = self.cfg.ilql.beta
-        if beta == 0:
-            return super().generate(prompts, greedy)
-        g, model, eos = self.cfg.generation, self.policy.model, self.tokenizer.eos_token_id
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        query, mask = enc["input_ids"], enc["attention_mask"]
-        step_ids, past, tokens = query, None, []
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        greedy = greedy or not g.do_sample
-        for _ in range(g.max_new_tokens):
-            positions = position_ids_from_mask(mask)[:, -step_ids.shape[1]:]
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True, output_hidden_states=True)
-            past = out.past_key_values
-            hidden = out.hidden_states[-1][:, -1]
-            scores = shifted_logits(out.logits[:, -1], self.heads.advantage(hidden), beta)
-            if greedy:
-                token = scores.argmax(-1)
-            else:
-                k = self.cfg.ilql.top_k
-                if 0 < k < scores.shape[-1]:
-                    kth = scores.topk(k, -1).values[:, -1:]
-                    scores = scores.masked_fill(scores < kth, float("-inf"))
-                token = torch.multinomial(torch.softmax(scores / g.temperature, -1), 1).squeeze(-1)
-            token = torch.where(finished, torch.full_like(token, self.tokenizer.pad_token_id), token)
-            tokens.append(token)
-            finished |= token == eos
-            if bool(finished.all()):
-                break
-            step_ids = token[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        tokens = torch.stack(tokens, 1)
-        response, response_mask, ended = truncate_at_eos(tokens, eos, self.tokenizer.pad_token_id,
-                                                         stops_of(self.tokenizer, g, query, tokens))
-        return Experience(query=query, query_mask=enc["attention_mask"], response=response,
-                          response_mask=response_mask, ended=ended)
-
     # checkpoints: the heads (targets included) beside the adapter
     def save_extra_weights(self, folder) -> None:
         self.heads.save(folder / HEADS_FILE)
@@ -232,3 +187,18 @@ def load_logged_rows(cfg, tokenizer, context: int | None) -> list[dict]:
     rows = load_rewarded(cfg.ilql.data)
     check_logged_lengths(rows, tokenizer, context, "ilql.data")
     return rows
+
+
+def attach_heads(policy, checkpoint, device, two_qs: bool) -> None:
+    """Give ``policy`` (its adapter loaded from ``checkpoint``) the ILQL heads saved there, so that its trainer's
+    generation decodes from the learned policy (``Trainer.generate``), as ``llmrl eval`` needs."""
+    from pathlib import Path
+
+    from llmrl.trainers.base import read_weights
+
+    path = Path(checkpoint) / HEADS_FILE
+    read_weights(path, device)  # missing, damaged or not finite: one line naming it
+    config = policy.model.config.get_text_config()
+    heads = ILQLHeads(config.hidden_size, config.vocab_size, two_qs).to(device)
+    heads.load(path, device)
+    policy.ilql_heads = heads
