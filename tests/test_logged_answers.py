@@ -228,3 +228,31 @@ def test_an_output_path_that_is_a_file_is_one_line(tiny_model_dir, tmp_path, cap
     code, err = run_command(capsys, "--config", REPO / "configs" / "tiny.yaml", "--out", tmp_path / "logs",
                             "--per-prompt", 2, f"model.name_or_path={tiny_model_dir}")
     assert code == 2 and "is a file" in err and (tmp_path / "logs").read_text() == "mine"
+
+
+def test_llmrl_eval_judges_an_sft_run_on_the_logged_positives_against_the_base(tiny_model_dir, tmp_path):
+    """Filtered SFT's chain: log the base's answers, SFT on the positives (llmrl sft), then llmrl eval on that SFT
+    run's final/ (an adapter, no value head): "before" is the base, "after" the base with the SFT adapter."""
+    import llmrl
+    from llmrl.trainers.evaluate import evaluate_checkpoint
+    from llmrl.trainers.logs import log_answers
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "unused", "generation.max_new_tokens=6")
+    log_answers(cfg, tmp_path / "logs", per_prompt=2, max_prompts=40, threshold=0.0)  # every answer is positive
+    positives = tmp_path / "logs" / "positives.jsonl"
+    run = tmp_path / "sft"
+    llmrl.SFTTrainer(REPO / "configs" / "tiny.yaml", overrides=[
+        "algorithm=sft", f"model.name_or_path={tiny_model_dir}", f"sft.data={positives}",
+        f"sft.eval_data={positives}", "sft.eval_size=4", "sft.max_steps=6", "sft.batch_size=16", "sft.lr=3e-2",
+        f"run.output_dir={run}", "run.progress=false", "run.device=cpu"]).train()
+    judged = ["run.progress=false", "run.device=cpu", f"model.name_or_path={tiny_model_dir}", "data.eval_size=8",
+              "generation.max_new_tokens=6"]
+    result = evaluate_checkpoint(run / "final", REPO / "configs" / "tiny.yaml", tmp_path / "eval", 8, judged)
+    base = tiny_config(tiny_model_dir, tmp_path / "unused", "generation.max_new_tokens=6")
+    from helpers import make_trainer
+
+    trainer = make_trainer(base)
+    assert trainer.evaluate()["eval/reward"] == result["reward_before"]  # before: the base itself
+    base_texts = [c for _, c, _ in trainer.last_eval_samples]
+    assert [s["before"] for s in result["samples"]] == base_texts
+    assert [s["after"] for s in result["samples"]] != base_texts and result["kl_to_base"] > 0  # after: the adapter
