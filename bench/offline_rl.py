@@ -91,13 +91,13 @@ def llmrl(*args: str, log: Path) -> float:
     return time.time() - start
 
 
-def train_and_judge(recipe: str, method: str, seed: int, out: Path) -> dict:
+def train_and_judge(recipe: str, method: str, seed: int, out: Path, extra: list[str] = ()) -> dict:
     r = RECIPES[recipe]
     run = out / recipe / f"{method}-seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     # evaluation off while training (data.eval_size=0): every method is judged the same way afterwards
     settings = [*method_overrides(method, recipe), f"run.seed={seed}", f"run.output_dir={run}", "run.save_every=0",
-                "run.eval_every=0", "run.progress=false", "data.eval_size=0"]
+                "run.eval_every=0", "run.progress=false", "data.eval_size=0", *extra]
     command = "sft" if method == "sft" else "train"
     wall = llmrl(command, "--config", str(r["config"]), *settings, "--overwrite", log=run.parent / f"{run.name}.log")
     judge = [*method_overrides(method, recipe), f"data.eval_size={r['eval_size']}", "run.progress=false"]
@@ -105,7 +105,8 @@ def train_and_judge(recipe: str, method: str, seed: int, out: Path) -> dict:
           str(run / "eval"), log=run.parent / f"{run.name}-eval.log")
     result = json.loads((run / "eval" / "eval.json").read_text())
     return {"recipe": recipe, "method": method, "seed": seed, "reward": result["reward_after"],
-            "base": result["reward_before"], "kl_to_base": result["kl_to_base"], "wall_seconds": round(wall, 1)}
+            "base": result["reward_before"], "kl_to_base": result["kl_to_base"], "wall_seconds": round(wall, 1),
+            "extra": list(extra)}
 
 
 def table(rows: list[dict]) -> str:
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "offline-rl")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="more section.key=value settings for every training run (e.g. train.lr=1e-4)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -139,7 +142,7 @@ def main() -> None:
                 print(f"skipped {method} on {recipe}: this llmrl cannot train it yet ({why})", flush=True)
                 continue
             for seed in args.seeds:
-                row = train_and_judge(recipe, method, seed, args.out)
+                row = train_and_judge(recipe, method, seed, args.out, args.extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 (args.out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -110,6 +110,7 @@ def test_rewards_labels_and_pairs_by_hand():
     answers = [  # (prompt, text, the rule's score or None, ended)
         (0, "ba", 1.0, True),    # 1.0: positive
         (0, "ab", 0.0, True),    # 0.0: negative
+        (0, "aa", 0.0, True),    # 0.0: negative
         (0, "bab", 1.0, False),  # 1.0 - 0.5 = 0.5, equal to the threshold: positive
         (0, "", 1.0, True),      # empty: left out
         (0, "b\x00", 1.0, True),  # a NUL character, which the readers refuse: left out
@@ -121,20 +122,20 @@ def test_rewards_labels_and_pairs_by_hand():
     files, summary = logged_files(rows, "prompt", [{"prompt_index": i, "text": t, "raw": r, "ended": e}
                                                    for i, t, r, e in answers], cfg, threshold=0.5)
     assert [(r["prompt"], r["completion"], r["reward"]) for r in files["rewarded.jsonl"]] == [
-        ("ab>", "ba", 1.0), ("ab>", "ab", 0.0), ("ab>", "bab", 0.5), ("cd>", "dc", 2.0), ("cd>", "x", 0.9 - 0.5),
+        ("ab>", "ba", 1.0), ("ab>", "ab", 0.0), ("ab>", "aa", 0.0), ("ab>", "bab", 0.5), ("cd>", "dc", 2.0), ("cd>", "x", 0.9 - 0.5),
         ("ef>", "fe", -2.0)]
-    assert [r["label"] for r in files["labelled.jsonl"]] == [True, False, True, True, False, False]
+    assert [r["label"] for r in files["labelled.jsonl"]] == [True, False, False, True, True, False, False]
     assert files["positives.jsonl"] == [{"prompt": "ab>", "completion": c} for c in ("ba", "bab")] + [
         {"prompt": "cd>", "completion": "dc"}]
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in files["pairs.jsonl"]] == [
-        ("ab>", "ba", "ab"), ("ab>", "bab", "ab"), ("cd>", "dc", "x")]
+        ("ab>", "ba", "ab"), ("ab>", "ba", "aa"), ("ab>", "bab", "ab"), ("ab>", "bab", "aa"), ("cd>", "dc", "x")]
     assert {k: summary[k] for k in ("prompts", "answers", "written", "unusable", "unscored", "unfinished", "positives",
                                     "negatives", "pairs", "prompts_with_pairs")} == {
-        "prompts": 3, "answers": 9, "written": 6, "unusable": 2, "unscored": 1, "unfinished": 2, "positives": 3,
-        "negatives": 3, "pairs": 3, "prompts_with_pairs": 2}
-    assert summary["mean_raw_reward"] == pytest.approx((1 + 0 + 1 + 1 + 1 + 5 + 0.9 - 3) / 8, abs=1e-12)
-    assert summary["mean_reward"] == pytest.approx((1 + 0 + 0.5 + 2 + 0.4 - 2) / 6, abs=1e-12)
-    assert summary["positive_share"] == 0.5
+        "prompts": 3, "answers": 10, "written": 7, "unusable": 2, "unscored": 1, "unfinished": 2, "positives": 3,
+        "negatives": 4, "pairs": 5, "prompts_with_pairs": 2}
+    assert summary["mean_raw_reward"] == pytest.approx((1 + 0 + 0 + 1 + 1 + 1 + 5 + 0.9 - 3) / 9, abs=1e-12)
+    assert summary["mean_reward"] == pytest.approx((1 + 0 + 0 + 0.5 + 2 + 0.4 - 2) / 7, abs=1e-12)
+    assert summary["positive_share"] == pytest.approx(3 / 7, abs=1e-12)
 
 
 def test_conversations_are_logged_with_assistant_messages_and_held_out_prompts_never(chat_model_dir, tmp_path,
