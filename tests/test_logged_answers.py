@@ -122,7 +122,8 @@ def test_rewards_labels_and_pairs_by_hand():
     files, summary = logged_files(rows, "prompt", [{"prompt_index": i, "text": t, "raw": r, "ended": e}
                                                    for i, t, r, e in answers], cfg, threshold=0.5)
     assert [(r["prompt"], r["completion"], r["reward"]) for r in files["rewarded.jsonl"]] == [
-        ("ab>", "ba", 1.0), ("ab>", "ab", 0.0), ("ab>", "aa", 0.0), ("ab>", "bab", 0.5), ("cd>", "dc", 2.0), ("cd>", "x", 0.9 - 0.5),
+        ("ab>", "ba", 1.0), ("ab>", "ab", 0.0), ("ab>", "aa", 0.0), ("ab>", "bab", 0.5), ("cd>", "dc", 2.0),
+        ("cd>", "x", 0.9 - 0.5),
         ("ef>", "fe", -2.0)]
     assert [r["label"] for r in files["labelled.jsonl"]] == [True, False, False, True, True, False, False]
     assert files["positives.jsonl"] == [{"prompt": "ab>", "completion": c} for c in ("ba", "bab")] + [

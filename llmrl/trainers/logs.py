@@ -25,6 +25,7 @@ unusable, not written; so is an answer the reward does not apply to (None, with 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from llmrl.config import Config, ConfigError
-from llmrl.data.chat import as_completions
+from llmrl.data.chat import as_completions, render_prompts
 from llmrl.data.logged import completion_problem
 
 __all__ = ["log_answers", "FILES", "DEFAULT_THRESHOLD"]
@@ -99,15 +100,14 @@ def log_answers(cfg: Config, out: str | Path, per_prompt: int, max_prompts: int 
     bar = tqdm(total=len(samples), desc="log-answers", unit="answer", disable=not cfg.run.progress,
                dynamic_ncols=True)
     # with model.adapter the recipe starts from that adapter: log it; otherwise the base, the adapter disabled
-    base = torch.no_grad() if cfg.model.adapter else policy.reference()
-    with torch.no_grad(), base:
+    sampled = contextlib.nullcontext() if cfg.model.adapter else policy.reference()
+    with torch.no_grad(), sampled:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
             prompts = [r[column] for r in batch]
-            texts_in = [render(tokenizer, p) for p in prompts]
             with strategy.generation_context(policy):
-                exp = generate(policy.model, tokenizer, texts_in, cfg.generation, strategy.device, engine=engine,
-                               **strategy.generate_kwargs)
+                exp = generate(policy.model, tokenizer, render_prompts(tokenizer, prompts), cfg.generation,
+                               strategy.device, engine=engine, **strategy.generate_kwargs)
             texts = decode_completions(tokenizer, exp)
             extra = {k: [r[k] for r in batch] for k in batch[0] if k != column}
             ids = [r[m.bool()].tolist() for r, m in zip(exp.response, exp.response_mask)]
@@ -126,12 +126,6 @@ def log_answers(cfg: Config, out: str | Path, per_prompt: int, max_prompts: int 
                     "wall_seconds": round(time.perf_counter() - started, 2)})
     write_files(out, files, summary)
     return summary
-
-
-def render(tokenizer, prompt) -> str:
-    from llmrl.data.chat import render_prompt
-
-    return render_prompt(tokenizer, prompt)
 
 
 def check_arguments(per_prompt, max_prompts, threshold, batch_size) -> None:
