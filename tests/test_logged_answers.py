@@ -258,3 +258,13 @@ def test_llmrl_eval_judges_an_sft_run_on_the_logged_positives_against_the_base(t
     base_texts = [c for _, c, _ in trainer.last_eval_samples]
     assert [s["before"] for s in result["samples"]] == base_texts
     assert [s["after"] for s in result["samples"]] != base_texts and result["kl_to_base"] > 0  # after: the adapter
+
+
+def test_llmrl_eval_on_a_full_sft_run_says_what_to_do_in_one_line(tmp_path):
+    from llmrl.config import ConfigError
+    from llmrl.trainers.evaluate import evaluate_checkpoint
+
+    (tmp_path / "final" / "model").mkdir(parents=True)  # what llmrl sft with lora: null saves: no value head
+    with pytest.raises(ConfigError, match=r"lora: null; it has no base to compare with") as e:
+        evaluate_checkpoint(tmp_path / "final", REPO / "configs" / "tiny.yaml")
+    assert "\n" not in str(e.value) and f"model.name_or_path={tmp_path / 'final' / 'model'}" in str(e.value)
