@@ -9,6 +9,8 @@ COMMANDS = {
     "export": ("llmrl.cli.export", "a checkpoint as a plain transformers model (same as launch/export.py)"),
     "train-reward": ("llmrl.cli.train_reward", "a Bradley-Terry reward model (same as launch/train_reward.py)"),
     "serve-reward": ("llmrl.cli.serve_reward", "a config's reward over HTTP (same as launch/serve_reward.py)"),
+    "log-answers": ("llmrl.cli.log_answers", "a model's own sampled answers, scored, as offline-RL data (ILQL, KTO, "
+                                             "filtered SFT, DPO)"),
     "eval": ("llmrl.cli.evaluate", "reward and KL to the base on held-out prompts, samples before and after"),
     "plot": ("llmrl.cli.plot", "PNG curves of a run's metrics"),
     "tune": ("llmrl.cli.tune", "search a recipe's hyper-parameters (Optuna trials, each an ordinary run)"),

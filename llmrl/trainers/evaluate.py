@@ -1,5 +1,6 @@
 """``llmrl eval --checkpoint RUN/final``: reward and KL to the base on held-out prompts, with a table of
 greedy generations before (the base: adapter disabled) and after (the trained adapter), as JSON and Markdown.
+RUN may be an RL run or a LoRA ``llmrl sft`` run (its final/ holds the adapter and no value head).
 """
 from __future__ import annotations
 
@@ -32,8 +33,18 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
         raise ConfigError("data.eval_size is 0: the run had evaluation off, so it has no held-out prompts (a file "
                           "source was trained on in full); pass data.eval_source=FILE data.eval_size=N (prompts "
                           "it never saw; a task:NAME source needs only data.eval_size=N) to evaluate")
+    # an llmrl sft run's final/ (a LoRA adapter, no value head): the policy is the base with that adapter, as an RL
+    # run started from it (model.adapter) is; "before" is still the base, the adapter disabled
+    sft_adapter = not (checkpoint / "value_head.safetensors").is_file() and (checkpoint / "adapter").is_dir()
+    if sft_adapter:
+        cfg.model.adapter = str(checkpoint / "adapter")
+    elif not (checkpoint / "value_head.safetensors").is_file():
+        raise ConfigError(f"--checkpoint {str(checkpoint)!r} holds a whole model (model/) and no value head: an llmrl "
+                          f"sft run with lora: null; it has no base to compare with: run llmrl eval on an RL run "
+                          f"started from it (model.name_or_path={checkpoint / 'model'})")
     trainer = build_trainer(cfg, SingleProcess(cfg.run.device, cfg.run.threads), run_dir=checkpoint.parent)
-    trainer.load_weights(checkpoint)
+    if not sft_adapter:
+        trainer.load_weights(checkpoint)
     policy, eval_rows = trainer.policy, trainer.eval_rows
     if cfg.algorithm == "ilql":  # "after" decodes from the learned policy, logits + ilql.beta * (Q - V)
         from llmrl.trainers.ilql import attach_heads
