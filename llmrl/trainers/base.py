@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmrl import rl
 from llmrl.config import Config, ConfigError, RunStopped, save_config
 from llmrl.data.chat import as_completions, content, render_prompts
 from llmrl.errors import UserError, first_line
@@ -142,6 +143,15 @@ class Hooks:
                                     f"{first_line(e, 150)}: fix the callback (the checkpoints already saved are "
                                     f"kept; resume=True goes on from the last)") from e
 
+
+
+def epoch_batch(n_rows: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Row numbers of ``step``'s global batch over a fixed set of ``n_rows`` rows (the offline algorithms: DPO, KTO,
+    ILQL): a fresh permutation per pass over the rows, fixed by the seed and the step, so a resumed run reads what
+    the uninterrupted one would."""
+    epoch, offset = divmod(step, n_rows // batch_size)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_rows, generator=g)[offset * batch_size:(offset + 1) * batch_size].tolist()
 
 class Trainer:
     def __init__(self, cfg: Config, policy, tokenizer, eval_rows: list[dict], strategy, run_dir: Path,
@@ -329,12 +339,19 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         """Restores what ``extra_state`` saved."""
 
+    def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B,) summed log-probabilities of each completion of ``exp`` (temperature 1: the model's own distribution),
+        with gradient: what DPO and KTO compare to the reference's."""
+        P = exp.query.shape[1]
+        logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
+        logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
+        return (logprobs * exp.response_mask).sum(1)
+
     def generate(self, prompts: list[str], greedy: bool = False) -> Experience:
         heads = getattr(self.policy, "ilql_heads", None)
         if heads is not None and self.cfg.ilql.beta != 0 and not self.policy.as_reference:
             # ILQL's learned policy: logits + ilql.beta * (Q_target - V), greedy on them or sampled from their
             # ilql.top_k best, in llmrl's decode loop (vLLM cannot read the heads); the reference is the LM alone
-            from llmrl.rollout.engine import RolloutEngine
             from llmrl.rollout.ilql import ilql_generate
 
             engine = self.engine if isinstance(self.engine, RolloutEngine) else None

@@ -14,7 +14,7 @@ from llmrl import rl
 from llmrl.config import ConfigError
 from llmrl.data.chat import content, is_conversation, message_problem, render_prompts
 from llmrl.rollout.experience import Experience, right_padded
-from llmrl.trainers.base import Trainer
+from llmrl.trainers.base import Trainer, epoch_batch
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -58,20 +58,9 @@ class DPOTrainer(Trainer):
 
     def pairs_for_step(self, step: int) -> list[dict]:
         """A fresh permutation per pass over the pairs, fixed by the seed and the step (so resume is exact)."""
-        B = self.cfg.dpo.batch_size
-        per_epoch = len(self.pairs) // B
-        epoch, offset = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.pairs), generator=g)[offset * B:(offset + 1) * B]
-        local = B // self.strategy.world_size  # this rank's share of the global batch
-        return [self.pairs[i] for i in perm[self.strategy.rank * local:(self.strategy.rank + 1) * local].tolist()]
-
-    def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
-        """(B,) summed log-probabilities of each completion (temperature 1: the model's own distribution)."""
-        P = exp.query.shape[1]
-        logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
-        logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
-        return (logprobs * exp.response_mask).sum(1)
+        perm = epoch_batch(len(self.pairs), self.cfg.dpo.batch_size, self.cfg.run.seed, step)
+        local = len(perm) // self.strategy.world_size  # this rank's share of the global batch
+        return [self.pairs[i] for i in perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]]
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss/dpo']:.3f}", "acc": f"{stats['rewards/accuracy']:.2f}"}

@@ -22,7 +22,7 @@ from llmrl.data.chat import render_prompt
 from llmrl.models.ilql_heads import HEADS_FILE, ILQLHeads, shifted_logits
 from llmrl.models.policy import context_length
 from llmrl.rollout.experience import right_padded
-from llmrl.trainers.base import Trainer
+from llmrl.trainers.base import Trainer, epoch_batch
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -109,13 +109,9 @@ class ILQLTrainer(Trainer):
     def rows_for_step(self, step: int) -> list[int]:
         """This rank's row indices for ``step``: a fresh permutation per pass over the rows, fixed by the seed and the
         step (so a resumed run reads what the straight one would)."""
-        B = self.cfg.ilql.batch_size
-        per_epoch = len(self.rows) // B
-        epoch, offset = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.rows), generator=g)[offset * B:(offset + 1) * B]
-        local = B // self.strategy.world_size
-        return perm[self.strategy.rank * local:(self.strategy.rank + 1) * local].tolist()
+        perm = epoch_batch(len(self.rows), self.cfg.ilql.batch_size, self.cfg.run.seed, step)
+        local = len(perm) // self.strategy.world_size
+        return perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
 
     def batch(self, indices: list[int]) -> dict:
         """Right-padded ids (B, L) and mask, the actions' states (B, N) and mask, the tokens taken (B, N), rewards and

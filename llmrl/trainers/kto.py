@@ -16,7 +16,7 @@ from llmrl.data.chat import content, is_conversation, render_prompts
 from llmrl.data.logged import check_logged_lengths, logged_text
 from llmrl.models.policy import context_length
 from llmrl.rollout.experience import Experience, left_padded, right_padded
-from llmrl.trainers.base import Trainer
+from llmrl.trainers.base import Trainer, epoch_batch
 
 
 def answer_text(tokenizer, prompt, completion) -> tuple[str, str]:
@@ -67,11 +67,7 @@ class KTOTrainer(Trainer):
     def batch_for_step(self, step: int) -> list[int]:
         """The global batch's row numbers: a fresh permutation per pass over the rows, fixed by the seed and the step
         (so resume is exact)."""
-        B = self.cfg.kto.batch_size
-        per_epoch = len(self.rows) // B
-        epoch, offset = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 100_003 + epoch)
-        return torch.randperm(len(self.rows), generator=g)[offset * B:(offset + 1) * B].tolist()
+        return epoch_batch(len(self.rows), self.cfg.kto.batch_size, self.cfg.run.seed, step)
 
     def encode(self, index: list[int]) -> tuple[Experience, Experience]:
         """This rank's share of the global batch ``index``: (the logged pairs, the mismatched pairs).
@@ -94,13 +90,6 @@ class KTOTrainer(Trainer):
         pad = self.tokenizer.pad_token_id
         return (encode_ids(heads, [tails[i] for i in index[mine]], pad, self.device),
                 encode_ids(heads, kl_tails, pad, self.device))
-
-    def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
-        """(B,) summed log-probabilities of each answer (temperature 1: the model's own distribution)."""
-        P = exp.query.shape[1]
-        logits, _ = self.policy(exp.input_ids, exp.attention_mask, with_values=False)
-        logprobs = rl.logprobs_from_logits(logits[:, P - 1:-1].float(), exp.response)
-        return (logprobs * exp.response_mask).sum(1)
 
     def progress(self, stats: dict) -> dict:
         return {"loss": f"{stats['loss/kto']:.3f}", "kl": f"{stats['kl']:.3f}"}
