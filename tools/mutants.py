@@ -175,6 +175,10 @@ MUTANTS = [
      "self.heads.sync_targets(1 - self.cfg.ilql.alpha)", "ILQL's Polyak rate is 1 - alpha"),
     ("llmrl/trainers/ilql.py", "        self.heads.load(path / HEADS_FILE, self.device)", "        pass",
      "ILQL's heads are not loaded on resume"),
+    ("llmrl/trainers/base.py", "self.cfg.ilql.beta != 0 and not self.policy.as_reference:",
+     "self.cfg.ilql.beta != 0:", "the reference (evaluation's 'before') decodes through ILQL's heads"),
+    ("llmrl/trainers/ilql.py", "        policy.ilql_heads.start_at_zero()", "        pass",
+     "ILQL's heads start random: a fresh run's policy is not the LM"),
 ]
 
 
