@@ -261,6 +261,11 @@ class KTOConfig:
     desirable_weight: float = opt(1.0, "Weight of the losses of label-true answers (TRL's desirable_weight).")
     undesirable_weight: float = opt(1.0, "Weight of the losses of label-false answers (TRL's undesirable_weight).")
     batch_size: int = opt(32, "Logged answers per optimizer step (train.total_steps of them).")
+    desirable_share: float | None = opt(
+        None, "Share of each batch drawn from the label-true answers, the rest from the label-false ones, each kind "
+              "cycled in its own shuffled order (not in TRL). null: every row alike, so a batch holds the log's own "
+              "share. A log of a weak model is mostly failures (e.g. 3% desirable): 0.5 lets every step see "
+              "desirable answers; the weights then stay in TRL's advised ratio at 1 and 1.")
 
 
 @dataclass
@@ -281,6 +286,11 @@ class ILQLConfig:
     top_k: int = opt(20, "Sampling from the learned policy: the top_k tokens of the shifted logits (the paper's and "
                          "trlX's 20); 0 keeps all.")
     batch_size: int = opt(32, "Logged answers per optimizer step (train.total_steps of them).")
+    positive_share: float | None = opt(
+        None, "Share of each batch drawn from the answers whose reward is at least positive_reward, the rest from the "
+              "others, each kind cycled in its own shuffled order (not in trlX; re-weighting a mostly-failed log "
+              "towards its successes, as Hong et al. 2023 do for offline RL). null: every row alike.")
+    positive_reward: float = opt(0.5, "With positive_share: the reward from which a logged answer counts as positive.")
 
 
 @dataclass
@@ -638,6 +648,8 @@ class Config:
              f"is {self.kto.undesirable_weight}: must be >= 0 (1.0: TRL's default)"),
             (self.kto.desirable_weight > 0 or self.kto.undesirable_weight > 0, "kto.desirable_weight",
              "and kto.undesirable_weight are both 0: nothing would be learned; give one of them a weight"),
+            (self.kto.desirable_share is None or 0 < self.kto.desirable_share < 1, "kto.desirable_share",
+             f"is {self.kto.desirable_share}: must be in (0, 1) (e.g. 0.5), or null for the log's own share"),
             (self.train.importance_sampling_cap >= 1,
              "train.importance_sampling_cap", f"is {self.train.importance_sampling_cap}: must be >= 1 (2 in "
              f"TRL and Yao et al.): a cap below 1 would shrink every token's weight"),
@@ -668,6 +680,8 @@ class Config:
              f"is {q.steps_for_target_q_sync}: must be at least 1 (optimizer steps between target updates)"),
             (q.batch_size >= 1, "ilql.batch_size", f"is {q.batch_size}: must be at least 1"),
             (q.top_k >= 0, "ilql.top_k", f"is {q.top_k}: must be >= 0 (0 keeps every token)"),
+            (q.positive_share is None or 0 < q.positive_share < 1, "ilql.positive_share",
+             f"is {q.positive_share}: must be in (0, 1) (e.g. 0.5), or null for every row alike"),
             (self.algorithm != "ilql" or self.reward.normalize == "none", "reward.normalize",
              f"is {self.reward.normalize!r} with algorithm ilql, which trains on the logged rewards as given (the "
              f"reward section only scores evaluations): remove reward.normalize, or scale ilql.data's rewards"),

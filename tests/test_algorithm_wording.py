@@ -127,6 +127,20 @@ def test_the_model_card_lists_the_algorithms_settings_and_none_of_ppos(tiny_mode
     assert (clip in card) == (algorithm in ("grpo", "dr_grpo", "dapo"))  # GSPO, CISPO, SAPO read no token clip
 
 
+@pytest.mark.parametrize("algorithm,setting,named", [
+    ("kto", "kto.desirable_share=0.5", ["kto.desirable_share=0.5"]),
+    ("ilql", "ilql.positive_share=0.25", ["ilql.positive_share=0.25", "ilql.positive_reward=0.5"]),
+])
+def test_an_offline_batch_share_is_named_when_set_and_only_then(tiny_model_dir, tmp_path, algorithm, setting, named):
+    from llmrl.algorithms import describe
+
+    data = ["ilql.data=logged.jsonl"] if algorithm == "ilql" else []
+    with_share = dict(describe(config_of(tiny_model_dir, tmp_path, algorithm, *data, setting)))[algorithm]
+    without = dict(describe(config_of(tiny_model_dir, tmp_path, algorithm, *data)))[algorithm]
+    assert all(text in with_share for text in named), with_share
+    assert "_share" not in without and "positive_reward" not in without, without
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
 def test_a_card_with_the_kl_in_the_reward_shows_the_controller(tiny_model_dir, tmp_path, algorithm):
     from llmrl.distributed.checkpoint import COMPLETE_MARK

@@ -242,6 +242,21 @@ def summed_advantages(trainer, indices) -> torch.Tensor:
         return (advantage * b["mask"]).sum(1)
 
 
+def test_a_positive_share_sets_each_batchs_rewards(tiny_model_dir, tmp_path):
+    """ilql.positive_share=0.25 of 8 on a log where half the answers are right: two rows per batch with a reward of
+    at least ilql.positive_reward; with the threshold above every reward there are no positives to draw."""
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.positive_share=0.25", "ilql.positive_reward=0.75",
+                           data=logged_file(tmp_path / "logged.jsonl", chosen_reward=0.8, rejected_reward=0.7))
+    for step in range(6):
+        assert sorted(trainer.rows[i]["reward"] for i in trainer.rows_for_step(step)) == [0.7] * 6 + [0.8] * 2
+    from llmrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("ilql.positive_share is 0.25: each batch draws 2 positive "
+                                                    "(reward >= ilql.positive_reward = 0.9) rows but the log has 0")):
+        ilql_trainer(tiny_model_dir, tmp_path, "ilql.positive_share=0.25", "ilql.positive_reward=0.9",
+                     data=tmp_path / "logged.jsonl")
+
+
 def test_encoding_marks_the_answer_and_eos_as_actions(tiny_model_dir, tmp_path):
     trainer = ilql_trainer(tiny_model_dir, tmp_path)
     tok = trainer.tokenizer
@@ -393,6 +408,8 @@ def test_a_checkpoint_without_its_heads_is_refused_in_one_line(tiny_model_dir, t
     ("ilql.alpha=1.5", "ilql.alpha is 1.5"),
     ("ilql.steps_for_target_q_sync=0", "ilql.steps_for_target_q_sync is 0"),
     ("ilql.batch_size=0", "ilql.batch_size is 0"),
+    ("ilql.positive_share=1.5", "ilql.positive_share is 1.5: must be in (0, 1)"),
+    ("ilql.positive_reward=.nan", "ilql.positive_reward is nan: must be a finite number"),
     ("env.name=guess_number", "algorithm is ilql with an env.name"),
     ("reward.normalize=reference", "reward.normalize is 'reference' with algorithm ilql"),
 ])

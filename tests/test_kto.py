@@ -170,6 +170,25 @@ def test_step_zero_starts_at_half_the_weights(tiny_model_dir, tmp_path):
     assert stats["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_desirable_share_sets_each_batchs_labels_and_the_loss_reads_that_batch(tiny_model_dir, tmp_path):
+    """kto.desirable_share=0.25 of 8: two label-true rows per batch, whatever the log's own share; step 0's loss
+    (policy == reference) is then (2 x 2.0 + 6 x 0.5) x 0.5 / 8."""
+    rows = rows_of(64)
+    assert sum(r["label"] for r in rows) / len(rows) > 0.35  # the log's own share: about 3 of 8
+    trainer = kto_trainer(tiny_model_dir, tmp_path, "kto.desirable_share=0.25", "kto.desirable_weight=2.0",
+                          "kto.undesirable_weight=0.5", rows=rows)
+    for step in range(6):
+        assert sum(trainer.rows[i]["label"] for i in trainer.batch_for_step(step)) == 2
+    assert trainer.train_step()["loss/kto"] == pytest.approx((2 * 2.0 + 6 * 0.5) * 0.5 / 8, abs=1e-6)
+
+
+def test_a_desirable_share_the_log_cannot_fill_is_refused(tiny_model_dir, tmp_path):
+    rows = [r for r in rows_of(64) if not r["label"]][:14] + [r for r in rows_of(64) if r["label"]][:2]
+    with pytest.raises(ConfigError, match=r"kto\.desirable_share is 0\.5: each batch draws 4 desirable rows but the "
+                                          r"log has 2"):
+        kto_trainer(tiny_model_dir, tmp_path, "kto.desirable_share=0.5", rows=rows)
+
+
 def test_the_loss_sees_each_rows_log_probs_its_mismatched_pair_labels_and_weights(tiny_model_dir, tmp_path,
                                                                                    monkeypatch):
     from llmrl import rl
@@ -266,6 +285,8 @@ def test_a_mismatched_answer_is_cut_to_fit_the_context(tiny_model_dir, tmp_path)
     ("kto.beta=0", "kto.beta is 0.0: must be > 0"),
     ("kto.desirable_weight=-1", "kto.desirable_weight is -1.0: must be >= 0"),
     ("kto.undesirable_weight=-0.5", "kto.undesirable_weight is -0.5: must be >= 0"),
+    ("kto.desirable_share=1", "kto.desirable_share is 1.0: must be in "),
+    ("kto.desirable_share=0", "kto.desirable_share is 0.0: must be in "),
     ("env.name=guess_number", "algorithm is kto with an env.name"),
     ("desirable_weight=2", "'desirable_weight' is TRL's name; llmrl's is kto.desirable_weight"),
 ])

@@ -1,5 +1,7 @@
-"""Logged feedback files (llmrl.data.logged): every bad row refused with one line that names it and says what to do."""
+"""Logged feedback files (llmrl.data.logged): every bad row refused with one line that names it and says what to do;
+batches that draw a chosen share of a log's successes."""
 import json
+import re
 
 import pytest
 
@@ -108,3 +110,54 @@ def test_a_kto_run_refuses_a_bad_file_in_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"row 1 \(counting from 0\): its label is 'no'"):
         run(cfg)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches with a chosen share of successes (kto.desirable_share, ilql.positive_share)
+
+def test_a_balanced_batch_takes_its_counts_and_cycles_each_group_in_its_own_order():
+    from llmrl.trainers.base import balanced_batch
+
+    good, bad = [3, 11, 17], list(set(range(20)) - {3, 11, 17})
+    batches = [balanced_batch((good, bad), (1, 4), seed=5, step=s) for s in range(3)]
+    for b in batches:
+        assert len(b) == 5 and sum(i in good for i in b) == 1 and len(set(b)) == 5
+    # three steps of one good row: each good row once (a pass over the group), in a seed-fixed order
+    assert sorted(i for b in batches for i in b if i in good) == good
+    # the 17 others: 4 per step, no row twice within a pass of 4 steps
+    others = [i for s in range(4) for i in balanced_batch((good, bad), (1, 4), seed=5, step=s) if i in bad]
+    assert len(set(others)) == 16
+    # fixed by the seed and the step (a resumed run reads the same batch); another seed reads another
+    assert balanced_batch((good, bad), (1, 4), seed=5, step=2) == batches[2]
+    assert [balanced_batch((good, bad), (1, 4), seed=6, step=s) for s in range(3)] != batches
+
+
+def test_a_balanced_batch_mixes_the_groups_so_every_rank_sees_both():
+    from llmrl.trainers.base import balanced_batch
+
+    good, bad = list(range(10)), list(range(10, 40))
+    firsts = [balanced_batch((good, bad), (4, 4), seed=0, step=s)[:4] for s in range(10)]
+    assert any(not all(i in good for i in f) for f in firsts)  # not the good rows always first (rank 0's half)
+
+
+@pytest.mark.parametrize("share,batch,groups,expected", [
+    (0.5, 8, (51, 1949), (4, 4)), (0.3, 8, (51, 1949), (2, 6)), (0.05, 32, (10, 100), (2, 30))])
+def test_share_counts_round_the_share_of_the_batch(share, batch, groups, expected):
+    from llmrl.trainers.base import share_counts
+
+    assert share_counts(share, batch, *groups, "kto.desirable_share", "desirable/undesirable") == expected
+
+
+@pytest.mark.parametrize("share,batch,groups,message", [
+    (0.05, 8, (51, 1949), "kto.desirable_share is 0.05: with a batch of 8 it draws 0 desirable rows per batch"),
+    (0.97, 8, (51, 1949), "kto.desirable_share is 0.97: with a batch of 8 it draws 8 desirable rows per batch"),
+    (0.5, 8, (3, 100), "kto.desirable_share is 0.5: each batch draws 4 desirable rows but the log has 3"),
+    (0.5, 8, (100, 2), "kto.desirable_share is 0.5: each batch draws 4 undesirable rows but the log has 2"),
+])
+def test_share_counts_refuse_in_one_line(share, batch, groups, message):
+    from llmrl.config import ConfigError
+    from llmrl.trainers.base import share_counts
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        share_counts(share, batch, *groups, "kto.desirable_share", "desirable/undesirable")
+    assert "\n" not in str(e.value)

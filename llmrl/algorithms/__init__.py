@@ -56,7 +56,8 @@ def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
     if cfg.algorithm == "kto":
         k = cfg.kto
         return [("kto", listed({"kto.beta": k.beta, "kto.desirable_weight": k.desirable_weight,
-                                "kto.undesirable_weight": k.undesirable_weight, "kto.batch_size": k.batch_size})),
+                                "kto.undesirable_weight": k.undesirable_weight, "kto.batch_size": k.batch_size,
+                                **({} if k.desirable_share is None else {"kto.desirable_share": k.desirable_share})})),
                 ("KL", f"KTO's reference point: the KL to the reference (the adapter disabled) on mismatched pairs, "
                        f"kto.beta={k.beta}")]
     if cfg.algorithm == "ilql":
@@ -64,7 +65,9 @@ def describe(cfg, load: bool = True) -> list[tuple[str, str]]:
         return [("ilql", listed({"ilql.tau": q.tau, "ilql.gamma": q.gamma, "ilql.cql_scale": q.cql_scale,
                                  "ilql.awac_scale": q.awac_scale, "ilql.alpha": q.alpha,
                                  "ilql.steps_for_target_q_sync": q.steps_for_target_q_sync, "ilql.beta": q.beta,
-                                 "ilql.batch_size": q.batch_size})),
+                                 "ilql.batch_size": q.batch_size,
+                                 **({} if q.positive_share is None else {"ilql.positive_share": q.positive_share,
+                                                                         "ilql.positive_reward": q.positive_reward})})),
                 ("KL", f"none: the AWAC term (the LM's likelihood of the logged answers, "
                        f"ilql.awac_scale={q.awac_scale}) keeps the policy near the log")]
     if cfg.algorithm in OFFLINE:

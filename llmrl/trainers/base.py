@@ -153,6 +153,32 @@ def epoch_batch(n_rows: int, batch_size: int, seed: int, step: int) -> list[int]
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_rows, generator=g)[offset * batch_size:(offset + 1) * batch_size].tolist()
 
+def share_counts(share: float, batch_size: int, positives: int, negatives: int, key: str, kinds: str) -> tuple[int, int]:
+    """(rows from the positive group, rows from the other) per batch of ``batch_size`` for ``key`` = ``share``;
+    refuses in one line a share that rounds to a whole batch of one group or a group too small for its part."""
+    first = round(share * batch_size)
+    pos, neg = kinds.split("/")
+    if not 1 <= first <= batch_size - 1:
+        raise ConfigError(f"{key} is {share}: with a batch of {batch_size} it draws {first} {pos} rows per batch; "
+                          f"pick a share that leaves at least one row of each kind, or null")
+    for have, want, kind in ((positives, first, pos), (negatives, batch_size - first, neg)):
+        if have < want:
+            raise ConfigError(f"{key} is {share}: each batch draws {want} {kind} rows but the log has {have}: lower "
+                              f"the share or the batch size, or set it to null")
+    return first, batch_size - first
+
+
+def balanced_batch(groups: tuple[list[int], list[int]], counts: tuple[int, int], seed: int, step: int) -> list[int]:
+    """Row numbers of ``step``'s global batch drawn ``counts[k]`` from ``groups[k]`` (e.g. the desirable and the
+    undesirable answers of a log), each group cycled in its own fresh permutation per pass (``epoch_batch``), then
+    mixed in an order fixed by the seed and the step: so a resumed run reads what the uninterrupted one would, and
+    a group of 50 rows is seen as often as a batch asks, however long the other is."""
+    rows = [group[i] for k, (group, count) in enumerate(zip(groups, counts))
+            for i in epoch_batch(len(group), count, seed * 3 + k + 1, step)]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + step))
+    return [rows[i] for i in order.tolist()]
+
+
 class Trainer:
     def __init__(self, cfg: Config, policy, tokenizer, eval_rows: list[dict], strategy, run_dir: Path,
                  eval_reward: CombinedReward | None):

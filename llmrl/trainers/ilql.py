@@ -22,7 +22,7 @@ from llmrl.data.chat import render_prompt
 from llmrl.models.ilql_heads import HEADS_FILE, ILQLHeads, shifted_logits
 from llmrl.models.policy import context_length
 from llmrl.rollout.experience import right_padded
-from llmrl.trainers.base import Trainer, epoch_batch
+from llmrl.trainers.base import Trainer, balanced_batch, epoch_batch, share_counts
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -82,6 +82,11 @@ class ILQLTrainer(Trainer):
             raise ConfigError("algorithm ilql with DeepSpeed ZeRO-3: the target Q heads' Polyak update is not "
                               "written for partitioned weights yet; use ZeRO stage 0, 1 or 2")
         self.rows = rows
+        good = [r["reward"] >= c.positive_reward for r in rows]
+        self.groups = ([i for i, g in enumerate(good) if g], [i for i, g in enumerate(good) if not g])
+        self.counts = None if c.positive_share is None else share_counts(
+            c.positive_share, c.batch_size, *map(len, self.groups), "ilql.positive_share",
+            f"positive (reward >= ilql.positive_reward = {c.positive_reward})/other")
         self.encoded = [encode_logged(tokenizer, r["prompt"], r["completion"],
                                       f"ilql.data: row {i} (counting from 0)") for i, r in enumerate(rows)]
         context = context_length(policy.model)
@@ -108,8 +113,12 @@ class ILQLTrainer(Trainer):
 
     def rows_for_step(self, step: int) -> list[int]:
         """This rank's row indices for ``step``: a fresh permutation per pass over the rows, fixed by the seed and the
-        step (so a resumed run reads what the straight one would)."""
-        perm = epoch_batch(len(self.rows), self.cfg.ilql.batch_size, self.cfg.run.seed, step)
+        step (so a resumed run reads what the straight one would); with ilql.positive_share, that share from the
+        positive rows and the rest from the others."""
+        if self.counts is not None:
+            perm = balanced_batch(self.groups, self.counts, self.cfg.run.seed, step)
+        else:
+            perm = epoch_batch(len(self.rows), self.cfg.ilql.batch_size, self.cfg.run.seed, step)
         local = len(perm) // self.strategy.world_size
         return perm[self.strategy.rank * local:(self.strategy.rank + 1) * local]
 

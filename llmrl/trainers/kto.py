@@ -16,7 +16,7 @@ from llmrl.data.chat import content, is_conversation, render_prompts
 from llmrl.data.logged import check_logged_lengths, logged_text
 from llmrl.models.policy import context_length
 from llmrl.rollout.experience import Experience, left_padded, right_padded
-from llmrl.trainers.base import Trainer, epoch_batch
+from llmrl.trainers.base import Trainer, balanced_batch, epoch_batch, share_counts
 
 
 def answer_text(tokenizer, prompt, completion) -> tuple[str, str]:
@@ -55,6 +55,10 @@ class KTOTrainer(Trainer):
             raise ConfigError(f"kto.data has {len(rows)} rows, fewer than kto.batch_size = {cfg.kto.batch_size}: "
                               f"lower kto.batch_size or add rows")
         self.rows = rows
+        self.groups = ([i for i, r in enumerate(rows) if r["label"]], [i for i, r in enumerate(rows) if not r["label"]])
+        self.counts = None if cfg.kto.desirable_share is None else share_counts(
+            cfg.kto.desirable_share, cfg.kto.batch_size, *map(len, self.groups), "kto.desirable_share",
+            "desirable/undesirable")
         super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward)
         conversations = [r["prompt"] for r in rows if is_conversation(r["prompt"])]
         render_prompts(self.tokenizer, conversations[:1])  # a chat template is needed: say so before training
@@ -66,7 +70,10 @@ class KTOTrainer(Trainer):
 
     def batch_for_step(self, step: int) -> list[int]:
         """The global batch's row numbers: a fresh permutation per pass over the rows, fixed by the seed and the step
-        (so resume is exact)."""
+        (so resume is exact); with kto.desirable_share, that share from the desirable rows and the rest from the
+        others."""
+        if self.counts is not None:
+            return balanced_batch(self.groups, self.counts, self.cfg.run.seed, step)
         return epoch_batch(len(self.rows), self.cfg.kto.batch_size, self.cfg.run.seed, step)
 
     def encode(self, index: list[int]) -> tuple[Experience, Experience]:
