@@ -156,14 +156,14 @@ def test_float32_targets_beside_bf16_heads_follow_a_small_alpha():
     heads = ILQLHeads(4, 6).bfloat16()
     for p in heads.q_heads.parameters():
         p.data.add_(1.0)  # every Q weight 1 above its target: each target should move by 1e-3
-    bf16_before = [t.detach().float() for t in heads.target_q_heads.parameters()]
+    bf16_before = [t.detach().float() for t in heads.target_q_heads.buffers()]
     heads.sync_targets(1e-3)
-    moved = torch.cat([(t.float() - b).flatten() for t, b in zip(heads.target_q_heads.parameters(), bf16_before)])
+    moved = torch.cat([(t.float() - b).flatten() for t, b in zip(heads.target_q_heads.buffers(), bf16_before)])
     assert (moved - 1e-3).abs().mean() > 2.5e-4  # what the float32 targets avoid
     heads.target_q_heads.float()
-    before = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    before = [t.detach().clone() for t in heads.target_q_heads.buffers()]
     heads.sync_targets(1e-3)
-    for t, b, q in zip(heads.target_q_heads.parameters(), before, heads.q_heads.parameters()):
+    for t, b, q in zip(heads.target_q_heads.buffers(), before, heads.q_heads.parameters()):
         assert t.dtype == torch.float32 and torch.allclose(t, 0.999 * b + 1e-3 * q.float(), atol=1e-7)
     qs, target, v = heads(torch.randn(2, 3, 4))  # every head reads the hidden state in its own dtype
     assert qs[0].dtype == v.dtype == torch.bfloat16 and target.dtype == torch.float32
@@ -181,13 +181,13 @@ def test_polyak_targets_and_shifted_logits():
     heads = ILQLHeads(4, 6, two_qs=True)
     for p in heads.q_heads.parameters():  # the online heads move away from their targets
         p.data.add_(1.0)
-    before = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    before = [t.detach().clone() for t in heads.target_q_heads.buffers()]
     online = [p.detach().clone() for p in heads.q_heads.parameters()]
     heads.sync_targets(0.25)
-    for t, b, p in zip(heads.target_q_heads.parameters(), before, online):
+    for t, b, p in zip(heads.target_q_heads.buffers(), before, online):
         assert torch.allclose(t, 0.25 * p + 0.75 * b, atol=1e-6)
     heads.sync_targets(1.0)
-    assert all(torch.equal(t, p) for t, p in zip(heads.target_q_heads.parameters(), heads.q_heads.parameters()))
+    assert all(torch.equal(t, p) for t, p in zip(heads.target_q_heads.buffers(), heads.q_heads.parameters()))
 
     hidden = torch.randn(2, 3, 4)
     qs, target, v = heads(hidden)
@@ -345,16 +345,16 @@ def test_targets_follow_every_sync_steps_and_only_heads_and_adapter_train(tiny_m
     trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.alpha=0.25", "ilql.steps_for_target_q_sync=2",
                            "train.lr=1e-2")
     heads = trainer.heads
-    target0 = [t.detach().clone() for t in heads.target_q_heads.parameters()]
+    target0 = [t.detach().clone() for t in heads.target_q_heads.buffers()]
     assert {id(p) for p in heads.q_heads.parameters()} | {id(p) for p in heads.v_head.parameters()} <= \
         {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert not {id(p) for p in heads.target_q_heads.parameters()} & \
+    assert not {id(p) for p in heads.target_q_heads.buffers()} & \
         {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     base = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if not p.requires_grad}
     trainer.train_step()
-    assert all(torch.equal(t, t0) for t, t0 in zip(heads.target_q_heads.parameters(), target0))  # step 1: no sync
+    assert all(torch.equal(t, t0) for t, t0 in zip(heads.target_q_heads.buffers(), target0))  # step 1: no sync
     trainer.train_step()
-    for t, t0, q in zip(heads.target_q_heads.parameters(), target0, heads.q_heads.parameters()):
+    for t, t0, q in zip(heads.target_q_heads.buffers(), target0, heads.q_heads.parameters()):
         assert torch.allclose(t, 0.25 * q + 0.75 * t0, atol=1e-7) and not torch.equal(t, t0)
     assert all(torch.equal(p, base[n]) for n, p in trainer.policy.model.named_parameters() if not p.requires_grad)
     lora = [p for n, p in trainer.policy.model.named_parameters() if "lora_B" in n]
@@ -554,27 +554,42 @@ def test_llmrl_eval_of_a_checkpoint_decodes_after_training_through_its_heads(tin
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks_train_as_one_process(tmp_path, tiny_model_dir):
+def test_two_cpu_ranks_under_zero2_and_zero3_train_as_one_process_and_zero3_resumes(tmp_path, tiny_model_dir):
     """deepspeed, 2 CPU ranks, each with half of ilql.batch_size: every step's loss is the one process's (each rank
-    divides by all ranks' answer tokens / 2), and so are the token counts."""
+    divides by all ranks' answer tokens / 2), and so are the token counts, under ZeRO-2 and under ZeRO-3 (the Q heads
+    partitioned, gathered for the Polyak update); ZeRO-3 stopped after step 2 and resumed goes on with the same
+    targets (buffers in DeepSpeed's checkpoint): step 3's loss reads them (alpha 0.5, a sync every step)."""
     from helpers import launch_ppo
 
     from llmrl.tracking import read_log
 
     data = logged_file(tmp_path / "logged.jsonl")
     common = [f"model.name_or_path={tiny_model_dir}", "algorithm=ilql", f"ilql.data={data}", "ilql.batch_size=8",
-              "data.eval_size=0", "run.save_every=0", "run.progress=false", "run.device=cpu", "run.threads=1",
-              "train.total_steps=2"]
-    logs = []
-    for ranks in (0, 2):
-        out = launch_ppo([*common, f"run.output_dir={tmp_path / str(ranks)}"], ranks=ranks)
-        assert out.returncode == 0, out.stderr[-3000:]
-        logs.append([r for r in read_log(tmp_path / str(ranks)) if "loss/ilql" in r])
-    one, two = logs
-    assert [r["step"] for r in two] == [1, 2]
-    for a, b in zip(one, two):
-        assert b["loss/ilql"] == pytest.approx(a["loss/ilql"], abs=1e-5)
-        assert b["ilql/actions"] == a["ilql/actions"]
+              "ilql.alpha=0.5", "ilql.steps_for_target_q_sync=1", "data.eval_size=0",
+              "run.save_every=2", "run.progress=false", "run.device=cpu", "run.threads=1", "train.total_steps=3"]
+    runs = {"one": (0, [[]]), "zero2": (2, [["deepspeed.zero_stage=2"]]),
+            "zero3": (2, [["deepspeed.zero_stage=3", "train.total_steps=2"], ["deepspeed.zero_stage=3", "--resume"]])}
+    logs = {}
+    for name, (ranks, launches) in runs.items():
+        for extra in launches:
+            out = launch_ppo([*common, f"run.output_dir={tmp_path / name}", *extra], ranks=ranks)
+            assert out.returncode == 0, out.stderr[-3000:]
+        logs[name] = [r for r in read_log(tmp_path / name) if "loss/ilql" in r]
+    assert "resumed from" in out.stdout
+    one = logs["one"]
+    for name in ("zero2", "zero3"):
+        assert [r["step"] for r in logs[name]] == [1, 2, 3], name
+        for a, b in zip(one, logs[name]):
+            assert b["loss/ilql"] == pytest.approx(a["loss/ilql"], abs=1e-5), (name, a["step"])
+            assert b["ilql/actions"] == a["ilql/actions"]
+        # the targets read at step 3 (a fresh run's are 0: their output layers start at zero); a mean of the ranks'
+        # means, so near the one process's, not equal
+        assert abs(logs[name][2]["ilql/target_q_mean"] - one[2]["ilql/target_q_mean"]) < \
+            0.05 * abs(one[2]["ilql/target_q_mean"]), name
+    from safetensors.torch import load_file
+
+    heads = load_file(str(tmp_path / "zero3" / "final" / "ilql_heads.safetensors"))
+    assert all(t.numel() > 0 for t in heads.values())  # written whole from partitioned Q and V heads
 
 
 @pytest.mark.slow
@@ -591,6 +606,25 @@ def test_a_row_too_long_stops_the_command_in_one_line_before_training(tmp_path, 
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_the_targets_start_as_the_q_heads_rank_0_gave_every_rank(tiny_model_dir, tmp_path):
+    """DeepSpeed gives every rank rank 0's parameters, not its buffers: a rank whose own draw of the targets differs
+    (as rank 1's did) still starts with targets equal to the (broadcast) Q heads, which are not in the optimizer."""
+    from llmrl.distributed.strategy import SingleProcess
+
+    class RedrawsTheTargets(SingleProcess):
+        def prepare(self, model, *args):
+            for t in model.ilql_heads.target_q_heads.buffers():
+                t.normal_()
+            return super().prepare(model, *args)
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, strategy=RedrawsTheTargets("cpu"))
+    heads = trainer.heads
+    assert all(torch.equal(t, q) for t, q in zip(heads.target_q_heads.buffers(), heads.q_heads.parameters()))
+    assert not list(heads.target_q_heads.parameters())
+    assert {k for k in heads.state_dict() if k.startswith("target_q_heads.")} == \
+        {k.replace("q_heads.", "target_q_heads.", 1) for k in heads.state_dict() if k.startswith("q_heads.")}
+
+
 def test_the_trainer_keeps_the_targets_in_float32_after_a_bf16_cast(tiny_model_dir, tmp_path):
     from llmrl.distributed.strategy import SingleProcess
 
@@ -600,6 +634,6 @@ def test_the_trainer_keeps_the_targets_in_float32_after_a_bf16_cast(tiny_model_d
             return super().prepare(model, *args)
 
     trainer = ilql_trainer(tiny_model_dir, tmp_path, strategy=CastsLikeDeepSpeed("cpu"))
-    assert {p.dtype for p in trainer.heads.target_q_heads.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.heads.target_q_heads.buffers()} == {torch.float32}
     assert {p.dtype for p in trainer.heads.q_heads.parameters()} == {torch.bfloat16}
     assert math.isfinite(trainer.train_step()["loss/ilql"])

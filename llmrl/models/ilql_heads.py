@@ -23,6 +23,25 @@ def _mlp(hidden_size: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, out))
 
 
+class FrozenLinear(nn.Module):
+    """A linear layer whose weight and bias are buffers, not parameters: the Polyak targets' layers. No optimizer
+    holds them, DeepSpeed ZeRO-3 does not partition them (each rank keeps the whole, updated alike from the gathered
+    Q heads) and they are saved with the module's state, DeepSpeed's checkpoints included; the state-dict keys are
+    those of an ``nn.Linear``."""
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", layer.weight.detach().clone())
+        self.register_buffer("bias", layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _frozen_copy(head: nn.Sequential) -> nn.Sequential:
+    return nn.Sequential(*(FrozenLinear(m) if isinstance(m, nn.Linear) else copy.deepcopy(m) for m in head))
+
+
 def _run(head: nn.Sequential, hidden: torch.Tensor) -> torch.Tensor:
     """``head`` on ``hidden`` in the head's own dtype (the targets may be kept in float32 beside bf16 heads)."""
     return head(hidden.to(head[0].weight.dtype))
@@ -32,8 +51,7 @@ class ILQLHeads(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True):
         super().__init__()
         self.q_heads = nn.ModuleList(_mlp(hidden_size, vocab_size) for _ in range(2 if two_qs else 1))
-        self.target_q_heads = copy.deepcopy(self.q_heads)
-        self.target_q_heads.requires_grad_(False)
+        self.target_q_heads = nn.ModuleList(_frozen_copy(head) for head in self.q_heads)  # buffers, never trained
         self.v_head = _mlp(hidden_size, 1)
 
     @torch.no_grad()
@@ -61,9 +79,10 @@ class ILQLHeads(nn.Module):
 
     @torch.no_grad()
     def sync_targets(self, alpha: float) -> None:
-        """Polyak averaging: target <- alpha * Q + (1 - alpha) * target (alpha = 1 copies)."""
+        """Polyak averaging: target <- alpha * Q + (1 - alpha) * target (alpha = 1 copies). Under ZeRO-3 the caller
+        gathers the Q heads around it (``Strategy.gathered``)."""
         for head, target in zip(self.q_heads, self.target_q_heads):
-            for p, t in zip(head.parameters(), target.parameters()):
+            for p, t in zip(head.parameters(), target.buffers()):
                 t.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

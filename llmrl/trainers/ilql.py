@@ -78,9 +78,6 @@ class ILQLTrainer(Trainer):
         if len(rows) < c.batch_size:
             raise ConfigError(f"ilql.data has {len(rows)} rows, fewer than ilql.batch_size = {c.batch_size}: lower "
                               f"ilql.batch_size or log more answers")
-        if getattr(strategy, "zero_stage", None) == 3:
-            raise ConfigError("algorithm ilql with DeepSpeed ZeRO-3: the target Q heads' Polyak update is not "
-                              "written for partitioned weights yet; use ZeRO stage 0, 1 or 2")
         self.rows = rows
         good = [r["reward"] >= c.positive_reward for r in rows]
         self.groups = ([i for i, g in enumerate(good) if g], [i for i, g in enumerate(good) if not g])
@@ -96,13 +93,17 @@ class ILQLTrainer(Trainer):
                                   f"context of {context} tokens: shorten or remove the row")
         config = policy.model.config.get_text_config()
         # a submodule of the policy: its parameters reach the optimizer and DeepSpeed with the adapter's, are gathered
-        # with them for saving and checked with them for NaN; the targets (requires_grad False) are not trained
+        # with them for saving and checked with them for NaN; the targets (buffers) are not trained
         policy.ilql_heads = ILQLHeads(config.hidden_size, config.vocab_size, c.two_qs).to(strategy.device)
         policy.ilql_heads.start_at_zero()  # the policy starts as the LM: evaluation at step 0 is the base's
         super().__init__(cfg, policy, tokenizer, eval_rows, strategy, run_dir, eval_reward)
         # DeepSpeed's bf16/fp16 casts the whole module: the targets move by alpha (1e-3) of a difference per sync,
-        # which bf16 rounds away, so they stay in float32 (never trained: no optimizer holds them)
+        # which bf16 rounds away, so they stay in float32 (buffers: no optimizer holds them, ZeRO-3 keeps them whole)
         self.heads.target_q_heads.float()
+        # the targets start as copies of the Q heads: DeepSpeed gives every rank rank 0's parameters, not its
+        # buffers, and each rank drew its own heads (measured: rank 1's targets differed from rank 0's)
+        with self.strategy.gathered(self.heads.q_heads.parameters()):
+            self.heads.sync_targets(1.0)
 
     @property
     def heads(self) -> ILQLHeads:
@@ -159,7 +160,8 @@ class ILQLTrainer(Trainer):
         grad_norm = self.strategy.step(boundary=True)
         self.step += 1
         if self.step % self.cfg.ilql.steps_for_target_q_sync == 0:  # trlX: every steps_for_target_q_sync steps
-            self.heads.sync_targets(self.cfg.ilql.alpha)
+            with self.strategy.gathered(self.heads.q_heads.parameters()):  # ZeRO-3: the whole Q heads, read
+                self.heads.sync_targets(self.cfg.ilql.alpha)
         out = {**{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
                "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
                "memory/peak_gib": self.strategy.peak_memory_gib()}
