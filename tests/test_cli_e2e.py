@@ -219,22 +219,35 @@ def test_llmrl_command_lists_and_dispatches_its_subcommands():
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
 
 
-def test_kto_from_the_command_line_resumes_after_kill_9_and_evaluates(tmp_path, tiny_model_dir):
-    """``llmrl train ... algorithm=kto``: a run killed with -9 after a checkpoint and resumed logs the same steps
-    and ends with the same metrics as the uninterrupted one; ``llmrl eval`` reads its checkpoint."""
+OFFLINE_KILLED = {  # algorithm: (its settings, its loss's metric, steps, the line naming its settings)
+    "kto": (["algorithm=kto", "kto.batch_size=8"], "loss/kto", 40,
+            "kto: kto.beta=0.1, kto.desirable_weight=1.0, kto.undesirable_weight=1.0"),
+    # targets moving half-way at every step: a resume that restarted them would log other losses
+    "ilql": (["algorithm=ilql", f"ilql.data={REPO / 'configs/data/offline/tiny/rewarded.jsonl'}", "ilql.batch_size=8",
+              "ilql.alpha=0.5", "ilql.steps_for_target_q_sync=1", "ilql.positive_share=0.5"], "loss/ilql", 24,
+             "ilql.positive_share=0.5"),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(OFFLINE_KILLED))
+def test_offline_rl_from_the_command_line_resumes_after_kill_9_and_evaluates(tmp_path, tiny_model_dir, algorithm):
+    """``llmrl train ... algorithm=kto`` (or ilql): a run killed with -9 after a checkpoint and resumed logs the same
+    steps and ends with the same metrics as the uninterrupted one; ``llmrl eval`` reads its checkpoint."""
+    settings, loss_key, steps, named = OFFLINE_KILLED[algorithm]
+
     def train(run_dir, *extra):
         return [sys.executable, "-m", "llmrl", "train", "--config", str(REPO / "configs" / "tiny.yaml"), *SMALL,
-                "algorithm=kto", "kto.batch_size=8", f"model.name_or_path={tiny_model_dir}", "train.total_steps=40",
+                *settings, f"model.name_or_path={tiny_model_dir}", f"train.total_steps={steps}",
                 "run.save_every=4", "run.keep_last=20", "run.seed=3", f"run.output_dir={run_dir}", *extra]
 
     def loss_rows(run_dir):
-        rows = [r for r in read_log(run_dir) if "loss/kto" in r]
+        rows = [r for r in read_log(run_dir) if loss_key in r]
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in rows]
 
     whole = subprocess.run(train(tmp_path / "whole"), capture_output=True, text=True, timeout=600, cwd=REPO,
                            env=subprocess_env())
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "kto: kto.beta=0.1, kto.desirable_weight=1.0, kto.undesirable_weight=1.0" in whole.stdout
+    assert named in whole.stdout
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(train(killed_dir), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -250,7 +263,7 @@ def test_kto_from_the_command_line_resumes_after_kill_9_and_evaluates(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     rows = loss_rows(killed_dir)
-    assert [r["step"] for r in rows] == list(range(1, 41)) and rows == loss_rows(tmp_path / "whole")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and rows == loss_rows(tmp_path / "whole")
 
     out = subprocess.run([sys.executable, "-m", "llmrl", "eval", "--checkpoint", str(killed_dir / "final"), "--out",
                           str(tmp_path / "eval")], capture_output=True, text=True, timeout=600, cwd=REPO,

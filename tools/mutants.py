@@ -179,6 +179,15 @@ MUTANTS = [
      "self.cfg.ilql.beta != 0:", "the reference (evaluation's 'before') decodes through ILQL's heads"),
     ("llmrl/trainers/ilql.py", "        policy.ilql_heads.start_at_zero()", "        pass",
      "ILQL's heads start random: a fresh run's policy is not the LM"),
+    ("llmrl/trainers/ilql.py", "            self.heads.sync_targets(1.0)", "            pass",
+     "ILQL's targets keep each rank's own draw instead of the Q heads"),
+    ("llmrl/models/ilql_heads.py", "        self.load_state_dict(state)",
+     "        self.load_state_dict({k: v for k, v in state.items() if not k.startswith('target')}, strict=False)",
+     "ILQL's targets are not restored on resume"),
+    ("llmrl/trainers/kto.py", "        if self.counts is not None:\n", "        if False:\n",
+     "KTO ignores kto.desirable_share"),
+    ("llmrl/trainers/base.py", "    return [rows[i] for i in order.tolist()]", "    return rows",
+     "a balanced batch puts one group first (rank 0 gets only it)"),
 ]
 
 
