@@ -625,6 +625,23 @@ def test_the_targets_start_as_the_q_heads_rank_0_gave_every_rank(tiny_model_dir,
         {k.replace("q_heads.", "target_q_heads.", 1) for k in heads.state_dict() if k.startswith("q_heads.")}
 
 
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_ilql_trains_lora_and_its_heads_on_a_quantized_base(tiny_model_dir, tmp_path, bits):
+    import bitsandbytes as bnb
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, f"model.quantization={bits}", "ilql.alpha=0.5",
+                           "ilql.steps_for_target_q_sync=1")
+    layer = bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit
+    assert any(isinstance(m, layer) for m in trainer.policy.modules())
+    lora = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_B" in n}
+    targets = [t.detach().clone() for t in trainer.heads.target_q_heads.buffers()]
+    stats = [trainer.train_step() for _ in range(2)]
+    assert all(math.isfinite(s["loss/ilql"]) for s in stats)
+    after = dict(trainer.policy.model.named_parameters())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora)
+    assert any(not torch.equal(t, t0) for t, t0 in zip(trainer.heads.target_q_heads.buffers(), targets))
+
+
 def test_the_trainer_keeps_the_targets_in_float32_after_a_bf16_cast(tiny_model_dir, tmp_path):
     from llmrl.distributed.strategy import SingleProcess
 

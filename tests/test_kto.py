@@ -266,6 +266,24 @@ def test_kto_learns_to_prefer_the_desirable_answers(tiny_model_dir, tmp_path):
     assert logratios[good].mean() > 0.5 and logratios[~good].mean() < 0
 
 
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_kto_trains_lora_on_a_quantized_base_with_the_adapter_off_as_reference(tiny_model_dir, tmp_path, bits):
+    """Step 0 on a quantized base: policy == reference (the same quantized base, adapter off), so the loss is
+    half the weights (within 1e-3: bitsandbytes' 8-bit layers compute a little differently in train and eval mode,
+    measured 3e-5); then the adapter moves."""
+    import bitsandbytes as bnb
+
+    trainer = kto_trainer(tiny_model_dir, tmp_path, f"model.quantization={bits}", "train.lr=1e-2")
+    layer = bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit
+    assert any(isinstance(m, layer) for m in trainer.policy.modules())
+    lora = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_B" in n}
+    first = trainer.train_step()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-3) and first["loss/kto"] == pytest.approx(0.5, abs=1e-3)
+    assert math.isfinite(trainer.train_step()["loss/kto"])
+    after = dict(trainer.policy.model.named_parameters())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora)
+
+
 def test_a_mismatched_answer_is_cut_to_fit_the_context(tiny_model_dir, tmp_path):
     """Each row fits the model's 32 positions, but a long prompt with another row's long answer does not."""
     long = "abcdef" * 2
