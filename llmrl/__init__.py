@@ -24,6 +24,7 @@ _LAZY = {
     "load_config": ("llmrl.config", "load_config"),
     "export": ("llmrl.exporter", "export"),
     "evaluate": ("llmrl.trainers.evaluate", "evaluate_checkpoint"),
+    "ilql_generate": ("llmrl.rollout.ilql", "ilql_generate"),
     "pbt": ("llmrl.tune.pbt", "pbt"),
     "tune": ("llmrl.tune.search", "tune"),
     "TuneResult": ("llmrl.tune.search", "TuneResult"),

@@ -55,6 +55,9 @@ class RunResult:
     metrics: list[dict] = field(default_factory=list)  # log.jsonl's rows, one per step and evaluation
     final_checkpoint: Path | None = None  # RUN/final: export it with llmrl.export, evaluate with llmrl.evaluate
     stopped_early: bool = False  # a callback called RLTrainer.stop()
+    # ILQL runs: the trained Q/V heads (llmrl.models.ilql_heads.ILQLHeads); the learned policy is the model's logits
+    # shifted by beta * (Q - V): llmrl.ilql_generate(result.model, result.ilql_heads, result.tokenizer, prompts, ...)
+    ilql_heads: Any = None
 
 
 class RLTrainer:
@@ -470,7 +473,8 @@ def _run(cfg: Config, resume: bool, overwrite: bool, owner: RLTrainer | None, lo
     policy.model.eval()
     return RunResult(model=policy.model, tokenizer=tokenizer, summary=summary,
                      metrics=read_log(run_dir) if main else [], final_checkpoint=Path(summary["final_checkpoint"]),
-                     stopped_early=trainer.step < cfg.train.total_steps)
+                     stopped_early=trainer.step < cfg.train.total_steps,
+                     ilql_heads=getattr(policy, "ilql_heads", None))
 
 
 def say(main: bool, text: str) -> None:

@@ -329,3 +329,37 @@ def test_a_resume_that_changes_what_the_run_is_is_one_line_before_anything_loads
     key = change.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^--resume: {re.escape(key)} .* differ from the checkpoint's settings"):
         llmrl.RLTrainer(None, overrides=[f"run.output_dir={run}", change], resume=True)  # not .train()
+
+
+def test_offline_kto_and_ilql_from_python_and_the_ilql_policy_sampled_from_the_result(tiny_model_dir, tmp_path):
+    """RLTrainer trains KTO and ILQL from logged files as the command line does; an ILQL result holds its heads,
+    and llmrl.ilql_generate decodes the learned policy with them: at beta 0 the LM alone (the heads unread), at a
+    large beta the token the heads favour."""
+    import torch
+
+    logs = REPO / "configs" / "data" / "offline" / "tiny"
+    kto = llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, tmp_path / "kto", "algorithm=kto",
+                                                   f"kto.data={logs / 'labelled.jsonl'}", "kto.batch_size=8",
+                                                   "kto.desirable_share=0.5", "data.eval_size=4")).train()
+    assert kto.summary["steps"] == 2 and kto.ilql_heads is None
+    assert [r["step"] for r in kto.metrics if "loss/kto" in r] == [1, 2]
+
+    result = llmrl.RLTrainer(TINY, overrides=settings(tiny_model_dir, tmp_path / "ilql", "algorithm=ilql",
+                                                      f"ilql.data={logs / 'rewarded.jsonl'}", "ilql.batch_size=8",
+                                                      "data.eval_size=4")).train()
+    heads, tok = result.ilql_heads, result.tokenizer
+    assert type(heads).__name__ == "ILQLHeads" and (result.final_checkpoint / "ilql_heads.safetensors").is_file()
+    prompts = ["abc>", "fed>", "cab>"]
+
+    def answers(beta: float) -> list[str]:
+        exp = llmrl.ilql_generate(result.model, heads, tok, prompts, beta=beta, top_k=20, greedy=True,
+                                  max_new_tokens=5)
+        return [tok.decode(r[m.bool()]) for r, m in zip(exp.response, exp.response_mask)]
+
+    lm_alone = answers(0.0)
+    c = tok.convert_tokens_to_ids("c")
+    with torch.no_grad():
+        for head in heads.target_q_heads:
+            head[-1].bias[c] += 100.0  # Q_target - V large on "c" only
+    assert answers(0.0) == lm_alone
+    assert answers(10.0) == ["ccccc"] * 3 != lm_alone

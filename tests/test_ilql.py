@@ -252,7 +252,9 @@ def test_a_positive_share_sets_each_batchs_rewards(tiny_model_dir, tmp_path):
     from llmrl.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape("ilql.positive_share is 0.25: each batch draws 2 positive "
-                                                    "(reward >= ilql.positive_reward = 0.9) rows but the log has 0")):
+                                                    "(reward >= ilql.positive_reward = 0.9) rows but the log has 0: "
+                                                    "lower ilql.positive_share or the batch size, lower "
+                                                    "ilql.positive_reward")):
         ilql_trainer(tiny_model_dir, tmp_path, "ilql.positive_share=0.25", "ilql.positive_reward=0.9",
                      data=tmp_path / "logged.jsonl")
 
@@ -385,6 +387,30 @@ def test_resumed_equals_straight_heads_and_adapter(tiny_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     adapter = lambda t: {n: p for n, p in t.policy.model.named_parameters() if p.requires_grad}  # noqa: E731
     assert all(torch.equal(p, adapter(resumed)[n]) for n, p in adapter(straight).items())
+
+
+def test_a_strategy_that_restores_the_weights_itself_still_gets_the_saved_targets(tiny_model_dir, tmp_path):
+    """Under DeepSpeed the engine restores the trainable weights (base.load_checkpoint skips load_weights); the
+    targets come from the checkpoint's heads file too, so a checkpoint whose engine state lacks them (written before
+    they were buffers) does not resume with fresh ones."""
+    from llmrl.distributed.strategy import SingleProcess
+
+    trainer = ilql_trainer(tiny_model_dir, tmp_path, "ilql.alpha=0.5", "ilql.steps_for_target_q_sync=1",
+                           "train.lr=1e-2")
+    trainer.train_step()
+    trainer.train_step()
+    trainer.save_checkpoint(tmp_path / "run" / "step-2")
+    saved = [t.detach().clone() for t in trainer.heads.target_q_heads.buffers()]
+
+    class RestoresWeightsItself(SingleProcess):  # as DeepSpeed: load_state restores the module (here: nothing)
+        loads_module_weights = True
+
+    (tmp_path / "again").mkdir()
+    again = ilql_trainer(tiny_model_dir, tmp_path / "again", strategy=RestoresWeightsItself("cpu"))
+    fresh = [t.detach().clone() for t in again.heads.target_q_heads.buffers()]
+    assert not all(torch.equal(a, b) for a, b in zip(fresh, saved))
+    again.load_checkpoint(tmp_path / "run" / "step-2")
+    assert all(torch.equal(a, b) for a, b in zip(again.heads.target_q_heads.buffers(), saved))
 
 
 def test_a_checkpoint_without_its_heads_is_refused_in_one_line(tiny_model_dir, tmp_path):

@@ -132,7 +132,7 @@ def test_a_balanced_batch_takes_its_counts_and_cycles_each_group_in_its_own_orde
     assert [balanced_batch((good, bad), (1, 4), seed=6, step=s) for s in range(3)] != batches
 
 
-def test_a_balanced_batch_mixes_the_groups_so_every_rank_sees_both():
+def test_a_balanced_batch_mixes_the_groups_in_a_seed_fixed_order():
     from llmrl.trainers.base import balanced_batch
 
     good, bad = list(range(10)), list(range(10, 40))
@@ -151,8 +151,10 @@ def test_share_counts_round_the_share_of_the_batch(share, batch, groups, expecte
 @pytest.mark.parametrize("share,batch,groups,message", [
     (0.05, 8, (51, 1949), "kto.desirable_share is 0.05: with a batch of 8 it draws 0 desirable rows per batch"),
     (0.97, 8, (51, 1949), "kto.desirable_share is 0.97: with a batch of 8 it draws 8 desirable rows per batch"),
-    (0.5, 8, (3, 100), "kto.desirable_share is 0.5: each batch draws 4 desirable rows but the log has 3"),
-    (0.5, 8, (100, 2), "kto.desirable_share is 0.5: each batch draws 4 undesirable rows but the log has 2"),
+    (0.5, 8, (3, 100), "kto.desirable_share is 0.5: each batch draws 4 desirable rows but the log has 3: lower "
+                       "kto.desirable_share or the batch size, or set kto.desirable_share to null"),
+    (0.5, 8, (100, 2), "kto.desirable_share is 0.5: each batch draws 4 undesirable rows but the log has 2: raise "
+                       "kto.desirable_share or lower the batch size, or set kto.desirable_share to null"),
 ])
 def test_share_counts_refuse_in_one_line(share, batch, groups, message):
     from llmrl.config import ConfigError

@@ -62,6 +62,13 @@ def test_plot_draws_the_panels_the_run_logged_on_integer_steps():
     assert [ax.get_title() for ax in kto.axes if ax.axison] == [
         "KTO: loss", "KTO: beta x log-ratio, desirable and undesirable",
         "KTO: reference point z0 (KL on mismatched pairs)"]
+    ilql = figure([{"step": s, "loss/ilql": 3.0, "loss/q": 0.2, "loss/v": 0.01, "loss/cql": 2.3, "loss/awac": 0.9,
+                    "ilql/q_mean": 0.1, "ilql/v_mean": 0.08, "ilql/advantage_mean": 0.02, "ilql/actions": 40}
+                   for s in (1, 2)], "ilql run")
+    assert [ax.get_title() for ax in ilql.axes if ax.axison] == [
+        "ILQL: losses", "ILQL: Q, V and the advantage Q - V on the logged tokens"]
+    assert [line.get_label() for line in ilql.axes[1].get_lines()] == ["ilql/q_mean", "ilql/v_mean",
+                                                                      "ilql/advantage_mean"]
     online = figure([{"step": 1, "reward/mean": -0.4, "reward/raw_mean": 0.2, "objective/kl": 0.1}], "online")
     lines = [line.get_label() for line in online.axes[0].get_lines()]
     assert lines == ["reward/mean (shaped: trained on)", "reward/raw_mean (the reward's own)"]  # side by side

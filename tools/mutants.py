@@ -188,6 +188,8 @@ MUTANTS = [
      "KTO ignores kto.desirable_share"),
     ("llmrl/trainers/base.py", "    return [rows[i] for i in order.tolist()]", "    return rows",
      "a balanced batch puts one group first (rank 0 gets only it)"),
+    ("llmrl/trainers/ilql.py", "        if self.strategy.loads_module_weights:\n", "        if False:\n",
+     "ILQL under DeepSpeed resumes without the saved targets"),
 ]
 
 

@@ -153,18 +153,26 @@ def epoch_batch(n_rows: int, batch_size: int, seed: int, step: int) -> list[int]
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_rows, generator=g)[offset * batch_size:(offset + 1) * batch_size].tolist()
 
-def share_counts(share: float, batch_size: int, positives: int, negatives: int, key: str, kinds: str) -> tuple[int, int]:
-    """(rows from the positive group, rows from the other) per batch of ``batch_size`` for ``key`` = ``share``;
-    refuses in one line a share that rounds to a whole batch of one group or a group too small for its part."""
-    first = round(share * batch_size)
+
+def share_counts(share: float, batch_size: int, positives: int, negatives: int, key: str, kinds: str,
+                 threshold: str = "") -> tuple[int, int]:
+    """(rows from the positive group, rows from the other) per batch of ``batch_size`` for ``key`` = ``share``
+    (rounded half up); refuses in one line a share that leaves a batch without one of the groups, or a group too small
+    for its part. ``kinds``: "positive/other" as the message names them; ``threshold``: the key that splits the
+    rows, when there is one (ILQL's reward threshold)."""
+    first = int(share * batch_size + 0.5)
     pos, neg = kinds.split("/")
     if not 1 <= first <= batch_size - 1:
         raise ConfigError(f"{key} is {share}: with a batch of {batch_size} it draws {first} {pos} rows per batch; "
                           f"pick a share that leaves at least one row of each kind, or null")
-    for have, want, kind in ((positives, first, pos), (negatives, batch_size - first, neg)):
-        if have < want:
-            raise ConfigError(f"{key} is {share}: each batch draws {want} {kind} rows but the log has {have}: lower "
-                              f"the share or the batch size, or set it to null")
+    if positives < first:
+        also = f", lower {threshold}" if threshold else ""
+        raise ConfigError(f"{key} is {share}: each batch draws {first} {pos} rows but the log has {positives}: lower "
+                          f"{key} or the batch size{also}, or set {key} to null")
+    if negatives < batch_size - first:
+        also = f", raise {threshold}" if threshold else ""
+        raise ConfigError(f"{key} is {share}: each batch draws {batch_size - first} {neg} rows but the log has "
+                          f"{negatives}: raise {key} or lower the batch size{also}, or set {key} to null")
     return first, batch_size - first
 
 

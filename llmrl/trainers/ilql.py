@@ -13,6 +13,7 @@ on the shifted logits unless run.eval_sampled); ilql.beta = 0 is the LM alone (t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -83,7 +84,7 @@ class ILQLTrainer(Trainer):
         self.groups = ([i for i, g in enumerate(good) if g], [i for i, g in enumerate(good) if not g])
         self.counts = None if c.positive_share is None else share_counts(
             c.positive_share, c.batch_size, *map(len, self.groups), "ilql.positive_share",
-            f"positive (reward >= ilql.positive_reward = {c.positive_reward})/other")
+            f"positive (reward >= ilql.positive_reward = {c.positive_reward})/other", "ilql.positive_reward")
         self.encoded = [encode_logged(tokenizer, r["prompt"], r["completion"],
                                       f"ilql.data: row {i} (counting from 0)") for i, r in enumerate(rows)]
         context = context_length(policy.model)
@@ -185,6 +186,24 @@ class ILQLTrainer(Trainer):
 
         read_weights(path / HEADS_FILE, self.device)  # missing, damaged or not finite: one line naming it
         self.heads.load(path / HEADS_FILE, self.device)
+
+    def load_checkpoint(self, path, state: dict | None = None) -> None:
+        """As every trainer; under DeepSpeed (which restores the trainable weights itself, the heads' included) the
+        targets are also read from the checkpoint's heads file: DeepSpeed's module state carries them only since
+        they are buffers, and an older checkpoint without them would otherwise resume with fresh targets."""
+        super().load_checkpoint(path, state)
+        if self.strategy.loads_module_weights:
+            from llmrl.trainers.base import read_weights
+
+            saved = read_weights(Path(path) / HEADS_FILE, self.device)
+            with torch.no_grad():
+                for name, target in self.heads.target_q_heads.named_buffers():
+                    key = f"target_q_heads.{name}"
+                    if key not in saved or saved[key].shape != target.shape:
+                        raise ConfigError(f"{Path(path) / HEADS_FILE} does not fit this model's ILQL heads (e.g. "
+                                          f"{key}): it was saved for another model or ilql.two_qs setting; resume "
+                                          f"with the run's own model")
+                    target.copy_(saved[key].to(target.dtype))
 
 
 def load_logged_rows(cfg, tokenizer, context: int | None) -> list[dict]:
