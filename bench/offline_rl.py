@@ -21,30 +21,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from llmrl_command import llmrl  # bench/llmrl_command.py
 
 REPO = Path(__file__).resolve().parents[1]
 LOGS = REPO / "configs" / "data" / "offline"
 
-# Per recipe: its config, the held-out problems judged, and each method's training settings. Chosen for 2 CPU cores:
-# the same number of optimizer steps for every method of a recipe, each method at its usual learning rate.
+# Per recipe: its config, the held-out problems judged, and the training settings. Chosen for 2 CPU cores: the same
+# number of optimizer steps and the same learning rate for every method of a recipe.
 RECIPES = {
     "tiny": {
         "config": REPO / "configs" / "tiny.yaml",
         "eval_size": 256,
         "steps": 100,
         "batch": 32,
-        "lr": {"sft": 1.0e-3, "dpo": 1.0e-3, "kto": 1.0e-3, "ilql": 1.0e-3},
+        "lr": 1.0e-3,
     },
     "smollm2": {
         "config": REPO / "configs" / "smollm2.yaml",
         "eval_size": 125,
         "steps": 20,
         "batch": 8,
-        "lr": {"sft": 3.0e-4, "dpo": 3.0e-4, "kto": 3.0e-4, "ilql": 3.0e-4},
+        "lr": 3.0e-4,
     },
 }
 METHODS = ("sft", "dpo", "kto", "ilql")
@@ -53,7 +52,7 @@ METHODS = ("sft", "dpo", "kto", "ilql")
 def method_overrides(method: str, recipe: str) -> list[str]:
     """The command-line settings that make the recipe train ``method`` on its logs, offline."""
     r, logs = RECIPES[recipe], LOGS / recipe
-    steps, batch, lr = r["steps"], r["batch"], r["lr"][method]
+    steps, batch, lr = r["steps"], r["batch"], r["lr"]
     if method == "sft":  # filtered SFT (rejection-sampling fine-tuning) on every answer that passed; SFT's own
         # held-out loss (on a few of them, sft.eval_data) is not the judge: llmrl eval's held-out reward is
         positives = logs / "positives.jsonl"
@@ -85,16 +84,6 @@ def unknown_reason(method: str, recipe: str) -> str | None:
     except ConfigError as e:
         return str(e).splitlines()[0]
     return None
-
-
-def llmrl(*args: str, log: Path) -> float:
-    """Run ``python -m llmrl ARGS`` (output to ``log``); its wall seconds; raises when it fails."""
-    start = time.time()
-    with open(log, "w") as out:
-        done = subprocess.run([sys.executable, "-m", "llmrl", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    if done.returncode != 0:
-        raise SystemExit(f"llmrl {args[0]} failed (exit {done.returncode}): see {log}")
-    return time.time() - start
 
 
 def train_and_judge(recipe: str, method: str, seed: int, out: Path, extra: list[str] = ()) -> dict:

@@ -20,25 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from llmrl_command import llmrl  # bench/llmrl_command.py
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny.yaml"
 SPACE = REPO / "configs" / "tune" / "tiny_space.yaml"
 POOR = ["train.lr=3.0e-5", "ppo.init_kl_coef=0.5"]  # 30x too low a rate, 25x too strong a KL pull
-
-
-def llmrl(*args: str, log: Path) -> float:
-    """Run ``python -m llmrl ARGS`` (output to ``log``); its wall seconds; raises when it fails."""
-    start = time.time()
-    with open(log, "w") as out:
-        done = subprocess.run([sys.executable, "-m", "llmrl", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    if done.returncode != 0:
-        raise SystemExit(f"llmrl {args[0]} failed (exit {done.returncode}): see {log}")
-    return time.time() - start
 
 
 def steps_run(run_dir: Path) -> int:
