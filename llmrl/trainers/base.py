@@ -373,6 +373,23 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         """Restores what ``extra_state`` saved."""
 
+    def after_update(self) -> None:
+        """Called after each optimizer step of ``offline_update``, once ``self.step`` counts it (ILQL: the targets)."""
+
+    def offline_update(self, loss: torch.Tensor, stats: dict, start: float) -> dict:
+        """The optimizer step of an offline trainer (DPO, KTO, ILQL) on ``loss``: backward, step, ``after_update``, a
+        stop on non-finite weights, then the step's metrics averaged over the ranks: ``stats`` (tensors, the loss
+        among them as ``loss/NAME``), the optimizer's, the step's seconds since ``start`` and the peak memory."""
+        self.strategy.backward(loss, boundary=True)
+        grad_norm = self.strategy.step(boundary=True)
+        self.step += 1
+        self.after_update()
+        metrics = {k: v.item() for k, v in stats.items()}
+        self.check_finite(self.step, {**metrics, "optim/grad_norm": grad_norm})
+        out = {**metrics, "optim/grad_norm": grad_norm, "optim/lr": self.scheduler.get_last_lr()[0],
+               "time/step": time.perf_counter() - start, "memory/peak_gib": self.strategy.peak_memory_gib()}
+        return self.strategy.all_reduce_mean(out)
+
     def sequence_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B,) summed log-probabilities of each completion of ``exp`` (temperature 1: the model's own distribution),
         with gradient: what DPO and KTO compare to the reference's."""

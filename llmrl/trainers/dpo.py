@@ -81,11 +81,4 @@ class DPOTrainer(Trainer):
         loss, stats = rl.dpo_loss(self.sequence_logprobs(chosen), self.sequence_logprobs(rejected),
                                   ref_chosen, ref_rejected, self.cfg.dpo.beta, self.cfg.dpo.loss,
                                   chosen.response_mask.sum(1), rejected.response_mask.sum(1))
-        self.strategy.backward(loss, boundary=True)
-        grad_norm = self.strategy.step(boundary=True)
-        self.check_finite(self.step + 1, {"loss/dpo": loss.item(), "optim/grad_norm": grad_norm})
-        self.step += 1
-        out = {"loss/dpo": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
-               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
-               "memory/peak_gib": self.strategy.peak_memory_gib()}
-        return self.strategy.all_reduce_mean(out)
+        return self.offline_update(loss, {"loss/dpo": loss.detach(), **stats}, start)

@@ -157,19 +157,14 @@ class ILQLTrainer(Trainer):
         start = time.perf_counter()
         self.policy.train()
         loss, stats = self.loss(self.batch(self.rows_for_step(self.step)))
-        self.strategy.backward(loss, boundary=True)
-        grad_norm = self.strategy.step(boundary=True)
-        self.step += 1
+        out = self.offline_update(loss, stats, start)  # stats hold loss/ilql
+        out["ilql/actions"] *= self.strategy.world_size  # the step's answer tokens over all ranks
+        return out
+
+    def after_update(self) -> None:
         if self.step % self.cfg.ilql.steps_for_target_q_sync == 0:  # trlX: every steps_for_target_q_sync steps
             with self.strategy.gathered(self.heads.q_heads.parameters()):  # ZeRO-3: the whole Q heads, read
                 self.heads.sync_targets(self.cfg.ilql.alpha)
-        out = {**{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
-               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
-               "memory/peak_gib": self.strategy.peak_memory_gib()}
-        self.check_finite(self.step, out)
-        out = self.strategy.all_reduce_mean(out)
-        out["ilql/actions"] *= self.strategy.world_size  # the step's answer tokens over all ranks
-        return out
 
     @torch.no_grad()
     def shifted_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

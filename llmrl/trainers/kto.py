@@ -118,11 +118,4 @@ class KTOTrainer(Trainer):
         k = self.cfg.kto
         loss, stats = rl.kto_loss(self.sequence_logprobs(logged), ref_logps, labels, kl_logps, ref_kl_logps, k.beta,
                                   k.desirable_weight, k.undesirable_weight, self.strategy.all_reduce_sum)
-        self.strategy.backward(loss, boundary=True)
-        grad_norm = self.strategy.step(boundary=True)
-        self.check_finite(self.step + 1, {"loss/kto": loss.item(), "optim/grad_norm": grad_norm})
-        self.step += 1
-        out = {"loss/kto": loss.item(), **{k: v.item() for k, v in stats.items()}, "optim/grad_norm": grad_norm,
-               "optim/lr": self.scheduler.get_last_lr()[0], "time/step": time.perf_counter() - start,
-               "memory/peak_gib": self.strategy.peak_memory_gib()}
-        return self.strategy.all_reduce_mean(out)
+        return self.offline_update(loss, {"loss/kto": loss.detach(), **stats}, start)
