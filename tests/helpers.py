@@ -61,6 +61,24 @@ def launch_ppo(args, ranks=2, config=REPO / "configs" / "tiny.yaml", timeout=600
                           cwd=REPO, env=subprocess_env())
 
 
+def kill_9_after_checkpoint(command: list[str], run_dir, step: int, timeout: float = 300) -> None:
+    """Start the training ``command`` (writing ``run_dir``), send it SIGKILL once a complete checkpoint of ``step`` or
+    later is there, and check that the run had not finished by then."""
+    import signal
+    import time
+
+    from llmrl.distributed.checkpoint import step_checkpoints
+
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(s >= step for s, _ in step_checkpoints(run_dir)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (Path(run_dir) / "final").exists(), "the run finished before it could be killed"
+
+
 def training_rows(run_dir) -> list[dict]:
     """The training steps' rows of a run's log.jsonl (not evaluations or sample tables)."""
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()

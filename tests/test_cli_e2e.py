@@ -1,10 +1,8 @@
 """The real command line in a subprocess: a whole run, kill -9 and resume, the gpt2 recipe on a local
 stand-in, and bad input that must stop the run with one clear line and leave checkpoints intact."""
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from llmrl.distributed.checkpoint import step_checkpoints
 from llmrl.tracking import read_log
 
-from helpers import launch_ppo, ppo_command, subprocess_env
+from helpers import kill_9_after_checkpoint, launch_ppo, ppo_command, subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -81,14 +79,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model_dir
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(ppo_command([*common, f"run.output_dir={killed_dir}"], 0, config), cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 3 for s, _ in step_checkpoints(killed_dir)):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
+    kill_9_after_checkpoint(ppo_command([*common, f"run.output_dir={killed_dir}"], 0, config), killed_dir, 3)
     resumed = run_ppo(config, *common, f"run.output_dir={killed_dir}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -250,14 +241,7 @@ def test_offline_rl_from_the_command_line_resumes_after_kill_9_and_evaluates(tmp
     assert named in whole.stdout
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train(killed_dir), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s >= 4 for s, _ in step_checkpoints(killed_dir)):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
+    kill_9_after_checkpoint(train(killed_dir), killed_dir, 4)
     resumed = subprocess.run(train(killed_dir, "--resume"), capture_output=True, text=True, timeout=600, cwd=REPO,
                              env=subprocess_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
