@@ -325,6 +325,8 @@ def test_the_trainer_computes_the_loss_of_its_batch_as_the_loop_says(tiny_model_
                            "ilql.awac_scale=0.7")
     for p in trainer.heads.q_heads.parameters():  # targets != online heads
         p.data.mul_(1.5).add_(0.01)
+    for p in trainer.heads.v_head.parameters():  # V != 0 (it starts at zero), so gamma reaches the Q target
+        p.data.add_(0.01)
     indices = [0, 1, 2, 5]
     b = trainer.batch(indices)
     with torch.no_grad():

@@ -284,6 +284,24 @@ def test_kto_trains_lora_on_a_quantized_base_with_the_adapter_off_as_reference(t
     assert any(not torch.equal(lora[n], after[n]) for n in lora)
 
 
+def test_an_offline_step_that_leaves_a_nan_weight_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    """The offline trainers' shared step (Trainer.offline_update) checks the weights after the update: a NaN stops
+    the run in one line before the step is counted as done."""
+    from llmrl.config import RunStopped
+
+    trainer = kto_trainer(tiny_model_dir, tmp_path)
+    step = trainer.strategy.step
+
+    def poisoned(boundary):
+        norm = step(boundary)
+        trainer.params[0].data.fill_(float("nan"))
+        return norm
+
+    monkeypatch.setattr(trainer.strategy, "step", poisoned)
+    with pytest.raises(RunStopped, match="step 1: training diverged: 1 trainable tensors hold NaN or inf"):
+        trainer.train_step()
+
+
 def test_a_mismatched_answer_is_cut_to_fit_the_context(tiny_model_dir, tmp_path):
     """Each row fits the model's 32 positions, but a long prompt with another row's long answer does not."""
     long = "abcdef" * 2

@@ -190,6 +190,10 @@ MUTANTS = [
      "a balanced batch puts one group first (rank 0 gets only it)"),
     ("llmrl/trainers/ilql.py", "        if self.strategy.loads_module_weights:\n", "        if False:\n",
      "ILQL under DeepSpeed resumes without the saved targets"),
+    ("llmrl/trainers/base.py", "        self.step += 1\n        self.after_update()\n", "        self.step += 1\n",
+     "the offline trainers' step skips after_update (ILQL's targets never follow)"),
+    ("llmrl/trainers/base.py", "        self.check_finite(self.step, {**metrics, \"optim/grad_norm\": grad_norm})\n", "",
+     "an offline trainer goes on after its weights turned NaN"),
 ]
 
 
